@@ -1,0 +1,38 @@
+// Entry points of the fused FF kernels, one set per device. python_api/ checks the arguments and
+// composes them into the registered ops; nothing here validates user input.
+//
+// Shapes: x_pos, x_neg (B, K); weight (N, K); bias (N) or undefined.
+//   forward+grad  -> loss (0-d), h_pos, h_neg (B, N), g_pos, g_neg (B),
+//                    grad_weight (N, K), grad_bias (N) (undefined without bias)
+//   update        -> in place on weight/bias and their optimizer state; skipped entirely when
+//                    `loss` is defined and not finite (read on the device, no host sync needed)
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "ff_options.h"
+
+namespace ffk {
+
+struct GradResult {
+  at::Tensor loss, h_pos, h_neg, g_pos, g_neg, grad_weight, grad_bias;
+};
+
+struct ParamState {
+  at::Tensor param;   // weight or bias, updated in place
+  at::Tensor grad;
+  at::Tensor state1;  // adam: exp_avg;    sgd: momentum buffer (or undefined when momentum == 0)
+  at::Tensor state2;  // adam: exp_avg_sq; sgd: unused
+};
+
+GradResult ff_grad_cpu(const at::Tensor& x_pos, const at::Tensor& x_neg, const at::Tensor& weight,
+                       const at::Tensor& bias, const LossOptions& opt);
+void ff_update_cpu(const ParamState& p, const at::Tensor& loss, const OptimOptions& opt);
+
+#ifdef FF_WITH_CUDA
+GradResult ff_grad_cuda(const at::Tensor& x_pos, const at::Tensor& x_neg, const at::Tensor& weight,
+                        const at::Tensor& bias, const LossOptions& opt);
+void ff_update_cuda(const ParamState& p, const at::Tensor& loss, const OptimOptions& opt);
+#endif
+
+}  // namespace ffk

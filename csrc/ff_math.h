@@ -1,0 +1,154 @@
+// The Forward-Forward math, written once for every compiled backend.
+//
+// Everything here is a small inline function on scalars, usable from host C++ (the CPU kernels) and
+// from CUDA device code (FF_HD expands to __host__ __device__ there). The kernels only decide how to
+// walk memory; what is computed per element or per row lives here. The formulas are those of
+// shared/DESIGN.md ("The math"); ffkernels/reference.py is the autograd oracle they are checked against.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FF_HD __host__ __device__ __forceinline__
+#else
+#define FF_HD inline
+#endif
+
+namespace ffk {
+
+enum class Norm : int { None = 0, L2 = 1, RMS = 2 };
+enum class Goodness : int { Sum = 0, Mean = 1 };
+enum class Loss : int { Hinton = 0, Symba = 1 };
+enum class Optim : int { Adam = 0, SGD = 1 };
+
+// ---- numerically stable scalar helpers -------------------------------------------------------------
+
+template <typename T>
+FF_HD T softplus(T x) {
+  // log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|)
+  using std::exp;
+  using std::log1p;
+  return x > T(0) ? x + log1p(exp(-x)) : log1p(exp(x));
+}
+
+template <typename T>
+FF_HD T sigmoid(T x) {
+  using std::exp;
+  if (x >= T(0)) {
+    return T(1) / (T(1) + exp(-x));
+  }
+  const T e = exp(x);
+  return e / (T(1) + e);
+}
+
+// ---- input normalization: a per-row scale r, so that x_hat = r * x -------------------------------
+
+template <typename T>
+FF_HD T row_scale(T sum_sq, int64_t K, Norm norm, T eps) {
+  using std::sqrt;
+  switch (norm) {
+    case Norm::L2:
+      return T(1) / (sqrt(sum_sq) + eps);
+    case Norm::RMS:
+      return T(1) / (sqrt(sum_sq / T(K)) + eps);
+    default:
+      return T(1);
+  }
+}
+
+// ---- goodness: g = s * sum_j h_j^2 with s = 1 ("sum") or 1/N ("mean") ------------------------------
+
+template <typename T>
+FF_HD T goodness_scale(int64_t N, Goodness goodness) {
+  return goodness == Goodness::Mean ? T(1) / T(N) : T(1);
+}
+
+// ---- per-row loss terms ------------------------------------------------------------------------------
+// The loss of a batch of B pos/neg pairs is a sum of per-row (hinton) or per-pair (symba) terms.
+// Each function returns the term's contribution to the loss and to dL/dg (already divided by the
+// batch reduction). The coefficient c with dL/dz = c * h is then coef_from_dg(dL/dg, s).
+
+template <typename T>
+struct PairTerms {
+  T loss;    // contribution of the pair (row i of pos, row i of neg) to L
+  T dg_pos;  // dL/dg_pos_i
+  T dg_neg;  // dL/dg_neg_i
+};
+
+template <typename T>
+FF_HD PairTerms<T> pair_terms(T g_pos, T g_neg, Loss loss, T threshold, T symba_alpha, int64_t B) {
+  PairTerms<T> t;
+  if (loss == Loss::Symba) {
+    // L = sum_i softplus(-alpha (g+ - g-)) / B
+    const T inv_b = T(1) / T(B);
+    const T a = -symba_alpha * (g_pos - g_neg);
+    const T d = symba_alpha * sigmoid(a) * inv_b;
+    t.loss = softplus(a) * inv_b;
+    t.dg_pos = -d;
+    t.dg_neg = d;
+  } else {
+    // L = [sum_i softplus(theta - g+) + sum_i softplus(g- - theta)] / (2B)
+    const T inv_2b = T(1) / (T(2) * T(B));
+    const T ap = threshold - g_pos;
+    const T an = g_neg - threshold;
+    t.loss = (softplus(ap) + softplus(an)) * inv_2b;
+    t.dg_pos = -sigmoid(ap) * inv_2b;
+    t.dg_neg = sigmoid(an) * inv_2b;
+  }
+  return t;
+}
+
+// dL/dz_ij = c_i * h_ij: dg/dh_j = 2 s h_j and relu' = 1 exactly where h_j > 0 (h_j = 0 elsewhere).
+template <typename T>
+FF_HD T coef_from_dg(T dg, T goodness_scale_s) {
+  return T(2) * goodness_scale_s * dg;
+}
+
+// ---- optimizer updates, one element at a time (fp32 state; double for double params) ----------------
+// Adam exactly as torch.optim.Adam's single-tensor path (coupled L2, bias-corrected, no amsgrad):
+//   g += wd * p; m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2;
+//   p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+// The step-dependent constants are computed once on the host (AdamConsts).
+
+template <typename T>
+struct AdamConsts {
+  T one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt;
+};
+
+template <typename T>
+FF_HD T lerp_like_torch(T self, T end, T weight) {
+  // torch.lerp's formula (ATen/native/Lerp.h): exact at both ends, stable in between
+  return (weight < T(0.5)) ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
+}
+
+template <typename T>
+FF_HD void adam_update(T& p, T g, T& m, T& v, const AdamConsts<T>& c) {
+  using std::sqrt;
+  if (c.weight_decay != T(0)) g = g + c.weight_decay * p;
+  m = lerp_like_torch(m, g, c.one_minus_beta1);
+  v = v * c.beta2 + c.one_minus_beta2 * (g * g);
+  const T denom = sqrt(v) / c.bc2_sqrt + c.eps;
+  p = p + (-c.step_size) * (m / denom);
+}
+
+// SGD exactly as torch.optim.SGD (dampening 0, no nesterov): the momentum buffer starts as the
+// first gradient (first == true on the first step), then buf = momentum * buf + g.
+template <typename T>
+struct SGDConsts {
+  T lr, momentum, weight_decay;
+  bool first;
+};
+
+template <typename T>
+FF_HD void sgd_update(T& p, T g, T* buf, const SGDConsts<T>& c) {
+  if (c.weight_decay != T(0)) g = g + c.weight_decay * p;
+  if (c.momentum != T(0)) {
+    const T b = c.first ? g : (*buf) * c.momentum + g;
+    *buf = b;
+    g = b;
+  }
+  p = p + (-c.lr) * g;
+}
+
+}  // namespace ffk

@@ -1,0 +1,57 @@
+// Host-side option structs shared by the CPU and CUDA kernels (parsed and checked in python_api/).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "ff_math.h"
+
+namespace ffk {
+
+struct LossOptions {
+  Norm norm = Norm::RMS;
+  double norm_eps = 1e-8;
+  Goodness goodness = Goodness::Sum;
+  double threshold = 1.0;
+  Loss loss = Loss::Hinton;
+  double symba_alpha = 4.0;
+};
+
+struct OptimOptions {
+  Optim optimizer = Optim::Adam;
+  double lr = 3e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double momentum = 0.0;
+  double weight_decay = 0.0;
+  int64_t step = 1;  // the 1-based number of the update being applied
+};
+
+// The step-dependent constants of Adam, computed in double on the host as torch.optim.Adam does.
+template <typename T>
+AdamConsts<T> make_adam_consts(const OptimOptions& o) {
+  const double bc1 = 1.0 - std::pow(o.beta1, static_cast<double>(o.step));
+  const double bc2 = 1.0 - std::pow(o.beta2, static_cast<double>(o.step));
+  AdamConsts<T> c;
+  c.one_minus_beta1 = static_cast<T>(1.0 - o.beta1);
+  c.beta2 = static_cast<T>(o.beta2);
+  c.one_minus_beta2 = static_cast<T>(1.0 - o.beta2);
+  c.eps = static_cast<T>(o.eps);
+  c.weight_decay = static_cast<T>(o.weight_decay);
+  c.step_size = static_cast<T>(o.lr / bc1);
+  c.bc2_sqrt = static_cast<T>(std::sqrt(bc2));
+  return c;
+}
+
+template <typename T>
+SGDConsts<T> make_sgd_consts(const OptimOptions& o) {
+  SGDConsts<T> c;
+  c.lr = static_cast<T>(o.lr);
+  c.momentum = static_cast<T>(o.momentum);
+  c.weight_decay = static_cast<T>(o.weight_decay);
+  c.first = o.step == 1;
+  return c;
+}
+
+}  // namespace ffk

@@ -1,0 +1,93 @@
+"""The options of an FF layer: one frozen dataclass, validated once, shared by every backend."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+NORMS = ("rms", "l2", "none")
+GOODNESS = ("sum", "mean")
+LOSSES = ("hinton", "symba")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"ffkernels: unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def _number(name: str, value, lo: float, lo_inclusive: bool = True, hi: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"ffkernels: {name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v) and (v >= lo if lo_inclusive else v > lo) and v < hi
+    if not ok:
+        bound = f"{'>=' if lo_inclusive else '>'} {lo}" + (f" and < {hi}" if math.isfinite(hi) else "")
+        raise ValueError(f"ffkernels: {name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class FFConfig:
+    """Everything that defines an FF layer's local loss and its optimizer (see shared/DESIGN.md)."""
+
+    goodness: str = "sum"
+    threshold: float = 1.0
+    loss: str = "hinton"
+    symba_alpha: float = 4.0
+    norm: str = "rms"
+    norm_eps: float = 1e-8
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "goodness", _choice("goodness", self.goodness, GOODNESS))
+        set_(self, "loss", _choice("loss", self.loss, LOSSES))
+        set_(self, "norm", _choice("norm", self.norm, NORMS))
+        set_(self, "optimizer", _choice("optimizer", self.optimizer, OPTIMIZERS))
+        if not math.isfinite(float(self.threshold)):
+            raise ValueError(f"ffkernels: threshold must be finite, got {self.threshold!r}")
+        set_(self, "threshold", float(self.threshold))
+        set_(self, "symba_alpha", _number("symba_alpha", self.symba_alpha, 0.0, lo_inclusive=False))
+        set_(self, "norm_eps", _number("norm_eps", self.norm_eps, 0.0))
+        set_(self, "lr", _number("lr", self.lr, 0.0))
+        try:
+            b1, b2 = self.betas
+        except (TypeError, ValueError):
+            raise ValueError(f"ffkernels: betas must be a pair (beta1, beta2), got {self.betas!r}") from None
+        set_(self, "betas", (_number("beta1", b1, 0.0, hi=1.0), _number("beta2", b2, 0.0, hi=1.0)))
+        set_(self, "eps", _number("eps", self.eps, 0.0))
+        set_(self, "momentum", _number("momentum", self.momentum, 0.0))
+        set_(self, "weight_decay", _number("weight_decay", self.weight_decay, 0.0))
+
+    @staticmethod
+    def default_threshold(goodness: str, out_features: int) -> float:
+        """threshold=None means: out_features for "sum" goodness, 1.0 for "mean"."""
+        return float(out_features) if goodness == "sum" else 1.0
+
+    def replace(self, **kw) -> "FFConfig":
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    # argument lists of the compiled ops (python_api/ff_api.cpp), in schema order
+    def loss_args(self) -> tuple:
+        return (self.norm, self.norm_eps, self.goodness, self.threshold, self.loss, self.symba_alpha)
+
+    def optim_args(self) -> tuple:
+        return (self.optimizer, self.lr, self.betas[0], self.betas[1], self.eps, self.momentum, self.weight_decay)
+
+    @property
+    def state_names(self) -> tuple:
+        """Names of the per-parameter optimizer state tensors this configuration keeps."""
+        if self.optimizer == "adam":
+            return ("exp_avg", "exp_avg_sq")
+        return ("momentum_buffer",) if self.momentum != 0.0 else ()

@@ -1,0 +1,49 @@
+"""Hinton-style label handling: write a label one-hot into the input, draw guaranteed-wrong labels."""
+from __future__ import annotations
+
+import torch
+
+
+def _check(x: torch.Tensor, num_classes: int) -> None:
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"ffkernels: num_classes must be an int >= 2, got {num_classes!r}")
+    if x.dim() < 1 or x.shape[-1] < num_classes:
+        raise ValueError(f"ffkernels: inputs need at least num_classes={num_classes} features to hold the "
+                         f"label, got shape {tuple(x.shape)}")
+
+
+def embed_label(x: torch.Tensor, labels: torch.Tensor, num_classes: int, value: float = 1.0) -> torch.Tensor:
+    """A copy of ``x`` (…, K) whose first ``num_classes`` features are the one-hot ``labels`` times ``value``."""
+    _check(x, num_classes)
+    labels = torch.as_tensor(labels, device=x.device)
+    if labels.shape != x.shape[:-1]:
+        raise ValueError(f"ffkernels: labels must have shape {tuple(x.shape[:-1])}, got {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"ffkernels: labels must lie in [0, {num_classes}), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    out = x.clone()
+    out[..., :num_classes] = torch.nn.functional.one_hot(labels.long(), num_classes).to(x.dtype) * value
+    return out
+
+
+def embed_neutral(x: torch.Tensor, num_classes: int, value: float = 1.0) -> torch.Tensor:
+    """A copy of ``x`` with the label slots set to value/num_classes: no class preferred (for features)."""
+    _check(x, num_classes)
+    out = x.clone()
+    out[..., :num_classes] = value / num_classes
+    return out
+
+
+def wrong_labels(labels: torch.Tensor, num_classes: int, generator: "torch.Generator | None" = None) -> torch.Tensor:
+    """Labels drawn uniformly among the ``num_classes - 1`` classes that differ from ``labels``."""
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"ffkernels: num_classes must be an int >= 2, got {num_classes!r}")
+    gen_device = generator.device if generator is not None else labels.device
+    offset = torch.randint(1, num_classes, labels.shape, generator=generator, device=gen_device).to(labels.device)
+    return (labels.long() + offset) % num_classes
+
+
+def ff_pair(x: torch.Tensor, labels: torch.Tensor, num_classes: int, generator=None, value: float = 1.0):
+    """(x_pos, x_neg): x with its true label written in, and with a guaranteed-wrong one."""
+    return (embed_label(x, labels, num_classes, value),
+            embed_label(x, wrong_labels(labels, num_classes, generator), num_classes, value))

@@ -1,0 +1,164 @@
+"""The pure-PyTorch reference: Forward-Forward with autograd and ``torch.optim``, and the BP baseline.
+
+This is the oracle every backend is checked against, written as plainly as possible from the math in
+shared/DESIGN.md. It builds autograd graphs and is not fast: it is meant to be obviously right.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._types import FFGradOutput, FFStepOutput, NonFiniteLossError
+from .config import FFConfig
+
+
+def normalize(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Row-wise input normalization: "l2" x/(||x||+eps), "rms" x/(sqrt(mean x^2)+eps), "none" x."""
+    if norm == "l2":
+        return x / (x.norm(dim=-1, keepdim=True) + eps)
+    if norm == "rms":
+        return x / (x.pow(2).mean(dim=-1, keepdim=True).sqrt() + eps)
+    if norm == "none":
+        return x
+    raise ValueError(f"ffkernels: unknown norm {norm!r}")
+
+
+def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias, norm: str, eps: float) -> torch.Tensor:
+    """h = relu(norm(x) W^T + b)."""
+    return F.relu(F.linear(normalize(x, norm, eps), weight, bias))
+
+
+def goodness(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row goodness: "sum" sum_j h_j^2, "mean" mean_j h_j^2."""
+    sq = h.pow(2)
+    return sq.sum(dim=-1) if kind == "sum" else sq.mean(dim=-1)
+
+
+def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, cfg: FFConfig) -> torch.Tensor:
+    """The FF loss of a batch from the goodness of its positive and negative rows."""
+    if cfg.loss == "hinton":
+        return (F.softplus(cfg.threshold - g_pos).sum() + F.softplus(g_neg - cfg.threshold).sum()) / (2 * g_pos.numel())
+    return F.softplus(-cfg.symba_alpha * (g_pos - g_neg)).mean()
+
+
+def ff_objective(x_pos, x_neg, weight, bias, cfg: FFConfig) -> FFStepOutput:
+    """Loss, activations and goodness of one FF layer, differentiable w.r.t. weight and bias only."""
+    x_pos, x_neg = x_pos.detach(), x_neg.detach()  # inputs are constants: nothing flows into x
+    h_pos = layer_forward(x_pos, weight, bias, cfg.norm, cfg.norm_eps)
+    h_neg = layer_forward(x_neg, weight, bias, cfg.norm, cfg.norm_eps)
+    g_pos, g_neg = goodness(h_pos, cfg.goodness), goodness(h_neg, cfg.goodness)
+    return FFStepOutput(ff_loss(g_pos, g_neg, cfg), h_pos, h_neg, g_pos, g_neg)
+
+
+def ff_grad(x_pos, x_neg, weight, bias, cfg: FFConfig) -> FFGradOutput:
+    """The exact local gradient of the FF loss w.r.t. weight and bias, by autograd."""
+    with torch.enable_grad():
+        w = weight.detach().requires_grad_(True)
+        b = bias.detach().requires_grad_(True) if bias is not None else None
+        out = ff_objective(x_pos, x_neg, w, b, cfg)
+        grads = torch.autograd.grad(out.loss, [w] + ([b] if b is not None else []))
+    return FFGradOutput(out.loss.detach(), out.h_pos.detach(), out.h_neg.detach(), out.g_pos.detach(),
+                        out.g_neg.detach(), grads[0], grads[1] if b is not None else None)
+
+
+def make_optimizer(params, cfg: FFConfig) -> torch.optim.Optimizer:
+    """The torch.optim optimizer the DESIGN names for this configuration."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                foreach=False)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=False)
+
+
+def optimizer_update(params, grads, states, step: int, cfg: FFConfig) -> None:
+    """Apply update number ``step`` (1-based) with torch.optim itself, on externally kept state.
+
+    ``states[i]`` holds the state tensors of ``params[i]`` named by ``cfg.state_names``; torch.optim
+    updates them in place, so the result is torch.optim's by construction.
+    """
+    params = [p.detach() for p in params]
+    opt = make_optimizer(params, cfg)
+    for p, g, st in zip(params, grads, states):
+        p.grad = g
+        if cfg.optimizer == "adam":
+            opt.state[p] = {"step": torch.tensor(float(step - 1)), "exp_avg": st[0], "exp_avg_sq": st[1]}
+        elif cfg.momentum != 0.0 and step > 1:
+            opt.state[p] = {"momentum_buffer": st[0]}
+    opt.step()
+    if cfg.optimizer == "sgd" and cfg.momentum != 0.0 and step == 1:  # torch.optim made fresh buffers
+        for p, st in zip(params, states):
+            st[0].copy_(opt.state[p]["momentum_buffer"])
+    for p in params:
+        p.grad = None
+
+
+class FFLayerRef(nn.Module):
+    """The oracle FF layer: nn.Linear-shaped parameters, autograd, and a real torch.optim optimizer."""
+
+    def __init__(self, weight: torch.Tensor, bias, cfg: FFConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.optimizer = make_optimizer([p for p in (self.weight, self.bias) if p is not None], cfg)
+
+    def forward(self, x):
+        return layer_forward(x, self.weight, self.bias, self.cfg.norm, self.cfg.norm_eps)
+
+    def step(self, x_pos, x_neg) -> FFStepOutput:
+        self.optimizer.zero_grad(set_to_none=True)
+        out = ff_objective(x_pos, x_neg, self.weight, self.bias, self.cfg)
+        if not torch.isfinite(out.loss):
+            raise NonFiniteLossError(f"ffkernels: non-finite FF loss ({out.loss.item()})")
+        out.loss.backward()
+        self.optimizer.step()
+        return FFStepOutput(*(t.detach() for t in out))
+
+    def state_of(self, param: nn.Parameter) -> dict:
+        return self.optimizer.state.get(param, {})
+
+
+class BPMLP(nn.Module):
+    """The backprop baseline: the same MLP as an FFNet (normalize, Linear, ReLU per layer) + a linear head.
+
+    Trained end to end with cross-entropy and ``torch.optim.Adam``.
+    """
+
+    def __init__(self, dims, num_classes: int, norm: str = "rms", norm_eps: float = 1e-8, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if len(dims) < 2:
+            raise ValueError(f"ffkernels: dims needs at least an input and one layer width, got {list(dims)}")
+        kw = {"device": device, "dtype": dtype}
+        self.norm, self.norm_eps = norm, norm_eps
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias, **kw) for a, b in zip(dims[:-1], dims[1:]))
+        self.head = nn.Linear(dims[-1], num_classes, **kw)
+
+    def features(self, x) -> list:
+        feats = []
+        for layer in self.layers:
+            x = layer_forward(x, layer.weight, layer.bias, self.norm, self.norm_eps)
+            feats.append(x)
+        return feats
+
+    def forward(self, x):
+        return self.head(self.features(x)[-1])
+
+
+def make_bp_optimizer(model: nn.Module, lr: float = 1e-3, **kw) -> torch.optim.Adam:
+    """Adam over the BP model, using the fastest implementation torch offers on the model's device."""
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        kw.setdefault("fused", True)
+    else:
+        kw.setdefault("foreach", True)
+    return torch.optim.Adam(model.parameters(), lr=lr, **kw)
+
+
+def bp_step(model: BPMLP, optimizer: torch.optim.Optimizer, x, y) -> torch.Tensor:
+    """One backprop training step with cross-entropy; returns the (detached) loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()

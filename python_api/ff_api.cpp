@@ -1,0 +1,343 @@
+// The thin binding layer: op schemas, argument checks with messages that name the problem, and
+// dispatch to the kernels in csrc/ per device. No math here.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+
+#include "../csrc/ff_kernels.h"
+
+namespace ffk {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+// ---- options -------------------------------------------------------------------------------------
+
+Norm parse_norm(c10::string_view s) {
+  if (s == "rms") return Norm::RMS;
+  if (s == "l2") return Norm::L2;
+  if (s == "none") return Norm::None;
+  TORCH_CHECK_VALUE(false, "ffkernels: unknown norm '", s, "'; expected one of 'rms', 'l2', 'none'");
+}
+
+Goodness parse_goodness(c10::string_view s) {
+  if (s == "sum") return Goodness::Sum;
+  if (s == "mean") return Goodness::Mean;
+  TORCH_CHECK_VALUE(false, "ffkernels: unknown goodness '", s, "'; expected one of 'sum', 'mean'");
+}
+
+Loss parse_loss(c10::string_view s) {
+  if (s == "hinton") return Loss::Hinton;
+  if (s == "symba") return Loss::Symba;
+  TORCH_CHECK_VALUE(false, "ffkernels: unknown loss '", s, "'; expected one of 'hinton', 'symba'");
+}
+
+Optim parse_optimizer(c10::string_view s) {
+  if (s == "adam") return Optim::Adam;
+  if (s == "sgd") return Optim::SGD;
+  TORCH_CHECK_VALUE(false, "ffkernels: unknown optimizer '", s, "'; expected one of 'adam', 'sgd'");
+}
+
+void check_number(double v, const char* name, double lo, bool lo_inclusive, double hi = INFINITY) {
+  const bool ok = std::isfinite(v) && (lo_inclusive ? v >= lo : v > lo) && v < hi;
+  TORCH_CHECK_VALUE(ok, "ffkernels: ", name, " must be a finite number ", lo_inclusive ? ">= " : "> ", lo,
+                    std::isfinite(hi) ? " and < " + std::to_string(hi) : std::string(), ", got ", v);
+}
+
+LossOptions loss_options(c10::string_view norm, double norm_eps, c10::string_view goodness, double threshold,
+                         c10::string_view loss, double symba_alpha) {
+  LossOptions o;
+  o.norm = parse_norm(norm);
+  o.goodness = parse_goodness(goodness);
+  o.loss = parse_loss(loss);
+  check_number(norm_eps, "norm_eps", 0.0, true);
+  TORCH_CHECK_VALUE(std::isfinite(threshold), "ffkernels: threshold must be finite, got ", threshold);
+  check_number(symba_alpha, "symba_alpha", 0.0, false);
+  o.norm_eps = norm_eps;
+  o.threshold = threshold;
+  o.symba_alpha = symba_alpha;
+  return o;
+}
+
+OptimOptions optim_options(int64_t step, c10::string_view optimizer, double lr, double beta1, double beta2,
+                           double eps, double momentum, double weight_decay) {
+  OptimOptions o;
+  o.optimizer = parse_optimizer(optimizer);
+  TORCH_CHECK_VALUE(step >= 1, "ffkernels: step must be >= 1 (the 1-based number of this update), got ", step);
+  check_number(lr, "lr", 0.0, true);
+  check_number(beta1, "beta1", 0.0, true, 1.0);
+  check_number(beta2, "beta2", 0.0, true, 1.0);
+  check_number(eps, "eps", 0.0, true);
+  check_number(momentum, "momentum", 0.0, true);
+  check_number(weight_decay, "weight_decay", 0.0, true);
+  o.step = step;
+  o.lr = lr;
+  o.beta1 = beta1;
+  o.beta2 = beta2;
+  o.eps = eps;
+  o.momentum = momentum;
+  o.weight_decay = weight_decay;
+  return o;
+}
+
+// ---- tensors -------------------------------------------------------------------------------------
+
+bool dtype_supported(const Tensor& t) {
+  const auto st = t.scalar_type();
+  if (t.is_cpu()) return st == at::kFloat || st == at::kDouble;
+  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
+}
+
+at::ScalarType state_dtype(at::ScalarType param) { return param == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_device_supported(const Tensor& t) {
+  if (t.is_cpu()) return;
+#ifdef FF_WITH_CUDA
+  if (t.is_cuda()) return;
+  TORCH_CHECK(false, "ffkernels: tensors on ", t.device(), " are not supported; use CPU or CUDA tensors");
+#else
+  TORCH_CHECK(false, "ffkernels: tensors on ", t.device(),
+              " are not supported by this build of ffkernels._C (built without CUDA); use CPU tensors, "
+              "backend='triton' or backend='reference', or rebuild with a CUDA toolkit (FFKERNELS_CUDA=1)");
+#endif
+}
+
+void check_same_device(const Tensor& ref, const Tensor& t, const char* ref_name, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "ffkernels: ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), "; all tensors must be on the same device");
+}
+
+void check_param(const Tensor& weight, const Tensor& p, const char* name) {
+  check_same_device(weight, p, "weight", name);
+  TORCH_CHECK_TYPE(p.scalar_type() == weight.scalar_type(), "ffkernels: ", name, " dtype ", p.scalar_type(),
+                   " differs from weight dtype ", weight.scalar_type());
+  TORCH_CHECK(p.is_contiguous(), "ffkernels: ", name, " must be contiguous (it is updated in place)");
+}
+
+// Checks the FF inputs and returns contiguous x_pos, x_neg.
+std::pair<Tensor, Tensor> check_inputs(const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight,
+                                       const optional<Tensor>& bias) {
+  TORCH_CHECK_VALUE(x_pos.dim() == 2, "ffkernels: x_pos must be 2-D (B, in_features), got shape ", x_pos.sizes());
+  TORCH_CHECK_VALUE(x_neg.dim() == 2, "ffkernels: x_neg must be 2-D (B, in_features), got shape ", x_neg.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "ffkernels: weight must be 2-D (out_features, in_features), got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(x_pos.size(0) == x_neg.size(0), "ffkernels: x_pos and x_neg must have the same batch size, got ",
+                    x_pos.size(0), " and ", x_neg.size(0));
+  TORCH_CHECK_VALUE(x_pos.size(0) >= 1, "ffkernels: the batch is empty (B = 0)");
+  TORCH_CHECK_VALUE(x_pos.size(1) == weight.size(1) && x_neg.size(1) == weight.size(1),
+                    "ffkernels: in_features mismatch: weight is ", weight.sizes(), " but x_pos is ", x_pos.sizes(),
+                    " and x_neg is ", x_neg.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(1) >= 1, "ffkernels: weight must be non-empty, got shape ",
+                    weight.sizes());
+  check_device_supported(weight);
+  check_same_device(weight, x_pos, "weight", "x_pos");
+  check_same_device(weight, x_neg, "weight", "x_neg");
+  TORCH_CHECK_TYPE(dtype_supported(weight), "ffkernels: unsupported dtype ", weight.scalar_type(), " on ",
+                   weight.device(), " (CPU: float32, float64; CUDA: also float16, bfloat16)");
+  TORCH_CHECK_TYPE(x_pos.scalar_type() == weight.scalar_type() && x_neg.scalar_type() == weight.scalar_type(),
+                   "ffkernels: dtype mismatch: weight is ", weight.scalar_type(), ", x_pos ", x_pos.scalar_type(),
+                   ", x_neg ", x_neg.scalar_type());
+  TORCH_CHECK(weight.is_contiguous(), "ffkernels: weight must be contiguous (it is updated in place)");
+  if (bias.has_value()) {
+    const Tensor& b = *bias;
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == weight.size(0), "ffkernels: bias must have shape (",
+                      weight.size(0), "), got ", b.sizes());
+    check_param(weight, b, "bias");
+  }
+  return {x_pos.contiguous(), x_neg.contiguous()};
+}
+
+void check_state(const Tensor& param, const Tensor& s, const char* name) {
+  TORCH_CHECK_VALUE(s.defined() && s.sizes() == param.sizes(), "ffkernels: optimizer state ", name,
+                    " must have the parameter's shape ", param.sizes(), ", got ",
+                    s.defined() ? s.sizes() : at::IntArrayRef{});
+  check_same_device(param, s, "its parameter", name);
+  TORCH_CHECK_TYPE(s.scalar_type() == state_dtype(param.scalar_type()), "ffkernels: optimizer state ", name,
+                   " must be ", state_dtype(param.scalar_type()), " for ", param.scalar_type(),
+                   " parameters, got ", s.scalar_type());
+  TORCH_CHECK(s.is_contiguous(), "ffkernels: optimizer state ", name, " must be contiguous");
+}
+
+// Checks one parameter's optimizer state; returns the bundle the kernels take (gradient not set yet).
+ParamState param_state(const Tensor& param, const optional<Tensor>& s1, const optional<Tensor>& s2,
+                       const OptimOptions& o, const std::string& which) {
+  ParamState ps;
+  ps.param = param;
+  if (o.optimizer == Optim::Adam) {
+    TORCH_CHECK_VALUE(s1.has_value() && s2.has_value(), "ffkernels: adam needs exp_avg and exp_avg_sq for ", which);
+    check_state(param, *s1, ("exp_avg (" + which + ")").c_str());
+    check_state(param, *s2, ("exp_avg_sq (" + which + ")").c_str());
+    ps.state1 = *s1;
+    ps.state2 = *s2;
+  } else if (o.momentum != 0.0) {
+    TORCH_CHECK_VALUE(s1.has_value(), "ffkernels: sgd with momentum needs a momentum buffer for ", which);
+    check_state(param, *s1, ("momentum_buffer (" + which + ")").c_str());
+    ps.state1 = *s1;
+  }
+  return ps;
+}
+
+Tensor checked_grad(const Tensor& param, const Tensor& grad, const std::string& which) {
+  TORCH_CHECK_VALUE(grad.sizes() == param.sizes(), "ffkernels: grad_", which, " must have shape ", param.sizes(),
+                    ", got ", grad.sizes());
+  check_same_device(param, grad, which.c_str(), ("grad_" + which).c_str());
+  TORCH_CHECK_TYPE(grad.scalar_type() == param.scalar_type(), "ffkernels: grad_", which, " dtype ",
+                   grad.scalar_type(), " differs from ", which, " dtype ", param.scalar_type());
+  return grad.contiguous();
+}
+
+
+// ---- dispatch ------------------------------------------------------------------------------------
+
+GradResult grad_kernel(const Tensor& xp, const Tensor& xn, const Tensor& w, const Tensor& b, const LossOptions& o) {
+#ifdef FF_WITH_CUDA
+  if (w.is_cuda()) return ff_grad_cuda(xp, xn, w, b, o);
+#endif
+  return ff_grad_cpu(xp, xn, w, b, o);
+}
+
+void update_kernel(const ParamState& ps, const Tensor& loss, const OptimOptions& o) {
+#ifdef FF_WITH_CUDA
+  if (ps.param.is_cuda()) return ff_update_cuda(ps, loss, o);
+#endif
+  ff_update_cpu(ps, loss, o);
+}
+
+GradResult run_grad(const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight, const optional<Tensor>& bias,
+                    const LossOptions& lo) {
+  auto [xp, xn] = check_inputs(x_pos, x_neg, weight, bias);
+  c10::DeviceGuard guard(weight.device());
+  return grad_kernel(xp, xn, weight, bias.has_value() ? *bias : Tensor(), lo);
+}
+
+// The bias' gradient is returned as an empty tensor when there is no bias (schemas cannot return None).
+Tensor bias_grad_or_empty(const GradResult& r, const Tensor& like) {
+  return r.grad_bias.defined() ? r.grad_bias : at::empty({0}, like.options());
+}
+
+// ---- ops -----------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ff_grad(
+    const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight, const optional<Tensor>& bias,
+    c10::string_view norm, double norm_eps, c10::string_view goodness, double threshold, c10::string_view loss,
+    double symba_alpha) {
+  const LossOptions lo = loss_options(norm, norm_eps, goodness, threshold, loss, symba_alpha);
+  GradResult r = run_grad(x_pos, x_neg, weight, bias, lo);
+  return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg, r.grad_weight, bias_grad_or_empty(r, weight)};
+}
+
+void ff_update(const Tensor& weight, const optional<Tensor>& bias, const Tensor& grad_weight,
+               const optional<Tensor>& grad_bias, const Tensor& state1_weight, const Tensor& state2_weight,
+               const optional<Tensor>& state1_bias, const optional<Tensor>& state2_bias, const optional<Tensor>& loss,
+               int64_t step, c10::string_view optimizer, double lr, double beta1, double beta2, double eps,
+               double momentum, double weight_decay) {
+  const OptimOptions oo = optim_options(step, optimizer, lr, beta1, beta2, eps, momentum, weight_decay);
+  check_device_supported(weight);
+  TORCH_CHECK_TYPE(dtype_supported(weight), "ffkernels: unsupported dtype ", weight.scalar_type(), " on ",
+                   weight.device());
+  TORCH_CHECK(weight.is_contiguous(), "ffkernels: weight must be contiguous (it is updated in place)");
+  ParamState pw = param_state(weight, state1_weight, state2_weight, oo, "weight");
+  pw.grad = checked_grad(weight, grad_weight, "weight");
+  ParamState pb;
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(grad_bias.has_value(), "ffkernels: bias given without grad_bias");
+    check_param(weight, *bias, "bias");
+    pb = param_state(*bias, state1_bias, state2_bias, oo, "bias");
+    pb.grad = checked_grad(*bias, *grad_bias, "bias");
+  }
+  Tensor guard_loss;
+  if (loss.has_value()) {
+    TORCH_CHECK_VALUE(loss->numel() == 1, "ffkernels: loss must hold one number, got shape ", loss->sizes());
+    check_same_device(weight, *loss, "weight", "loss");
+    guard_loss = *loss;
+  }
+  c10::DeviceGuard guard(weight.device());
+  update_kernel(pw, guard_loss, oo);
+  if (bias.has_value()) update_kernel(pb, guard_loss, oo);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ff_step(
+    const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight, const optional<Tensor>& bias,
+    const Tensor& state1_weight, const Tensor& state2_weight, const optional<Tensor>& state1_bias,
+    const optional<Tensor>& state2_bias, int64_t step, c10::string_view norm, double norm_eps,
+    c10::string_view goodness, double threshold, c10::string_view loss, double symba_alpha,
+    c10::string_view optimizer, double lr, double beta1, double beta2, double eps, double momentum,
+    double weight_decay) {
+  const LossOptions lo = loss_options(norm, norm_eps, goodness, threshold, loss, symba_alpha);
+  const OptimOptions oo = optim_options(step, optimizer, lr, beta1, beta2, eps, momentum, weight_decay);
+  auto [xp, xn] = check_inputs(x_pos, x_neg, weight, bias);
+  // check the state before any work so that a bad call changes nothing
+  ParamState pw = param_state(weight, state1_weight, state2_weight, oo, "weight");
+  ParamState pb;
+  if (bias.has_value()) pb = param_state(*bias, state1_bias, state2_bias, oo, "bias");
+
+  c10::DeviceGuard guard(weight.device());
+  GradResult r = grad_kernel(xp, xn, weight, bias.has_value() ? *bias : Tensor(), lo);
+  pw.grad = r.grad_weight;
+  update_kernel(pw, r.loss, oo);  // skipped when the loss is not finite
+  if (bias.has_value()) {
+    pb.grad = r.grad_bias;
+    update_kernel(pb, r.loss, oo);
+  }
+  return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg};
+}
+
+}  // namespace
+}  // namespace ffk
+
+TORCH_LIBRARY(ffkernels, m) {
+  m.def(
+      "ff_grad(Tensor x_pos, Tensor x_neg, Tensor weight, Tensor? bias, str norm, float norm_eps, str goodness, "
+      "float threshold, str loss, float symba_alpha) "
+      "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  m.def(
+      "ff_update(Tensor(a!) weight, Tensor(b!)? bias, Tensor grad_weight, Tensor? grad_bias, "
+      "Tensor(c!) state1_weight, Tensor(d!) state2_weight, Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, "
+      "Tensor? loss, int step, str optimizer, float lr, float beta1, float beta2, float eps, float momentum, "
+      "float weight_decay) -> ()");
+  m.def(
+      "ff_step(Tensor x_pos, Tensor x_neg, Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!) state1_weight, "
+      "Tensor(d!) state2_weight, Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, int step, str norm, "
+      "float norm_eps, str goodness, float threshold, str loss, float symba_alpha, str optimizer, float lr, "
+      "float beta1, float beta2, float eps, float momentum, float weight_decay) "
+      "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg)");
+}
+
+TORCH_LIBRARY_IMPL(ffkernels, CPU, m) {
+  m.impl("ff_grad", &ffk::ff_grad);
+  m.impl("ff_update", &ffk::ff_update);
+  m.impl("ff_step", &ffk::ff_step);
+}
+
+#ifdef FF_WITH_CUDA
+TORCH_LIBRARY_IMPL(ffkernels, CUDA, m) {
+  m.impl("ff_grad", &ffk::ff_grad);
+  m.impl("ff_update", &ffk::ff_update);
+  m.impl("ff_step", &ffk::ff_step);
+}
+#endif
+
+// The Python module ffkernels._C: loading it registers the ops above; it also says how it was built.
+#ifndef FF_CUDA_ARCHS
+#define FF_CUDA_ARCHS ""
+#endif
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "ffkernels compiled kernels", -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+#ifdef FF_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(m, "cuda_archs", FF_CUDA_ARCHS);
+  return m;
+}

@@ -1,0 +1,110 @@
+"""Build of ffkernels and its compiled extension ``ffkernels._C``.
+
+    pip install --no-build-isolation .          # or -e . ; needs torch installed first
+
+Environment switches (all optional):
+    FFKERNELS_CUDA=auto|0|1   compile the CUDA kernels: when a toolkit is found (auto, default), never, always
+    CUDA_HOME                 the CUDA toolkit root (the folder with bin/nvcc and lib64/libcudart.so)
+    TORCH_CUDA_ARCH_LIST      GPU archs to compile for; default "8.0;9.0" (A100, H100)
+    MAX_JOBS                  parallel compile jobs; default 2 (one nvcc job can take GBs of memory)
+    FFKERNELS_NO_EXT=1        skip the extension entirely (pure-Python install: reference and triton only)
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def log(msg):
+    print(f"[ffkernels build] {msg}", file=sys.stderr, flush=True)
+
+
+def _is_toolkit_root(root):
+    if not root or not os.path.isfile(os.path.join(root, "bin", "nvcc")):
+        return False
+    libdirs = ["lib64", "lib", os.path.join("targets", "*", "lib")]
+    return any(glob.glob(os.path.join(root, d, "libcudart.so*")) for d in libdirs)
+
+
+def _roots_named_by_nvcc_on_path():
+    """Toolkit roots implied by the nvcc on PATH, seeing through symlinks and wrapper scripts."""
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return []
+    real = os.path.realpath(nvcc)
+    roots = [os.path.dirname(os.path.dirname(real))]
+    try:
+        with open(real, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return roots
+    if head.startswith(b"#!"):  # a wrapper script: look for the real nvcc it execs
+        for token in head.decode("utf-8", "replace").replace('"', " ").replace("'", " ").split():
+            if token.endswith("/bin/nvcc"):
+                roots.append(os.path.dirname(os.path.dirname(os.path.realpath(token))))
+    return roots
+
+
+def find_cuda_home():
+    """The real CUDA toolkit root, or None. torch's own guess is wrong when nvcc is a wrapper script."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    candidates += _roots_named_by_nvcc_on_path()
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/opt/cuda"]
+    for root in candidates:
+        if _is_toolkit_root(root):
+            return os.path.realpath(root)
+    return None
+
+
+def extension_modules():
+    if os.environ.get("FFKERNELS_NO_EXT", "0") == "1":
+        log("FFKERNELS_NO_EXT=1: not building ffkernels._C (backends: reference, triton)")
+        return [], {}
+    mode = os.environ.get("FFKERNELS_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1", "off", "on"):
+        sys.exit(f"FFKERNELS_CUDA must be auto, 0/off or 1/on, got {mode!r}")
+    cuda_home = None if mode in ("0", "off") else find_cuda_home()
+    if mode in ("1", "on") and cuda_home is None:
+        sys.exit("FFKERNELS_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the folder holding "
+                 "bin/nvcc and lib64/libcudart.so")
+    with_cuda = cuda_home is not None
+    if with_cuda:
+        # must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    os.environ.setdefault("MAX_JOBS", "2")
+
+    from torch.utils import cpp_extension as ce
+
+    sources = sorted(glob.glob("csrc/*.cpp")) + ["python_api/ff_api.cpp"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    define = []
+    if with_cuda:
+        ce.CUDA_HOME = cuda_home  # in case torch was imported earlier with a wrong guess
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define = [("FF_WITH_CUDA", None), ("FF_CUDA_ARCHS", f'"{archs}"')]
+        nvcc = ["-O3", "--expt-relaxed-constexpr"]
+        ext = ce.CUDAExtension("ffkernels._C", sources, define_macros=define,
+                               extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+        log(f"building ffkernels._C: CPU + CUDA kernels (toolkit {cuda_home}, archs {archs}, "
+            f"MAX_JOBS={os.environ['MAX_JOBS']})")
+    else:
+        ext = ce.CppExtension("ffkernels._C", sources, extra_compile_args={"cxx": cxx},
+                              extra_link_args=["-fopenmp"])
+        why = "FFKERNELS_CUDA=0" if mode in ("0", "off") else "no CUDA toolkit found"
+        log(f"building ffkernels._C: CPU kernels only ({why}; MAX_JOBS={os.environ['MAX_JOBS']})")
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+setup(
+    packages=find_packages(include=["ffkernels", "ffkernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
