@@ -72,6 +72,10 @@ def extension_modules():
     if mode in ("1", "on") and cuda_home is None:
         sys.exit("FFKERNELS_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the folder holding "
                  "bin/nvcc and lib64/libcudart.so")
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    if cuda_home is not None and not cuda_sources:
+        log(f"CUDA toolkit found at {cuda_home}, but this tree has no CUDA kernels (csrc/cuda/*.cu)")
+        cuda_home = None
     with_cuda = cuda_home is not None
     if with_cuda:
         # must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import
@@ -87,7 +91,7 @@ def extension_modules():
     if with_cuda:
         ce.CUDA_HOME = cuda_home  # in case torch was imported earlier with a wrong guess
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += cuda_sources
         define = [("FF_WITH_CUDA", None), ("FF_CUDA_ARCHS", f'"{archs}"')]
         nvcc = ["-O3", "--expt-relaxed-constexpr"]
         ext = ce.CUDAExtension("ffkernels._C", sources, define_macros=define,

@@ -1,0 +1,35 @@
+"""The ``ffkernels`` command: ``ffkernels {train,study,demo,bench} ...`` (``ffkernels CMD -h`` for help)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with add_arguments(parser) and run(args), one-line help)
+COMMANDS = {
+    "train": ("ffkernels.train", "supervised FF training of an FFNet on an offline dataset"),
+    "study": ("ffkernels.study.cli", "FF vs BP self-supervised study: pretext training, linear-probe transfer"),
+    "demo": ("ffkernels.study.demo", "a short FF-vs-BP study on the embedded MNIST subset"),
+    "bench": ("ffkernels.bench.cli", "FF throughput and memory vs BP, against the GEMM floor"),
+}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="ffkernels", description="Fused Forward-Forward kernels and study harness.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, (modname, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if argv[:1] == [name]:  # import only the module of the command being run
+            modules[name] = importlib.import_module(modname)
+            modules[name].add_arguments(sp)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(2)
+    modules[args.command].run(args)
+
+
+if __name__ == "__main__":
+    main()

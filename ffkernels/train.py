@@ -1,0 +1,94 @@
+"""``ffkernels train``: supervised Forward-Forward training of an FFNet on an offline dataset."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from .data import LOADERS, load_dataset
+from .layers import FFNet
+from .training import History, accuracy, train_ff_epoch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mnist5k", choices=sorted(LOADERS), help="dataset (default: mnist5k, embedded)")
+    p.add_argument("--data-root", default=None, help="folder of downloaded datasets (torchvision ones)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[1000, 1000, 1000], help="layer widths")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--goodness", default="sum", choices=["sum", "mean"])
+    p.add_argument("--threshold", type=float, default=None, help="default: width for sum goodness, 1 for mean")
+    p.add_argument("--loss", default="hinton", choices=["hinton", "symba"])
+    p.add_argument("--norm", default="rms", choices=["rms", "l2", "none"])
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--backend", default="auto", help="auto, cpu, cuda, triton or reference")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate the test split every N epochs")
+    p.add_argument("--save", default=None, help="write the trained FFNet state_dict here")
+    p.add_argument("--resume", default=None, help="start from a saved state_dict (optimizer state included)")
+    p.add_argument("--json", default=None, help="write the per-epoch history as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_net(args, in_features: int) -> FFNet:
+    return FFNet([in_features, *args.hidden], goodness=args.goodness, threshold=args.threshold, loss=args.loss,
+                 norm=args.norm, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                 weight_decay=args.weight_decay, backend=args.backend, device=args.device)
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    ds = load_dataset(args.dataset, data_root=args.data_root)
+    net = build_net(args, ds.in_features)
+    if args.resume:
+        net.load_state_dict(torch.load(args.resume, map_location=args.device))
+    print(f"ffkernels train: {ds}\n  net {ds.in_features}-{'-'.join(map(str, args.hidden))}, backend "
+          f"{net.backend!r} on {args.device} ({torch.get_num_threads()} threads), {args.epochs} epochs, "
+          f"batch {args.batch_size}", flush=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    hist = History()
+    t_start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        st = train_ff_epoch(net, ds.x_train, ds.y_train, ds.num_classes, args.batch_size, gen,
+                            progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}")
+        st.epoch = epoch
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            st.test_accuracy = accuracy(net, ds.x_test, ds.y_test, ds.num_classes)
+        hist.epochs.append(st)
+        acc = f"test acc {st.test_accuracy:.2%}" if st.test_accuracy is not None else ""
+        print(f"epoch {epoch:3d}  loss {' '.join(f'{v:.4f}' for v in st.loss)}  {st.samples_per_s:8.0f} samples/s  "
+              f"{acc}", flush=True)
+    total = time.perf_counter() - t_start
+    result = {"dataset": ds.name, "hidden": args.hidden, "epochs": args.epochs, "backend": net.backend,
+              "device": str(args.device), "threads": torch.get_num_threads(),
+              "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,
+              "wall_seconds": total, **hist.to_dict()}
+    print(f"done: test accuracy {result['test_accuracy']:.2%} after {args.epochs} epochs in {total:.1f} s "
+          f"(backend {net.backend!r})" if hist.epochs else "done: no epochs run")
+    if args.save:
+        torch.save(net.state_dict(), args.save)
+        print(f"saved {args.save}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="ffkernels train", description=__doc__)
+    add_arguments(p)
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,70 @@
+"""Supervised FF training loops shared by the CLI, the study and the benchmarks."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .labels import ff_pair
+from .layers import FFNet
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    loss: list            # mean loss per layer over the epoch
+    seconds: float        # training time of the epoch (no evaluation)
+    samples_per_s: float  # real samples (one pos + one neg row each) per second
+    test_accuracy: "float | None" = None
+
+
+@dataclass
+class History:
+    epochs: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"epochs": [e.__dict__ for e in self.epochs]}
+
+
+def _progress(iterable, enabled: bool, **kw):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kw)
+
+
+@torch.no_grad()
+def accuracy(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int = 1000) -> float:
+    """Fraction of ``x`` whose goodness-predicted label (FFNet.predict) equals ``y``."""
+    device = net.layers[0].weight.device
+    dtype = net.layers[0].weight.dtype
+    correct = 0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        pred = net.predict(xb.to(device, dtype), num_classes)
+        correct += int((pred.cpu() == yb).sum())
+    return correct / max(1, len(y))
+
+
+def train_ff_epoch(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int,
+                   generator: torch.Generator, progress: bool = False, desc: str = "train") -> EpochStats:
+    """One epoch of supervised FF: positives carry the true label, negatives a random wrong one."""
+    device = net.layers[0].weight.device
+    dtype = net.layers[0].weight.dtype
+    perm = torch.randperm(len(y), generator=generator)
+    batches = perm.split(batch_size)
+    sums = torch.zeros(len(net.layers), dtype=torch.float64)
+    t0 = time.perf_counter()
+    bar = _progress(batches, progress, desc=desc, leave=False, unit="batch")
+    for i, idx in enumerate(bar):
+        xp, xn = ff_pair(x[idx], y[idx], num_classes, generator)
+        out = net.ff_step(xp.to(device, dtype, non_blocking=True), xn.to(device, dtype, non_blocking=True))
+        losses = out.losses.double().cpu()
+        sums += losses
+        if progress and i % 10 == 0:
+            bar.set_postfix(loss=" ".join(f"{v:.3f}" for v in losses.tolist()))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    secs = time.perf_counter() - t0
+    return EpochStats(0, (sums / max(1, len(batches))).tolist(), secs, len(y) / secs)
