@@ -51,7 +51,7 @@ class FFLinear(nn.Module):
         if threshold is None:
             threshold = FFConfig.default_threshold(goodness, out_features)
         self.config = FFConfig(goodness=goodness, threshold=threshold, loss=loss, symba_alpha=symba_alpha,
-                               norm=norm, norm_eps=norm_eps, optimizer=optimizer, lr=lr, betas=tuple(betas),
+                               norm=norm, norm_eps=norm_eps, optimizer=optimizer, lr=lr, betas=betas,
                                eps=eps, momentum=momentum, weight_decay=weight_decay)
         self.backend_request = backend
         self.step_count = 0
@@ -103,7 +103,7 @@ class FFLinear(nn.Module):
     def configure(self, **options) -> "FFLinear":
         """Change options (e.g. ``lr`` for a schedule). Changing the optimizer kind resets its state."""
         old_names = self.config.state_names
-        self.config = self.config.replace(**{k: (tuple(v) if k == "betas" else v) for k, v in options.items()})
+        self.config = self.config.replace(**options)
         if self.config.state_names != old_names:
             self._make_state()
             self.step_count = 0
