@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ffkernels import FFLinear
+from ffkernels import FFLinear, embed_label, wrong_labels
 from ffkernels.reference import FFLayerRef
 
 
@@ -42,7 +42,8 @@ def state_pairs(layer: FFLinear, oracle: FFLayerRef):
     return out
 
 
-def run_and_compare(backend, B, K, N, *, steps=3, bias=True, dtype=torch.float32, tol=None, seed=0, **cfg):
+def run_and_compare(backend, B, K, N, *, steps=3, bias=True, dtype=torch.float32, tol=None, seed=0,
+                    labeled_classes=None, label_value=1.0, **cfg):
     """Train ``steps`` steps with ``backend`` and with the oracle on the same data; compare everything.
 
     float64: the backend must match the float64 oracle to ``tol`` (1e-11 relative).
@@ -51,6 +52,8 @@ def run_and_compare(backend, B, K, N, *, steps=3, bias=True, dtype=torch.float32
     for float32). The allowance matters where Adam divides a gradient that is mostly rounding noise by
     its own magnitude (first steps, gradients near eps): two correct fp32 implementations then differ
     by more than 1e-5, and the fp32 oracle shows by how much.
+    With ``labeled_classes=C`` the backend runs FFLinear.ff_step_labeled(x, y_pos, y_neg, C) and the oracle
+    the explicit pair embed_label(x, y_pos), embed_label(x, y_neg).
     """
     exact = dtype == torch.float64
     tol = tol if tol is not None else {torch.float64: 1e-11, torch.float32: 1e-5}.get(dtype, 1e-2)
@@ -73,7 +76,13 @@ def run_and_compare(backend, B, K, N, *, steps=3, bias=True, dtype=torch.float32
         if K == 1:  # normalized, a 1-feature row is just its sign: keep pos and neg apart, else the true
             xp, xn = xp.abs(), -xn.abs()  # gradient can be 0 and Adam would amplify rounding noise to +-lr
         xp, xn = xp.to(dtype), xn.to(dtype)
-        ours = layer.ff_step(xp, xn)
+        if labeled_classes:
+            y_pos = torch.randint(0, labeled_classes, (B,), generator=gen)
+            y_neg = wrong_labels(y_pos, labeled_classes, gen)
+            ours = layer.ff_step_labeled(xp, y_pos, y_neg, labeled_classes, label_value)
+            xp, xn = (embed_label(xp, y, labeled_classes, label_value) for y in (y_pos, y_neg))
+        else:
+            ours = layer.ff_step(xp, xn)
         ref = oracle.step(xp, xn)
         ref64 = oracle64.step(xp.double(), xn.double()) if oracle64 is not None else ref
         for name, a, b, c in zip(ours._fields, ours, ref, ref64):
