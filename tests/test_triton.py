@@ -192,6 +192,18 @@ def test_grad_matches_reference(norm, goodness, loss):
 
 
 @interpreter
+def test_grad_of_noncontiguous_inputs():
+    """Strided inputs (not updated in place) are accepted and give the same results as contiguous ones."""
+    cfg = make_config("sum", 19)
+    w, b = make_layer_params(33, 19, True, seed=9)
+    x_pos, x_neg = make_batch(7, 66, seed=9)
+    strided = TRITON.grad(x_pos[:, ::2], x_neg[:, 1::2], w.t().contiguous().t(), b, cfg)
+    dense = TRITON.grad(x_pos[:, ::2].contiguous(), x_neg[:, 1::2].contiguous(), w, b, cfg)
+    for field, a, e in zip(dense._fields, strided, dense):
+        assert torch.equal(a, e), field
+
+
+@interpreter
 @pytest.mark.parametrize("opt", OPTIMIZERS)
 def test_update_matches_torch_optim(opt):
     """ff_update with given gradients against torch.optim on the same gradients (several steps)."""

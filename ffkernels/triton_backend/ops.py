@@ -42,8 +42,9 @@ def _check_device(t: Tensor, what: str) -> None:
     raise ValueError(f"ffkernels: the Triton backend runs on {where}; {what} is on {t.device}{hint}")
 
 
-def _check_inputs(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Checks the FF inputs; returns contiguous x_pos, x_neg."""
+def _check_inputs(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor], in_place: bool):
+    """Checks the FF inputs; returns contiguous x_pos, x_neg, weight, bias (weight and bias must already be
+    contiguous when they are updated ``in_place``)."""
     for nm, x in (("x_pos", x_pos), ("x_neg", x_neg)):
         if x.dim() != 2:
             raise ValueError(f"ffkernels: {nm} must be 2-D (B, in_features), got shape {tuple(x.shape)}")
@@ -68,20 +69,21 @@ def _check_inputs(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[T
             raise ValueError(f"ffkernels: {nm} is on {x.device} but weight is on {weight.device}")
         if x.dtype != weight.dtype:
             raise TypeError(f"ffkernels: {nm} has dtype {_name(x.dtype)} but weight is {_name(weight.dtype)}")
-    _check_param(weight, weight, "weight")
+    _check_param(weight, weight, "weight", in_place)
     if bias is not None:
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"ffkernels: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        _check_param(weight, bias, "bias")
-    return x_pos.contiguous(), x_neg.contiguous()
+        _check_param(weight, bias, "bias", in_place)
+        bias = bias.contiguous()
+    return x_pos.contiguous(), x_neg.contiguous(), weight.contiguous(), bias
 
 
-def _check_param(weight: Tensor, p: Tensor, name: str) -> None:
+def _check_param(weight: Tensor, p: Tensor, name: str, in_place: bool = True) -> None:
     if p.device != weight.device:
         raise ValueError(f"ffkernels: {name} is on {p.device} but weight is on {weight.device}")
     if p.dtype != weight.dtype:
         raise TypeError(f"ffkernels: {name} dtype {_name(p.dtype)} differs from weight dtype {_name(weight.dtype)}")
-    if not p.is_contiguous():
+    if in_place and not p.is_contiguous():
         raise ValueError(f"ffkernels: {name} must be contiguous (it is updated in place)")
 
 
@@ -152,7 +154,7 @@ def ff_grad(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor]
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """loss, h_pos, h_neg, g_pos, g_neg, grad_weight, grad_bias (empty without bias). Nothing is updated."""
     cfg = _loss_config(norm, norm_eps, goodness, threshold, loss, symba_alpha)
-    x_pos, x_neg = _check_inputs(x_pos, x_neg, weight, bias)
+    x_pos, x_neg, weight, bias = _check_inputs(x_pos, x_neg, weight, bias, in_place=False)
     loss_t, h_pos, h_neg, g_pos, g_neg, coef, den = _forward(x_pos, x_neg, weight, bias, cfg)
     grad_w, grad_b = launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss_t, weight, bias, cfg.norm)
     return loss_t, h_pos, h_neg, g_pos, g_neg, grad_w, grad_b if grad_b is not None else weight.new_empty(0)
@@ -160,7 +162,7 @@ def ff_grad(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 def _ff_grad_fake(x_pos, x_neg, weight, bias, norm, norm_eps, goodness, threshold, loss, symba_alpha):
     _loss_config(norm, norm_eps, goodness, threshold, loss, symba_alpha)
-    x_pos, x_neg = _check_inputs(x_pos, x_neg, weight, bias)
+    x_pos, x_neg, weight, bias = _check_inputs(x_pos, x_neg, weight, bias, in_place=False)
     gb = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
     return (*_outputs_like(x_pos, weight), torch.empty_like(weight), gb)
 
@@ -227,7 +229,7 @@ def _step_args(x_pos, x_neg, weight, bias, s1w, s2w, s1b, s2b, step, norm, norm_
                symba_alpha, optimizer, lr, beta1, beta2, eps, momentum, weight_decay):
     cfg = _loss_config(norm, norm_eps, goodness, threshold, loss, symba_alpha)
     ocfg = _optim_config(step, optimizer, lr, beta1, beta2, eps, momentum, weight_decay)
-    x_pos, x_neg = _check_inputs(x_pos, x_neg, weight, bias)
+    x_pos, x_neg, _, _ = _check_inputs(x_pos, x_neg, weight, bias, in_place=True)
     _check_states(weight, (s1w, s2w), ocfg, "weight")
     if bias is not None:
         _check_states(bias, (s1b, s2b), ocfg, "bias")
