@@ -418,6 +418,8 @@ def test_bad_input_messages():
         resolve_backend("triton", "cpu", torch.float64)
     with pytest.raises(TypeError, match="supports float32 under the Triton interpreter, got float64"):
         ops.ff_grad(x_pos.double(), x_neg.double(), w.double(), b.double(), *cfg.loss_args())
+    with pytest.raises(TypeError, match="supports float32 under the Triton interpreter, got float64"):
+        ops.ff_update(w.double(), None, w.double(), None, *sw, None, None, None, 1, *cfg.optim_args())
     with pytest.raises(ValueError, match="same batch size"):
         ops.ff_grad(x_pos, x_neg[:3], w, b, *cfg.loss_args())
     with pytest.raises(ValueError, match="in_features mismatch"):

@@ -42,6 +42,14 @@ def _check_device(t: Tensor, what: str) -> None:
     raise ValueError(f"ffkernels: the Triton backend runs on {where}; {what} is on {t.device}{hint}")
 
 
+def _check_device_and_dtype(weight: Tensor) -> None:
+    _check_device(weight, "weight")
+    if weight.dtype not in settings.supported_dtypes():
+        names = ", ".join(_name(d) for d in settings.supported_dtypes())
+        mode = "under the Triton interpreter" if settings.interpreting() else "on GPUs"
+        raise TypeError(f"ffkernels: the Triton backend supports {names} {mode}, got {_name(weight.dtype)}")
+
+
 def _check_inputs(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor], in_place: bool):
     """Checks the FF inputs; returns contiguous x_pos, x_neg, weight, bias (weight and bias must already be
     contiguous when they are updated ``in_place``)."""
@@ -59,11 +67,7 @@ def _check_inputs(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[T
     if x_pos.shape[1] != weight.shape[1] or x_neg.shape[1] != weight.shape[1]:
         raise ValueError(f"ffkernels: in_features mismatch: weight is {tuple(weight.shape)} but x_pos is "
                          f"{tuple(x_pos.shape)} and x_neg is {tuple(x_neg.shape)}")
-    _check_device(weight, "weight")
-    if weight.dtype not in settings.supported_dtypes():
-        names = ", ".join(_name(d) for d in settings.supported_dtypes())
-        mode = "under the Triton interpreter" if settings.interpreting() else "on GPUs"
-        raise TypeError(f"ffkernels: the Triton backend supports {names} {mode}, got {_name(weight.dtype)}")
+    _check_device_and_dtype(weight)
     for nm, x in (("x_pos", x_pos), ("x_neg", x_neg)):
         if x.device != weight.device:
             raise ValueError(f"ffkernels: {nm} is on {x.device} but weight is on {weight.device}")
@@ -185,7 +189,7 @@ def ff_update(weight: Tensor, bias: Optional[Tensor], grad_weight: Tensor, grad_
 def _update_args(weight, bias, grad_weight, grad_bias, s1w, s2w, s1b, s2b, loss, step, optimizer, lr, beta1, beta2,
                  eps, momentum, weight_decay):
     cfg = _optim_config(step, optimizer, lr, beta1, beta2, eps, momentum, weight_decay)
-    _check_device(weight, "weight")
+    _check_device_and_dtype(weight)
     _check_param(weight, weight, "weight")
     grads = [_check_grad(weight, grad_weight, "weight")]
     _check_states(weight, (s1w, s2w), cfg, "weight")
