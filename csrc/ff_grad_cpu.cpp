@@ -48,7 +48,7 @@ inline acc_t relu_row(const scalar_t* z, const scalar_t* b, scalar_t* h, int64_t
   for (int64_t j = 0; j < N; ++j) {
     acc_t v = static_cast<acc_t>(z[j]);
     if (b) v += static_cast<acc_t>(b[j]);
-    const scalar_t hv = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+    const scalar_t hv = static_cast<scalar_t>(relu(v));
     h[j] = hv;
     ss += static_cast<acc_t>(hv) * static_cast<acc_t>(hv);
   }
