@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of ffkernels, in one go (about 5 minutes on an H100, build included):
+# The GPU check of ffkernels, in one go (meant to finish in under 8 minutes on an H100, build included;
+# not yet timed on one):
 #   1. builds ffkernels._C in place with the CUDA kernels when it is missing or was built without them
 #      (for this GPU's arch only, unless TORCH_CUDA_ARCH_LIST is set)
 #   2. runs the GPU tests: the build test of tests/test_cuda.py, then every test marked `gpu`

@@ -1,7 +1,8 @@
 """The CUDA C++ backend ("cuda"): how it was built, and (on a GPU) its results against the reference.
 
 The build tests run everywhere. The GPU tests (marked ``gpu``) skip without a GPU and compare:
-  * fp32 (TF32 off) with ``FFLayerRef`` (autograd + torch.optim) over several steps: tight tolerances;
+  * fp32 (TF32 off) with ``FFLayerRef`` (autograd + torch.optim) over several steps: 1e-5 relative,
+    except where fp32 itself is ill-conditioned (then at most twice the fp32 reference's error vs fp64);
   * float16/bfloat16 FlashAttention-style: the error against an fp64 reference may be at most twice
     the error of the same-precision reference (autograd in that dtype, optimizer state in fp32).
 Set FFKERNELS_EXPECT_CUDA=1 (CI with a toolkit, the GPU check script) to make a build without CUDA
@@ -95,11 +96,11 @@ def ieee_fp32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _layer_pair(K, N, bias, loss_opts, optim_opts, dtype=torch.float32, seed=0):
-    """An FFLinear on the cuda backend and the oracle FFLayerRef, with the same weights and options."""
-    torch.manual_seed(seed)
+def _layer_pair(K, N, bias, loss_opts, optim_opts):
+    """An fp32 FFLinear on the cuda backend and the oracle FFLayerRef, with the same weights and options."""
+    torch.manual_seed(0)
     threshold = FFConfig.default_threshold(loss_opts["goodness"], N)
-    layer = ffkernels.FFLinear(K, N, bias=bias, threshold=threshold, backend="cuda", device="cuda", dtype=dtype,
+    layer = ffkernels.FFLinear(K, N, bias=bias, threshold=threshold, backend="cuda", device="cuda",
                                **loss_opts, **optim_opts)
     oracle = ref.FFLayerRef(layer.weight, layer.bias, layer.config)
     return layer, oracle
