@@ -10,25 +10,41 @@
 
 namespace ffk {
 
+// Sums of squares accumulate in double: a serial fp32 sum over thousands of terms would be visibly less
+// accurate than torch's blocked reductions in the reference.
+
+// sum_k x_k^2 over [begin, end)
+template <typename scalar_t>
+inline double sum_squares(const scalar_t* x, int64_t begin, int64_t end) {
+  double ss = 0;
+  for (int64_t k = begin; k < end; ++k) ss += static_cast<double>(x[k]) * static_cast<double>(x[k]);
+  return ss;
+}
+
 // h = relu(z + a * col + b) over one row of N (col and b may be null); returns sum h^2.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline acc_t relu_row(const scalar_t* z, const scalar_t* col, acc_t a, const scalar_t* b, scalar_t* h, int64_t N) {
-  acc_t ss = 0;
+inline double relu_row(const scalar_t* z, const scalar_t* col, acc_t a, const scalar_t* b, scalar_t* h, int64_t N) {
+  double ss = 0;
   for (int64_t j = 0; j < N; ++j) {
     acc_t v = static_cast<acc_t>(z[j]);
     if (col) v += a * static_cast<acc_t>(col[j]);
     if (b) v += static_cast<acc_t>(b[j]);
     const scalar_t hv = static_cast<scalar_t>(relu(v));
     h[j] = hv;
-    ss += static_cast<acc_t>(hv) * static_cast<acc_t>(hv);
+    ss += static_cast<double>(hv) * static_cast<double>(hv);
   }
   return ss;
 }
 
 // The goodness of a row from its sum of squares, rounded to the tensor's dtype like the reference's.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline acc_t row_goodness(acc_t sum_sq, acc_t scale) {
-  return static_cast<acc_t>(static_cast<scalar_t>(scale * sum_sq));
+inline acc_t row_goodness(double sum_sq, acc_t scale) {
+  return static_cast<acc_t>(static_cast<scalar_t>(static_cast<double>(scale) * sum_sq));
+}
+
+// The divisor d of a row (x_hat = x / d) from its sum of squares over K features.
+inline double row_divisor(double sum_sq, int64_t K, Norm norm, double eps) {
+  return 1.0 / row_scale<double>(sum_sq, K, norm, eps);
 }
 
 // The batch loss from per-pair terms: a fixed-order sum, deterministic whatever the thread count.

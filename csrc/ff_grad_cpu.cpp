@@ -33,10 +33,8 @@ void normalize_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t K, N
         for (int64_t k = 0; k < K; ++k) orow[k] = xr[k];
         continue;
       }
-      acc_t ss = 0;
-      for (int64_t k = 0; k < K; ++k) ss += static_cast<acc_t>(xr[k]) * static_cast<acc_t>(xr[k]);
       // x / d with d = 1 / row_scale: divide (not multiply) to round like the reference does
-      const acc_t d = acc_t(1) / row_scale<acc_t>(ss, K, norm, static_cast<acc_t>(eps));
+      const acc_t d = static_cast<acc_t>(row_divisor(sum_squares(xr, 0, K), K, norm, eps));
       for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<scalar_t>(static_cast<acc_t>(xr[k]) / d);
     }
   });

@@ -27,9 +27,8 @@ void normalize_without_labels(const scalar_t* x, scalar_t* out, acc_t* lv, int64
     for (int64_t i = lo; i < hi; ++i) {
       const scalar_t* xr = x + i * K;
       scalar_t* orow = out + i * K;
-      acc_t ss = static_cast<acc_t>(value) * static_cast<acc_t>(value);  // the one-hot's share of sum x^2
-      for (int64_t k = C; k < K; ++k) ss += static_cast<acc_t>(xr[k]) * static_cast<acc_t>(xr[k]);
-      const acc_t d = acc_t(1) / row_scale<acc_t>(ss, K, norm, static_cast<acc_t>(eps));
+      const double ss = value * value + sum_squares(xr, C, K);  // the one-hot adds value^2
+      const acc_t d = static_cast<acc_t>(row_divisor(ss, K, norm, eps));
       for (int64_t k = 0; k < C; ++k) orow[k] = scalar_t(0);
       for (int64_t k = C; k < K; ++k) orow[k] = static_cast<scalar_t>(static_cast<acc_t>(xr[k]) / d);
       lv[i] = static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(value) / d));

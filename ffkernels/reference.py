@@ -79,22 +79,26 @@ def optimizer_update(params, grads, states, step: int, cfg: FFConfig) -> None:
     """Apply update number ``step`` (1-based) with torch.optim itself, on externally kept state.
 
     ``states[i]`` holds the state tensors of ``params[i]`` named by ``cfg.state_names``; torch.optim
-    updates them in place, so the result is torch.optim's by construction.
+    updates them in place, so the result is torch.optim's by construction. float16/bfloat16 parameters
+    are updated as fp32 copies (their state is fp32) and rounded back, as the fused kernels do.
     """
-    params = [p.detach() for p in params]
-    opt = make_optimizer(params, cfg)
-    for p, g, st in zip(params, grads, states):
-        p.grad = g
+    targets = [p.detach() for p in params]
+    work = [p.float() if p.dtype in (torch.float16, torch.bfloat16) else p for p in targets]
+    opt = make_optimizer(work, cfg)
+    for p, g, st in zip(work, grads, states):
+        p.grad = g.to(p.dtype)
         if cfg.optimizer == "adam":
             opt.state[p] = {"step": torch.tensor(float(step - 1)), "exp_avg": st[0], "exp_avg_sq": st[1]}
         elif cfg.momentum != 0.0 and step > 1:
             opt.state[p] = {"momentum_buffer": st[0]}
     opt.step()
     if cfg.optimizer == "sgd" and cfg.momentum != 0.0 and step == 1:  # torch.optim made fresh buffers
-        for p, st in zip(params, states):
+        for p, st in zip(work, states):
             st[0].copy_(opt.state[p]["momentum_buffer"])
-    for p in params:
+    for t, p in zip(targets, work):
         p.grad = None
+        if p is not t:
+            t.copy_(p)
 
 
 class FFLayerRef(nn.Module):
