@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import os
 import socket
 import time
@@ -28,9 +29,9 @@ WALL_LIMIT_S = 60   # per test: every rank must have finished by then
 
 # Ranks are forked from one server process that imports torch and ffkernels once per session: starting a
 # fresh interpreter per rank ("spawn") costs seconds each on a busy 2-core machine. Nothing in the server
-# starts threads, so forking from it is safe. (torch.testing.assert_close imports torch.distributed.tensor, and
-# with it sympy, on first use in an initialized process group: seconds too.)
-mp.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor", "ffkernels",
+# starts threads, so forking from it is safe. Also preloaded, as each costs seconds: torch.distributed.tensor
+# (imported by torch.testing.assert_close in an initialized process group) and sklearn (the "digits" dataset).
+mp.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor", "sklearn.datasets", "ffkernels",
                            "ffkernels.distributed", __name__])
 
 
@@ -261,3 +262,146 @@ def _pipeline_matches_sequential(rank, world, ports, micro_batches, dtype_name, 
 def test_pipeline_equals_sequential_sweep_and_resumes(tmp_path, world, micro_batches, dtype):
     results = launch(_pipeline_matches_sequential, world, tmp_path, micro_batches, dtype, str(tmp_path / "ckpt.pt"))
     assert_all_ok(results)
+
+
+# ---- failures --------------------------------------------------------------------------------------------
+
+def _outcome(fn, net):
+    """Run ``fn``; report the exception it raised and which layers of ``net`` changed meanwhile."""
+    before = copy.deepcopy(net.state_dict())
+    try:
+        fn()
+        error = message = None
+    except Exception as e:
+        error, message = type(e).__name__, str(e)
+    after = net.state_dict()
+    changed = sorted({int(k.split(".")[1]) for k, v in before.items()
+                      if isinstance(v, torch.Tensor) and not torch.equal(v, after[k])})
+    return {"error": error, "message": message, "changed": changed, "steps": [l.step_count for l in net.layers]}
+
+
+def _pipeline_nonfinite_in_middle_stage(rank, world, ports):
+    """Stages [0], [1, 2], [3]; layer 2's loss overflows at the second step."""
+    net = make_net([12, 16, 9, 7, 5], torch.float32)
+    pipe = PipelineFF(net, balance=[1, 2, 1])
+    batches = make_batches(3, 12, torch.float32)
+    pipe.run(batches[:1] if pipe.is_first else None)
+    if rank == 1:
+        with torch.no_grad():
+            net.layers[2].weight.mul_(1e30)  # finite weights whose goodness overflows to inf
+    return _outcome(lambda: pipe.run(batches[1:] if pipe.is_first else None), net)
+
+
+def test_pipeline_nonfinite_loss_stops_its_stage_and_later_ones(tmp_path):
+    results = launch(_pipeline_nonfinite_in_middle_stage, 3, tmp_path)
+    assert_all_ok(results)
+    first, middle, last = (r["value"] for r in results)
+    # the failing stage: layer 1 took the step, layer 2 did not (as FFNet.ff_step)
+    assert middle["error"] == "NonFiniteLossError" and "layer 2: " in middle["message"], middle
+    assert middle["changed"] == [1] and middle["steps"][1:3] == [2, 1]
+    # the later stage is told and skips the step
+    assert last["error"] == "NonFiniteLossError" and "layer 2 (stage 1) had a non-finite loss" in last["message"]
+    assert last["changed"] == [] and last["steps"][3] == 1
+    # the earlier stage is never told (nothing flows backwards): it loses its peer and says so
+    assert first["error"] == "DistributedFFError" and "rank 0 failed while sending" in first["message"], first
+
+
+def _dp_rank_raises(rank, world, ports):
+    dp = DataParallelFF(make_net([12, 16, 9], torch.float32))
+    for step, (xp, xn) in enumerate(make_batches(4, 12, torch.float32)):
+        if rank == 1 and step == 2:
+            raise RuntimeError("injected failure on rank 1")
+        dp.ff_step(shard(xp, rank, world), shard(xn, rank, world))
+
+
+def _pipeline_rank_raises(rank, world, ports):
+    net = make_net([12, 16, 9, 7], torch.float32)
+    pipe = PipelineFF(net)
+    if rank == 1:
+        grad, calls = net.layers[1].ff_grad, []
+
+        def failing_grad(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected failure on rank 1")
+            return grad(*args)
+
+        net.layers[1].ff_grad = failing_grad
+    pipe.run(make_batches(5, 12, torch.float32) if pipe.is_first else None)
+
+
+@pytest.mark.parametrize("scenario", [_dp_rank_raises, _pipeline_rank_raises])
+def test_a_failing_rank_stops_the_others_with_a_clear_error(tmp_path, scenario):
+    results = launch(scenario, 3, tmp_path, pg_timeout=30)  # a lost peer is noticed at once, not at the timeout
+    assert results[1]["error"] == "RuntimeError" and "injected failure" in results[1]["message"]
+    for r in (0, 2):
+        assert results[r]["error"] == "DistributedFFError", results[r]
+        assert f"rank {r} failed while" in results[r]["message"] and "another rank probably failed" in \
+            results[r]["message"]
+
+
+def _dp_rank_hangs(rank, world, ports):
+    dp = DataParallelFF(make_net([12, 16, 9], torch.float32))
+    for step, (xp, xn) in enumerate(make_batches(3, 12, torch.float32)):
+        if rank == 1 and step == 1:
+            time.sleep(WALL_LIMIT_S)  # stuck, alive: only the timeout can tell
+        dp.ff_step(shard(xp, rank, world), shard(xn, rank, world))
+
+
+def test_a_hanging_rank_fails_the_others_after_the_timeout(tmp_path):
+    t0 = time.monotonic()
+    results = launch(_dp_rank_hangs, 2, tmp_path, pg_timeout=3, expect_hang=(1,))
+    assert results[0]["error"] == "DistributedFFError" and "timed out" in results[0]["message"].lower(), results[0]
+    assert time.monotonic() - t0 < WALL_LIMIT_S / 2
+
+
+# ---- the train command -----------------------------------------------------------------------------------
+
+CLI_COMMON = ["--dataset", "digits", "--hidden", "24", "24", "24", "--batch-size", "50", "--epochs", "1",
+              "--threads", "1", "--no-progress"]
+
+
+def _cli_train_then_resume(rank, world, ports, mode, out_dir, extra):
+    """``ffkernels train --distributed MODE`` (one epoch, --save), then a second run resuming from it."""
+    from ffkernels import train
+
+    argv = CLI_COMMON + ["--distributed", mode, "--dist-timeout", "30", *extra]
+    os.environ["MASTER_PORT"] = str(ports[0])
+    train.main(argv + ["--save", f"{out_dir}/first.pt", "--json", f"{out_dir}/first.json"])
+    os.environ["MASTER_PORT"] = str(ports[1])
+    train.main(argv + ["--resume", f"{out_dir}/first.pt", "--save", f"{out_dir}/second.pt"])
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """The same two runs with single-process ``ffkernels train`` (one thread, as each rank)."""
+    from ffkernels import train
+
+    out = tmp_path_factory.mktemp("one-process")
+    threads = torch.get_num_threads()
+    try:
+        train.main(CLI_COMMON + ["--save", f"{out}/first.pt"])
+        train.main(CLI_COMMON + ["--resume", f"{out}/first.pt", "--save", f"{out}/second.pt"])
+    finally:
+        torch.set_num_threads(threads)
+    return {k: torch.load(out / f"{k}.pt") for k in ("first", "second")}
+
+
+@pytest.mark.parametrize("mode,extra,exact", [("data", [], False), ("pipeline", [], True),
+                                              ("pipeline", ["--micro-batches", "3"], False)])
+def test_train_command_distributed_checkpoints_resume_like_one_process(tmp_path, one_process_runs, mode, extra,
+                                                                       exact):
+    results = launch(_cli_train_then_resume, 2, tmp_path, mode, str(tmp_path), extra, init=False, ports=2)
+    assert_all_ok(results)
+    report = json.loads((tmp_path / "first.json").read_text())
+    assert report["distributed"] == mode and report["world_size"] == 2 and len(report["epochs"]) == 1
+    for name, want in one_process_runs.items():
+        got = torch.load(tmp_path / f"{name}.pt")
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            if k.endswith("_extra_state"):
+                assert got[k]["step"] == v["step"] == (29 if name == "first" else 58), k
+            elif exact:  # one micro-batch: the same kernels on the same batches, bit for bit
+                assert torch.equal(got[k], v), (name, k)
+            else:  # a sum of shard (micro-batch) gradients rounds differently; Adam amplifies tiny gradients
+                torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=f"{name} {k}")

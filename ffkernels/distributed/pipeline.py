@@ -271,15 +271,15 @@ class PipelineFF:
         first = self.layer_ids.start
         if status[0] != _OK:
             bad = status[1]
-            return bad, (f"ffkernels: layer {bad} (stage {self._stage_of(bad)}) had a non-finite loss at pipeline step "
-                         f"{step}; this stage's layers {first}..{self.layer_ids.stop - 1} skipped that step, as FFNet."
-                         f"ff_step skips the layers after a failed one")
+            return bad, (f"ffkernels: layer {bad} (stage {self._stage_of(bad)}) had a non-finite loss at step {step} "
+                         f"of this run; this stage's layers {first}..{self.layer_ids.stop - 1} skipped that step, as "
+                         "FFNet.ff_step skips the layers after a failed one")
         for i, (acc, layer) in zip(self.layer_ids, zip(sums, self.layers)):
             grad_w, grad_b, loss = acc.result(layer.weight.dtype)
             try:
                 layer.ff_update(grad_w, grad_b, loss=loss)
             except NonFiniteLossError as e:
-                return i, (f"ffkernels: layer {i}: {e} (pipeline step {step}, stage {self.stage}: layers {first}.."
+                return i, (f"ffkernels: layer {i}: {e} (step {step} of this run, stage {self.stage}: layers {first}.."
                            f"{i - 1} were updated, later stages skip the step; earlier stages, never told since "
                            "nothing flows backwards, stop with DistributedFFError once this process exits)")
         return None
