@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ffkernels import FFNet, NonFiniteLossError
-from ffkernels.distributed import (DataParallelFF, DistributedFFError, PipelineFF, micro_batch_sizes,
+from ffkernels.distributed import (DataParallelFF, PipelineFF, communication_per_step, micro_batch_sizes,
                                    partition_layers, shard)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -153,6 +153,19 @@ def test_shard_and_micro_batch_sizes():
     assert micro_batch_sizes(5, 1) == [5]
 
 
+def test_distributed_training_needs_torchrun_environment(monkeypatch):
+    from ffkernels import train
+    from ffkernels.distributed import init_from_env
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="needs the environment variable RANK, which torchrun sets"):
+        init_from_env()
+    with pytest.raises(SystemExit, match="start one process per rank with torchrun"):
+        train.main(["--distributed", "pipeline"])
+    with pytest.raises(SystemExit, match="--micro-batches only applies to --distributed pipeline"):
+        train.main(["--micro-batches", "2"])
+
+
 def test_wrappers_need_a_process_group():
     net = make_net([6, 4], torch.float32)
     with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
@@ -227,6 +240,8 @@ def _pipeline_matches_sequential(rank, world, ports, micro_batches, dtype_name, 
     ref = copy.deepcopy(net)
     batches = make_batches(6, dims[0], dt)
     pipe = PipelineFF(net, micro_batches=micro_batches)
+    with pytest.raises(ValueError, match="stage 0 .* reads the data" if pipe.is_first else "only stage 0 reads"):
+        pipe.run(None if pipe.is_first else batches)
     exact = micro_batches == 1  # one micro-batch: the same kernels on the same inputs, bit for bit
 
     def check(losses, steps):
@@ -405,3 +420,15 @@ def test_train_command_distributed_checkpoints_resume_like_one_process(tmp_path,
                 assert torch.equal(got[k], v), (name, k)
             else:  # a sum of shard (micro-batch) gradients rounds differently; Adam amplifies tiny gradients
                 torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=f"{name} {k}")
+
+
+def test_communication_per_step_from_shapes():
+    dims = [784, 2000, 2000, 2000, 2000]
+    grads = (784 * 2000 + 2000 + 2) + 3 * (2000 * 2000 + 2000 + 2)  # per layer: weight, bias, loss, rows
+    assert communication_per_step(dims, 100, "data", 2)["per_rank"] == grads * 4  # ring: 2(w-1)/w = 1
+    assert communication_per_step(dims, 100, "data", 4)["per_rank"] == grads * 4 * 3 // 2
+    assert communication_per_step(dims, 100, "data", 1)["per_rank"] == 0
+    pipe = communication_per_step(dims, 100, "pipeline", 3)  # stages [0, 1], [2], [3]: two cuts of width 2000
+    assert pipe["per_rank"] == 2 * 100 * 2000 * 4 + 3 * 8 and pipe["total"] == 2 * pipe["per_rank"]
+    with pytest.raises(ValueError, match="mode must be"):
+        communication_per_step(dims, 100, "model", 2)

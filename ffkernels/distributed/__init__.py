@@ -11,6 +11,8 @@ from .data_parallel import DataParallelFF, shard
 from .net_sync import broadcast_net, check_same_net, gather_layers
 from .pipeline import PipelineFF, micro_batch_sizes, partition_layers
 from .process_group import DistContext, DistributedFFError, default_backend, init_from_env
+from .volume import communication_per_step
 
 __all__ = ["DataParallelFF", "PipelineFF", "shard", "partition_layers", "micro_batch_sizes", "init_from_env",
-           "DistContext", "DistributedFFError", "default_backend", "broadcast_net", "check_same_net", "gather_layers"]
+           "DistContext", "DistributedFFError", "default_backend", "broadcast_net", "check_same_net", "gather_layers",
+           "communication_per_step"]

@@ -10,6 +10,7 @@ FFNet state_dict, the same format as single-process training, so either kind of 
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -22,6 +23,7 @@ from ..training import EpochStats, History, _progress, accuracy, train_ff_epoch
 from .data_parallel import DataParallelFF, shard
 from .pipeline import PipelineFF
 from .process_group import communication, init_from_env
+from .volume import communication_per_step
 
 
 class _GlobalBatchStep:
@@ -37,6 +39,8 @@ class _GlobalBatchStep:
 
 
 class DataParallelTrainer:
+    """Epochs of train_ff_epoch over DataParallelFF; evaluation sharded over the ranks."""
+
     def __init__(self, net, ctx, args):
         self.net, self.ctx = net, ctx
         self.dp = DataParallelFF(net)
@@ -67,6 +71,8 @@ def _ff_batches(ds, batch_size, gen, device, dtype):
 
 
 class PipelineTrainer:
+    """Epochs as PipelineFF runs fed by stage 0; evaluation and checkpoints on rank 0 after gathering the layers."""
+
     def __init__(self, net, ctx, args):
         self.net, self.ctx = net, ctx
         self.pipe = PipelineFF(net, micro_batches=args.micro_batches or 1)
@@ -106,6 +112,10 @@ TRAINERS = {"data": DataParallelTrainer, "pipeline": PipelineTrainer}
 def run(args) -> dict:
     if args.micro_batches is not None and args.distributed != "pipeline":
         raise SystemExit("ffkernels train: --micro-batches only applies to --distributed pipeline")
+    if "RANK" not in os.environ:
+        raise SystemExit(f"ffkernels train --distributed {args.distributed}: start one process per rank with torchrun, "
+                         f"e.g. `torchrun --nproc-per-node 2 -m ffkernels train --distributed {args.distributed} ...` "
+                         "(see docs/distributed.md)")
     ctx = init_from_env(args.device, timeout=args.dist_timeout, threads=args.threads)
     try:
         return _train(args, ctx)
@@ -126,6 +136,10 @@ def _train(args, ctx) -> dict:
         extra = f" x {ctx.world_size} processes ({args.distributed}-parallel over {ctx.backend})"
         if args.distributed == "pipeline":
             extra += f", stages {[list(r) for r in trainer.pipe.stages]}, {trainer.pipe.micro_batches} micro-batches"
+        sent = communication_per_step(net.dims, args.batch_size, args.distributed, ctx.world_size,
+                                      micro_batches=args.micro_batches or 1,
+                                      element_size=net.layers[0].weight.element_size())["per_rank"]
+        extra += f", {sent / 1e6:.2f} MB sent per rank per step"
         print(describe(ds, args, net.backend, ctx.device, extra), flush=True)
     gen = torch.Generator().manual_seed(args.seed)
     hist = History()

@@ -113,7 +113,7 @@ class DataParallelFF:
 
     @staticmethod
     def _unpack(layer, buf: torch.Tensor):
-        mean = buf[:-1] / buf[-1]
+        mean = buf[:-1].div_(buf[-1])
         w = layer.weight
         nw = w.numel()
         grad_w = mean[:nw].view_as(w).to(w.dtype)

@@ -206,16 +206,17 @@ class PipelineFF:
                 if outbox is not None:
                     outbox.send(x_pos, f"h_pos of step {step}, micro-batch {m}")
                     outbox.send(x_neg, f"h_neg of step {step}, micro-batch {m}")
-            status = [_OK, -1] if self.is_first else self._recv_ints(2, f"the status of step {step}")
-            error = self._update(sums, status, step)
-            if outbox is not None:
-                failed = [_NONFINITE, error[0]] if error else status
-                outbox.send(torch.tensor(failed, dtype=torch.int64, device=self._device), f"the status of step {step}")
+            upstream = [_OK, -1] if self.is_first else self._recv_ints(2, f"the status of step {step}")
+            failed = self._failed_layer(sums, upstream)
+            if outbox is not None:  # before updating, so that the next stage can update meanwhile
+                status = [_OK, -1] if failed is None else [_NONFINITE, failed]
+                outbox.send(torch.tensor(status, dtype=torch.int64, device=self._device), f"the status of step {step}")
                 outbox.end_step()
-            if error:
+            self._update(sums, failed)
+            if failed is not None:
                 if outbox is not None:
                     outbox.flush()  # let the later stages learn of the failure before this process raises
-                raise NonFiniteLossError(error[1])
+                raise NonFiniteLossError(self._failure_message(failed, sums, step))
             losses.append(torch.stack([acc.loss for acc in sums]))
         if outbox is not None:
             outbox.flush()
@@ -266,23 +267,30 @@ class PipelineFF:
             dist.recv(t, self._prev, group=self.group)
         return t.tolist()
 
-    def _update(self, sums, status, step: int):
-        """Apply the step's updates in layer order; None, or (failed layer, message) when a loss is not finite."""
-        first = self.layer_ids.start
-        if status[0] != _OK:
-            bad = status[1]
-            return bad, (f"ffkernels: layer {bad} (stage {self._stage_of(bad)}) had a non-finite loss at step {step} "
-                         f"of this run; this stage's layers {first}..{self.layer_ids.stop - 1} skipped that step, as "
-                         "FFNet.ff_step skips the layers after a failed one")
-        for i, (acc, layer) in zip(self.layer_ids, zip(sums, self.layers)):
-            grad_w, grad_b, loss = acc.result(layer.weight.dtype)
-            try:
-                layer.ff_update(grad_w, grad_b, loss=loss)
-            except NonFiniteLossError as e:
-                return i, (f"ffkernels: layer {i}: {e} (step {step} of this run, stage {self.stage}: layers {first}.."
-                           f"{i - 1} were updated, later stages skip the step; earlier stages, never told since "
-                           "nothing flows backwards, stop with DistributedFFError once this process exits)")
-        return None
+    def _failed_layer(self, sums, upstream):
+        """The first layer, up to this stage's last, whose step-loss is not finite; None if there is none."""
+        if upstream[0] != _OK:
+            return upstream[1]
+        return next((i for i, acc in zip(self.layer_ids, sums) if not bool(torch.isfinite(acc.loss))), None)
+
+    def _update(self, sums, failed) -> None:
+        """The step's fused updates of this stage's layers before ``failed`` (all of them when it is None)."""
+        for i, acc, layer in zip(self.layer_ids, sums, self.layers):
+            if failed is not None and i >= failed:
+                return
+            layer.ff_update(*acc.result(layer.weight.dtype))
+
+    def _failure_message(self, failed: int, sums, step: int) -> str:
+        first, last = self.layer_ids.start, self.layer_ids.stop - 1
+        if failed < first:
+            return (f"ffkernels: layer {failed} (stage {self._stage_of(failed)}) had a non-finite loss at step {step} "
+                    f"of this run; this stage's layers {first}..{last} skipped that step, as FFNet.ff_step skips the "
+                    "layers after a failed one")
+        loss = sums[failed - first].loss.item()
+        return (f"ffkernels: layer {failed}: the FF loss is not finite ({loss}) at step {step} of this run; layers "
+                f"{first}..{failed - 1} of this stage (stage {self.stage}) were updated, layers {failed}..{last} and "
+                "the later stages skip the step; the earlier stages, never told since nothing flows backwards, stop "
+                "with DistributedFFError once this process exits. Check the inputs, or lower the learning rate.")
 
     # ---- state --------------------------------------------------------------------------------------
 
