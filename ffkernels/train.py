@@ -36,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, help="start from a saved state_dict (optimizer state included)")
     p.add_argument("--json", default=None, help="write the per-epoch history as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--distributed", default="none", choices=["none", "data", "pipeline"],
+                   help="train over the processes started by torchrun: 'data' (each rank a shard of every batch) or "
+                        "'pipeline' (each rank a stage of consecutive layers); see docs/distributed.md")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="--distributed pipeline: split every batch into this many micro-batches (default 1)")
+    p.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="--distributed: seconds after which a stuck collective or transfer fails (default 300)")
 
 
 def build_net(args, in_features: int) -> FFNet:
@@ -44,7 +51,41 @@ def build_net(args, in_features: int) -> FFNet:
                  weight_decay=args.weight_decay, backend=args.backend, device=args.device)
 
 
+def describe(ds, args, backend: str, device, extra: str = "") -> str:
+    return (f"ffkernels train: {ds}\n  net {ds.in_features}-{'-'.join(map(str, args.hidden))}, backend "
+            f"{backend!r} on {device} ({torch.get_num_threads()} threads){extra}, {args.epochs} epochs, "
+            f"batch {args.batch_size}")
+
+
+def epoch_line(st) -> str:
+    acc = f"test acc {st.test_accuracy:.2%}" if st.test_accuracy is not None else ""
+    return (f"epoch {st.epoch:3d}  loss {' '.join(f'{v:.4f}' for v in st.loss)}  {st.samples_per_s:8.0f} samples/s  "
+            f"{acc}")
+
+
+def finish(args, result: dict, state_dict) -> dict:
+    """Print the summary and write --save (the FFNet state_dict) and --json."""
+    if result["epochs"]:
+        print(f"done: test accuracy {result['test_accuracy']:.2%} after {args.epochs} epochs in "
+              f"{result['wall_seconds']:.1f} s (backend {result['backend']!r})")
+    else:
+        print("done: no epochs run")
+    if args.save:
+        torch.save(state_dict, args.save)
+        print(f"saved {args.save}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
 def run(args) -> dict:
+    if getattr(args, "distributed", "none") != "none":
+        from .distributed.cli import run as run_distributed
+
+        return run_distributed(args)
+    if getattr(args, "micro_batches", None) is not None:
+        raise SystemExit("ffkernels train: --micro-batches only applies to --distributed pipeline")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -52,9 +93,7 @@ def run(args) -> dict:
     net = build_net(args, ds.in_features)
     if args.resume:
         net.load_state_dict(torch.load(args.resume, map_location=args.device))
-    print(f"ffkernels train: {ds}\n  net {ds.in_features}-{'-'.join(map(str, args.hidden))}, backend "
-          f"{net.backend!r} on {args.device} ({torch.get_num_threads()} threads), {args.epochs} epochs, "
-          f"batch {args.batch_size}", flush=True)
+    print(describe(ds, args, net.backend, args.device), flush=True)
     gen = torch.Generator().manual_seed(args.seed)
     hist = History()
     t_start = time.perf_counter()
@@ -65,23 +104,13 @@ def run(args) -> dict:
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             st.test_accuracy = accuracy(net, ds.x_test, ds.y_test, ds.num_classes)
         hist.epochs.append(st)
-        acc = f"test acc {st.test_accuracy:.2%}" if st.test_accuracy is not None else ""
-        print(f"epoch {epoch:3d}  loss {' '.join(f'{v:.4f}' for v in st.loss)}  {st.samples_per_s:8.0f} samples/s  "
-              f"{acc}", flush=True)
+        print(epoch_line(st), flush=True)
     total = time.perf_counter() - t_start
     result = {"dataset": ds.name, "hidden": args.hidden, "epochs": args.epochs, "backend": net.backend,
               "device": str(args.device), "threads": torch.get_num_threads(),
               "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,
               "wall_seconds": total, **hist.to_dict()}
-    print(f"done: test accuracy {result['test_accuracy']:.2%} after {args.epochs} epochs in {total:.1f} s "
-          f"(backend {net.backend!r})" if hist.epochs else "done: no epochs run")
-    if args.save:
-        torch.save(net.state_dict(), args.save)
-        print(f"saved {args.save}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return finish(args, result, net.state_dict())
 
 
 def main(argv=None) -> None:
