@@ -1,4 +1,4 @@
-"""The ``ffkernels`` command: ``ffkernels {train,study,demo,bench} ...`` (``ffkernels CMD -h`` for help)."""
+"""The ``ffkernels`` command: ``ffkernels {train,study,demo,bench,info} ...`` (``ffkernels CMD -h`` for help)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ COMMANDS = {
     "study": ("ffkernels.study.cli", "FF vs BP self-supervised study: pretext training, linear-probe transfer"),
     "demo": ("ffkernels.study.demo", "a short FF-vs-BP study on the embedded MNIST subset"),
     "bench": ("ffkernels.bench.cli", "FF throughput and memory vs BP, against the GEMM floor"),
+    "info": ("ffkernels.info", "how ffkernels was built and which backends can run here"),
 }
 
 

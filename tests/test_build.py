@@ -94,3 +94,15 @@ def test_missing_extension_falls_back_to_reference_with_a_warning():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "TRITON_INTERPRET": "0"})
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr
+
+
+def test_info_command_reports_the_build(capsys):
+    import json
+
+    from ffkernels.cli import main
+
+    main(["info", "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["built_with_cuda"] == _ext.built_with_cuda()
+    assert info["backends"]["reference"] == "available"
+    assert set(info["backends"]) == {"reference", "cpu", "cuda", "triton"}
