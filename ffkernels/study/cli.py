@@ -17,7 +17,7 @@ from .config import StudyConfig
 from .pretext import PRETEXTS
 from .report import console_summary
 from .runner import ALGOS, run_study
-from .store import REPORT, RESULTS
+from .store import REPORT, RESULTS, StudyFolderError
 
 DEFAULTS = StudyConfig()
 
@@ -86,8 +86,6 @@ def config_from_args(args) -> StudyConfig:
 
 def execute(args, datasets, pretexts, algos, seeds, cfg: StudyConfig):
     """Run the study described by the parsed arguments and print the FF-vs-BP table and the wall time."""
-    from .store import StudyFolderError
-
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -69,11 +69,11 @@ def plot_curves(store: StudyStore, dataset: str) -> str:
             runs = g.get((dataset, p, a))
             if not runs:
                 continue
-            epochs = runs[0]["curves"]["epoch"]
+            curves = runs[0]["curves"]
             acc = 100 * np.array([r["curves"]["pretext_accuracy"] for r in runs])
             loss = np.array([[np.mean(step) for step in r["curves"]["loss"]] for r in runs])
-            acc_ax.plot(epochs, acc.mean(0), marker=".", color=COLORS[a], label=ALGO_NAMES[a])
-            loss_ax.plot(epochs, loss.mean(0), marker=".", color=COLORS[a],
+            acc_ax.plot(curves["eval_epoch"], acc.mean(0), marker=".", color=COLORS[a], label=ALGO_NAMES[a])
+            loss_ax.plot(curves["epoch"], loss.mean(0), marker=".", color=COLORS[a],
                          label="FF loss (mean over layers)" if a == "ff" else "BP cross-entropy")
         acc_ax.set_title(p)
         loss_ax.set_yscale("log")

@@ -108,7 +108,8 @@ def run_one(ds: Dataset, task: PretextTask, algo: str, seed: int, cfg: StudyConf
         return (accuracy(net, x_test_p, y_test_p, num_labels) if algo == "ff"
                 else bp_accuracy(net, x_test_p, y_test_p))
 
-    curves = {"epoch": [], "loss": [], "pretext_accuracy": []}
+    # loss: every epoch (FF: one value per layer; BP: the cross-entropy); pretext accuracy: every eval_every epochs
+    curves = {"epoch": [], "loss": [], "eval_epoch": [], "pretext_accuracy": []}
     train_seconds = 0.0
     epochs = _progress(range(1, cfg.epochs + 1), progress, desc=f"{ds.name}/{task.name}/{algo}/seed{seed}",
                        leave=False, unit="epoch")
@@ -120,9 +121,10 @@ def run_one(ds: Dataset, task: PretextTask, algo: str, seed: int, cfg: StudyConf
         else:
             st = train_bp_epoch(net, opt, x_ep, y_ep, cfg.batch_size, batches, progress, f"epoch {epoch}")
         train_seconds += st.seconds
+        curves["epoch"].append(epoch)
+        curves["loss"].append(st.loss)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            curves["epoch"].append(epoch)
-            curves["loss"].append(st.loss)
+            curves["eval_epoch"].append(epoch)
             curves["pretext_accuracy"].append(evaluate())
             if progress:
                 epochs.set_postfix(pretext_acc=f"{curves['pretext_accuracy'][-1]:.3f}")
