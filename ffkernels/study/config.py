@@ -48,6 +48,9 @@ class StudyConfig:
         for name in ("ff_lr", "bp_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ffkernels: study {name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_train", "max_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"ffkernels: study {name} must be None or >= 1, got {getattr(self, name)}")
         if self.probe_weight_decay < 0 or self.tsne_points < 0:
             raise ValueError("ffkernels: study probe_weight_decay and tsne_points must be >= 0")
         for name, choices in (("goodness", GOODNESS), ("loss", LOSSES), ("norm", NORMS)):

@@ -9,7 +9,7 @@ from .config import StudyConfig
 
 DEMO_DATASET = "mnist5k"
 DEMO_PRETEXTS = ("supervised", "rotation")
-DEMO_CONFIG = StudyConfig(hidden=(500, 500, 500), epochs=10, tsne_points=500)
+DEMO_CONFIG = StudyConfig(hidden=(500, 500, 500), epochs=10, tsne_points=500, eval_every=2)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

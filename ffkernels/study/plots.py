@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from .report import ALGO_NAMES, _order, grouped
 from .store import StudyStore
@@ -41,7 +42,7 @@ def plot_transfer(store: StudyStore, dataset: str) -> str:
                 continue
             acc = 100 * np.array([r["transfer"]["layers"] + [r["transfer"]["all"]] for r in runs])
             xs = np.arange(acc.shape[1])
-            ax.errorbar(xs, acc.mean(0), yerr=acc.std(0) if len(acc) > 1 else None, marker="o", capsize=3,
+            ax.errorbar(xs, acc.mean(0), yerr=acc.std(0, ddof=1) if len(acc) > 1 else None, marker="o", capsize=3,
                         color=COLORS[a], label=ALGO_NAMES[a])
             ax.set_xticks(xs, [str(i + 1) for i in range(acc.shape[1] - 1)] + ["all"])
         if base:
@@ -52,7 +53,7 @@ def plot_transfer(store: StudyStore, dataset: str) -> str:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("linear-probe test accuracy (%)")
     axes[0][0].legend(fontsize="small")
-    fig.suptitle(f"{dataset}: transfer of frozen features")
+    fig.suptitle(f"{dataset}: transfer of frozen features (mean ± std over seeds)")
     path = os.path.join(store.out, f"transfer_{dataset}.png")
     fig.savefig(path, dpi=110)
     return path
@@ -80,6 +81,7 @@ def plot_curves(store: StudyStore, dataset: str) -> str:
         loss_ax.set_xlabel("epoch")
         for ax in (acc_ax, loss_ax):
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("pretext test accuracy (%)")
     axes[1][0].set_ylabel("training loss (log)")
     axes[0][0].legend(fontsize="small")

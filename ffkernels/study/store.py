@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -47,7 +46,6 @@ class StudyStore:
     def __init__(self, out: str, config: StudyConfig, overwrite: bool = False):
         self.out = os.fspath(out)
         self.config = config
-        self.resumed = False
         os.makedirs(self.out, exist_ok=True)
         path = os.path.join(self.out, RESULTS)
         entries = sorted(os.listdir(self.out))
@@ -55,7 +53,6 @@ class StudyStore:
             saved = self._read(path)
             if saved["fingerprint"] == config.fingerprint():
                 self.results = saved
-                self.resumed = True
                 return
             if not overwrite:
                 old = StudyConfig.from_dict(saved["config"])
@@ -117,8 +114,9 @@ class StudyStore:
         self.save()
 
     def save(self) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.out, prefix=".results-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        """Write results.json atomically (a temporary file renamed over it)."""
+        tmp = os.path.join(self.out, f".{RESULTS}.tmp")
+        with open(tmp, "w") as f:
             json.dump(self.results, f, indent=1)
         os.replace(tmp, os.path.join(self.out, RESULTS))
 
