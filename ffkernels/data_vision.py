@@ -136,7 +136,8 @@ def load_cifar10(data_root=None, download: bool = False) -> Dataset:
     folder = os.path.join(root, CIFAR10_FOLDER)
 
     def missing():
-        return [os.path.join(folder, f) for f in CIFAR10_TRAIN + CIFAR10_TEST if not os.path.isfile(os.path.join(folder, f))]
+        paths = [os.path.join(folder, f) for f in CIFAR10_TRAIN + CIFAR10_TEST]
+        return [p for p in paths if not os.path.isfile(p)]
 
     if missing() and download:
         _download("cifar10", root, "CIFAR10", [{"train": True}])  # one archive holds both splits

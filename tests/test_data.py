@@ -142,4 +142,5 @@ def test_unknown_dataset_and_registry():
 def test_import_does_not_load_torchvision():
     code = ("import sys, ffkernels, ffkernels.study.cli; from ffkernels.data import load_dataset; "
             "load_dataset('digits'); assert 'torchvision' not in sys.modules, 'torchvision imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

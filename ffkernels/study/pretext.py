@@ -8,7 +8,7 @@ Images are tensors (N, C, H, W); every transform works on the whole batch at onc
 | rotation     | 4      | rotated k * 90 degrees counter-clockwise (torch.rot90 over H, W)         |
 | flip         | 2      | 0 as is, 1 mirrored left-right                                           |
 | flip-hv      | 4      | 0 as is, 1 mirrored left-right, 2 upside-down, 3 both                    |
-| jigsaw       | 24     | 2x2 patches shuffled by JIGSAW_PERMUTATIONS[k]: output patch i (row-major) = input patch perm[i] |
+| jigsaw       | 24     | 2x2 patches reordered: output patch i (row-major) = input patch JIGSAW_PERMUTATIONS[k][i] |
 """
 from __future__ import annotations
 

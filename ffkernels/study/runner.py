@@ -157,6 +157,10 @@ def run_study(out: str, datasets, pretexts, algos, seeds, cfg: StudyConfig, *, d
     from .plots import write_plots
     from .report import write_report
 
+    if log is print and progress:  # keep the progress bars intact
+        from tqdm.auto import tqdm
+
+        log = tqdm.write
     log = log or (lambda *a, **k: None)
     tasks = [get_pretext(p) for p in pretexts]
     for a in algos:

@@ -56,9 +56,10 @@ class StudyStore:
                 return
             if not overwrite:
                 old = StudyConfig.from_dict(saved["config"])
+                diff = "; ".join(old.differences(config)) or "version"
                 raise StudyFolderError(
                     f"ffkernels: {self.out!r} holds a study with another config (fingerprint {saved['fingerprint']}, "
-                    f"this one {config.fingerprint()}); it differs in: {'; '.join(old.differences(config)) or 'version'}. "
+                    f"this one {config.fingerprint()}); it differs in: {diff}. "
                     f"Its {len(saved['rows'])} finished rows were left as they are. Choose another --out, rerun "
                     f"with the same settings to resume, or pass --overwrite to discard them.")
             self._clear()
