@@ -1,4 +1,4 @@
-"""Supervised FF training loops shared by the CLI, the study and the benchmarks."""
+"""Training loops shared by the CLI, the study and the benchmarks: supervised FF, and BP for comparison."""
 from __future__ import annotations
 
 import time
@@ -8,6 +8,7 @@ import torch
 
 from .labels import ff_pair
 from .layers import FFNet
+from .reference import BPMLP, bp_step
 
 
 @dataclass
@@ -68,3 +69,36 @@ def train_ff_epoch(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: in
         torch.cuda.synchronize(device)
     secs = time.perf_counter() - t0
     return EpochStats(0, (sums / max(1, len(batches))).tolist(), secs, len(y) / secs)
+
+
+@torch.no_grad()
+def bp_accuracy(model: BPMLP, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Fraction of ``x`` whose arg-max logit of the BP model equals ``y``."""
+    p = next(model.parameters())
+    correct = 0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        correct += int((model(xb.to(p.device, p.dtype)).argmax(-1).cpu() == yb).sum())
+    return correct / max(1, len(y))
+
+
+def train_bp_epoch(model: BPMLP, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                   batch_size: int, generator: torch.Generator, progress: bool = False,
+                   desc: str = "train") -> EpochStats:
+    """One epoch of backprop with cross-entropy (``reference.bp_step``), batches in the order
+    ``train_ff_epoch`` would draw from the same generator state. ``loss`` is a one-element list."""
+    p = next(model.parameters())
+    perm = torch.randperm(len(y), generator=generator)
+    batches = perm.split(batch_size)
+    total = torch.zeros((), dtype=torch.float64)
+    t0 = time.perf_counter()
+    bar = _progress(batches, progress, desc=desc, leave=False, unit="batch")
+    for i, idx in enumerate(bar):
+        loss = bp_step(model, optimizer, x[idx].to(p.device, p.dtype, non_blocking=True),
+                       y[idx].to(p.device, non_blocking=True))
+        total += loss.double().cpu()
+        if progress and i % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    if p.device.type == "cuda":
+        torch.cuda.synchronize(p.device)
+    secs = time.perf_counter() - t0
+    return EpochStats(0, [float(total) / max(1, len(batches))], secs, len(y) / secs)

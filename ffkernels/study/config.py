@@ -1,0 +1,78 @@
+"""The settings of a study that decide its numbers, and their fingerprint (what makes a folder resumable)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+from ..config import GOODNESS, LOSSES, NORMS
+
+STUDY_FORMAT_VERSION = 1
+PAPER_HIDDEN = (2000, 2000, 2000, 2000)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything that changes a study's results. Device, threads, backend and data location are not part of
+    it: they are recorded per row, and a folder may be resumed on another machine."""
+
+    hidden: tuple = PAPER_HIDDEN
+    epochs: int = 20
+    batch_size: int = 100
+    ff_lr: float = 3e-3           # Adam, every FF layer (FFLinear's default)
+    bp_lr: float = 1e-3           # Adam over the whole BP network (reference.make_bp_optimizer's default)
+    goodness: str = "sum"
+    threshold: Optional[float] = None   # None: FFLinear's default (the width for "sum", 1 for "mean")
+    loss: str = "hinton"
+    norm: str = "rms"             # the normalization before every layer, FF and BP alike
+    probe_steps: int = 100
+    probe_weight_decay: float = 1e-3
+    knn_k: int = 10
+    tsne_points: int = 1000       # 0: no t-SNE maps
+    max_train: Optional[int] = None
+    max_test: Optional[int] = None
+    eval_every: int = 1           # pretext test accuracy every N epochs (training curves)
+    version: int = STUDY_FORMAT_VERSION
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "probe_steps": self.probe_steps,
+                    "knn_k": self.knn_k, "eval_every": self.eval_every}
+        positive.update({f"hidden[{i}]": h for i, h in enumerate(self.hidden)})
+        for name, v in positive.items():
+            if v < 1:
+                raise ValueError(f"ffkernels: study {name} must be >= 1, got {v}")
+        if not self.hidden:
+            raise ValueError("ffkernels: study hidden needs at least one layer width")
+        for name in ("ff_lr", "bp_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ffkernels: study {name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_train", "max_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"ffkernels: study {name} must be None or >= 1, got {getattr(self, name)}")
+        if self.probe_weight_decay < 0 or self.tsne_points < 0:
+            raise ValueError("ffkernels: study probe_weight_decay and tsne_points must be >= 0")
+        for name, choices in (("goodness", GOODNESS), ("loss", LOSSES), ("norm", NORMS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"ffkernels: unknown study {name} {getattr(self, name)!r}; expected one of "
+                                 f"{', '.join(map(repr, choices))}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudyConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def fingerprint(self) -> str:
+        """A short hash of ``to_dict()``: equal exactly when every setting is equal."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def differences(self, other: "StudyConfig") -> list:
+        """["name: mine -> other", ...] for every setting that differs."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k)]

@@ -1,0 +1,36 @@
+"""Frozen features of a trained network, layer by layer, for the probe, the metrics and the t-SNE maps.
+
+FF: every input gets the *neutral* label (``ffkernels.labels.embed_neutral``: each of the pretext task's
+label slots set to 1/num_labels, so no label is preferred) before ``FFNet.features``.
+BP: ``BPMLP.features`` of the plain input (the BP network never sees label slots).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..labels import embed_neutral
+from ..layers import FFNet
+from ..reference import BPMLP
+
+FEATURE_BATCH = 1000
+
+
+def _device_dtype(model: torch.nn.Module):
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+@torch.no_grad()
+def ff_features(net: FFNet, x: torch.Tensor, num_labels: int, batch_size: int = FEATURE_BATCH) -> list:
+    """Per layer, the (n, width) activations of ``x`` with the neutral label of ``num_labels`` written in."""
+    device, dtype = _device_dtype(net)
+    chunks = [net.features(embed_neutral(xb.to(device, dtype), num_labels)) for xb in x.split(batch_size)]
+    return [torch.cat(layer) for layer in zip(*chunks)]
+
+
+@torch.no_grad()
+def bp_features(model: BPMLP, x: torch.Tensor, batch_size: int = FEATURE_BATCH) -> list:
+    """Per layer, the (n, width) activations of ``x`` (the head is not a feature layer)."""
+    device, dtype = _device_dtype(model)
+    chunks = [model.features(xb.to(device, dtype)) for xb in x.split(batch_size)]
+    return [torch.cat(layer) for layer in zip(*chunks)]

@@ -1,0 +1,123 @@
+"""Pretext tasks: an image transform picked by a label, the label being what the network must predict.
+
+Images are tensors (N, C, H, W); every transform works on the whole batch at once (no per-image loop).
+
+| task         | labels | label k means                                                            |
+|--------------|--------|--------------------------------------------------------------------------|
+| supervised   | C      | the image's class (no transform)                                         |
+| rotation     | 4      | rotated k * 90 degrees counter-clockwise (torch.rot90 over H, W)         |
+| flip         | 2      | 0 as is, 1 mirrored left-right                                           |
+| flip-hv      | 4      | 0 as is, 1 mirrored left-right, 2 upside-down, 3 both                    |
+| jigsaw       | 24     | 2x2 patches reordered: output patch i (row-major) = input patch JIGSAW_PERMUTATIONS[k][i] |
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+JIGSAW_GRID = 2
+JIGSAW_PERMUTATIONS = torch.tensor(list(itertools.permutations(range(JIGSAW_GRID * JIGSAW_GRID))))
+
+
+def _check_images(x: torch.Tensor, labels: torch.Tensor, num_labels: int, task: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"ffkernels: {task} needs images of shape (N, C, H, W), got {tuple(x.shape)}")
+    if labels.shape != x.shape[:1]:
+        raise ValueError(f"ffkernels: {task} needs one label per image: {x.shape[0]} images, labels "
+                         f"{tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+        raise ValueError(f"ffkernels: {task} labels must lie in [0, {num_labels}), got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def _by_label(x: torch.Tensor, labels: torch.Tensor, ops: list) -> torch.Tensor:
+    """``ops[k]`` applied to the images labelled k, one batched call per label value."""
+    out = x.clone()
+    for k, op in enumerate(ops):
+        idx = (labels == k).nonzero().squeeze(1)
+        if k and idx.numel():  # ops[0] is the identity
+            out[idx] = op(x[idx])
+    return out
+
+
+def rotate(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Rotate image i by labels[i] * 90 degrees counter-clockwise. Images must be square."""
+    _check_images(x, labels, 4, "rotation")
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"ffkernels: rotation needs square images, got {x.shape[-2]}x{x.shape[-1]}")
+    return _by_label(x, labels, [None] + [lambda t, k=k: torch.rot90(t, k, dims=(-2, -1)) for k in (1, 2, 3)])
+
+
+def flip(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Label 0: as is; 1: mirrored left-right."""
+    _check_images(x, labels, 2, "flip")
+    return _by_label(x, labels, [None, lambda t: t.flip(-1)])
+
+
+def flip_hv(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Label 0: as is; 1: mirrored left-right; 2: upside-down; 3: both."""
+    _check_images(x, labels, 4, "flip-hv")
+    return _by_label(x, labels, [None, lambda t: t.flip(-1), lambda t: t.flip(-2), lambda t: t.flip(-2, -1)])
+
+
+def jigsaw(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cut each image into 2x2 patches and reorder them: output patch i = input patch JIGSAW_PERMUTATIONS[label][i]
+    (patches numbered row-major). Height and width must be even."""
+    _check_images(x, labels, len(JIGSAW_PERMUTATIONS), "jigsaw")
+    n, c, h, w = x.shape
+    g = JIGSAW_GRID
+    if h % g or w % g:
+        raise ValueError(f"ffkernels: jigsaw needs height and width divisible by {g}, got {h}x{w}")
+    ph, pw = h // g, w // g
+    patches = x.reshape(n, c, g, ph, g, pw).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, c, ph, pw)
+    order = JIGSAW_PERMUTATIONS.to(x.device)[labels.long()]                          # (n, 4)
+    shuffled = patches[torch.arange(n, device=x.device).unsqueeze(1), order]         # (n, 4, c, ph, pw)
+    return shuffled.reshape(n, g, g, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
+@dataclass(frozen=True)
+class PretextTask:
+    name: str
+    num_labels: Optional[int]                 # None: the dataset's number of classes (supervised)
+    transform: Optional[Callable]             # (images, labels) -> images; None: no transform
+    description: str
+
+    def classes(self, dataset_classes: int) -> int:
+        """How many labels the network predicts on this task."""
+        return dataset_classes if self.num_labels is None else self.num_labels
+
+
+PRETEXTS = {
+    "supervised": PretextTask("supervised", None, None, "the class itself (no transform)"),
+    "rotation": PretextTask("rotation", 4, rotate, "rotation by 0/90/180/270 degrees"),
+    "flip": PretextTask("flip", 2, flip, "no flip / left-right flip"),
+    "flip-hv": PretextTask("flip-hv", 4, flip_hv, "no flip / left-right / upside-down / both"),
+    "jigsaw": PretextTask("jigsaw", len(JIGSAW_PERMUTATIONS), jigsaw, "2x2 patches in one of 24 orders"),
+}
+
+
+def get_pretext(name: str) -> PretextTask:
+    if name not in PRETEXTS:
+        raise ValueError(f"ffkernels: unknown pretext task {name!r}; expected one of {', '.join(map(repr, PRETEXTS))}")
+    return PRETEXTS[name]
+
+
+def balanced_labels(n: int, num_labels: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` labels in random order, each of the ``num_labels`` values used n // num_labels or one more times."""
+    return (torch.arange(n) % num_labels)[torch.randperm(n, generator=generator)]
+
+
+def make_pretext_data(task: PretextTask, x: torch.Tensor, y: torch.Tensor, image_shape, generator: torch.Generator):
+    """(inputs, labels) of ``task`` for flat inputs ``x`` (n, features) with classes ``y``.
+
+    Supervised: ``x`` and ``y`` unchanged. Otherwise every input gets a transform label drawn so that all
+    labels are equally frequent (``balanced_labels``), and is transformed accordingly; returned flat.
+    """
+    if task.transform is None:
+        return x, y
+    labels = balanced_labels(len(x), task.num_labels, generator)
+    images = x.reshape(len(x), *image_shape)
+    return task.transform(images, labels).reshape(len(x), -1), labels

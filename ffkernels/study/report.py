@@ -1,0 +1,165 @@
+"""report.md: the FF-vs-BP tables of a study folder (mean ± std over seeds), built from results.json alone."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from .pretext import PRETEXTS
+from .store import REPORT, StudyStore
+
+ALGO_NAMES = {"ff": "FF", "bp": "BP"}
+
+
+def mean_std(values, percent: bool = True, digits: int = 1) -> str:
+    """"93.1 ± 0.4" (sample std over seeds) or "93.1" for one value; "–" for none."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64) * (100.0 if percent else 1.0)
+    if v.size == 0:
+        return "–"
+    if v.size == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def grouped(rows) -> dict:
+    """{(dataset, pretext, algo): [rows sorted by seed]}."""
+    g = defaultdict(list)
+    for r in rows:
+        g[(r["dataset"], r["pretext"], r["algo"])].append(r)
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in g.items()}
+
+
+def _order(rows):
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    present = {r["pretext"] for r in rows}
+    pretexts = [p for p in PRETEXTS if p in present]
+    algos = [a for a in ALGO_NAMES if any(r["algo"] == a for r in rows)]
+    return datasets, pretexts, algos
+
+
+def _md(header, body) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def summary_table(rows, dataset: str) -> str:
+    """Per pretext task: pretext accuracy, best transfer accuracy and training samples/s, FF next to BP."""
+    g = grouped(rows)
+    _, pretexts, algos = _order(rows)
+    header = ["pretext"]
+    for what in ("pretext acc %", "best transfer %", "samples/s"):
+        header += [f"{ALGO_NAMES[a]} {what}" for a in algos]
+    header.append("seeds")
+    body = []
+    for p in pretexts:
+        runs = {a: g.get((dataset, p, a), []) for a in algos}
+        if not any(runs.values()):
+            continue
+        line = [p]
+        line += [mean_std([r["pretext_accuracy"] for r in runs[a]]) for a in algos]
+        line += [mean_std([r["best_transfer"] for r in runs[a]]) for a in algos]
+        line += [mean_std([r["samples_per_s"] for r in runs[a]], percent=False, digits=0) for a in algos]
+        line.append("/".join(str(len(runs[a])) for a in algos))
+        body.append(line)
+    return _md(header, body)
+
+
+def layer_table(rows, dataset: str) -> str:
+    """Linear-probe test accuracy on every layer and on all layers concatenated."""
+    g = grouped(rows)
+    _, pretexts, algos = _order(rows)
+    n_layers = max(len(r["transfer"]["layers"]) for r in rows if r["dataset"] == dataset)
+    header = ["pretext", "algo"] + [f"layer {i + 1}" for i in range(n_layers)] + ["all layers"]
+    body = []
+    for p in pretexts:
+        for a in algos:
+            runs = g.get((dataset, p, a))
+            if runs:
+                body.append([p, ALGO_NAMES[a]] + [mean_std([r["transfer"]["layers"][i] for r in runs])
+                                                  for i in range(n_layers)]
+                            + [mean_std([r["transfer"]["all"] for r in runs])])
+    return _md(header, body)
+
+
+def cluster_table(rows, dataset: str, metric: str, percent: bool) -> str:
+    g = grouped(rows)
+    _, pretexts, algos = _order(rows)
+    n_layers = max(len(r["cluster"][metric]) for r in rows if r["dataset"] == dataset)
+    header = ["pretext", "algo"] + [f"layer {i + 1}" for i in range(n_layers)]
+    body = []
+    for p in pretexts:
+        for a in algos:
+            runs = g.get((dataset, p, a))
+            if runs:
+                body.append([p, ALGO_NAMES[a]] + [mean_std([r["cluster"][metric][i] for r in runs], percent,
+                                                            digits=1 if percent else 3) for i in range(n_layers)])
+    return _md(header, body)
+
+
+def baseline_lines(baselines: dict) -> str:
+    if not baselines:
+        return ""
+    px, un = baselines["pixels"], baselines["untrained"]
+    return (f"Reference points (same probe): raw pixels {100 * px['best_transfer']:.1f}% "
+            f"(k-NN {100 * px['cluster']['knn_accuracy'][0]:.1f}%, silhouette {px['cluster']['silhouette'][0]:.3f}); "
+            f"untrained network of the same shape: best {100 * un['best_transfer']:.1f}% "
+            f"(layer {un['best_transfer_layer']}; per layer "
+            f"{', '.join(f'{100 * a:.1f}' for a in un['transfer']['layers'])}; all layers "
+            f"{100 * un['transfer']['all']:.1f}%).")
+
+
+def timing_line(rows, dataset: str) -> str:
+    rs = [r for r in rows if r["dataset"] == dataset]
+    per = {a: sum(r["wall_seconds"] for r in rs if r["algo"] == a) for a in ALGO_NAMES}
+    where = sorted({f"{ALGO_NAMES[r['algo']]} backend `{r['backend']}` on {r['device']}, {r['threads']} thread(s)"
+                    for r in rs})
+    return (f"Wall time of the runs (training, evaluation, probes, metrics, t-SNE): {sum(per.values()):.0f} s ("
+            + ", ".join(f"{ALGO_NAMES[a]} {s:.0f} s" for a, s in per.items() if s) + f"); {'; '.join(where)}.")
+
+
+def console_summary(store: StudyStore) -> str:
+    """The FF-vs-BP summary table of every dataset, for printing."""
+    rows = store.rows
+    datasets, _, _ = _order(rows)
+    return "\n\n".join(f"{d}\n{summary_table(rows, d)}\n{baseline_lines(store.baseline(d))}" for d in datasets)
+
+
+def write_report(store: StudyStore) -> str:
+    """Write ``report.md`` into the study folder and return its path."""
+    rows, cfg = store.rows, store.results["config"]
+    datasets, pretexts, _ = _order(rows)
+    hidden = "-".join(str(h) for h in cfg["hidden"])
+    out = [
+        "# Forward-Forward vs backprop: self-supervised pretext training and linear-probe transfer", "",
+        f"Network: input-{hidden} (ReLU, `{cfg['norm']}` normalization before each layer), trained {cfg['epochs']} "
+        f"epochs, batch {cfg['batch_size']}, Adam (FF lr {cfg['ff_lr']:g} per layer, goodness `{cfg['goodness']}`, "
+        f"loss `{cfg['loss']}`; BP lr {cfg['bp_lr']:g}, linear head + cross-entropy). Config fingerprint "
+        f"`{store.results['fingerprint']}`.", "",
+        "- **pretext acc**: accuracy on the pretext task over the test split (FF: the label with the highest "
+        "goodness summed over the layers after the first; BP: arg-max of the head).",
+        "- **transfer**: a linear probe (multinomial logistic regression, "
+        f"{cfg['probe_steps']} L-BFGS iterations, L2 {cfg['probe_weight_decay']:g}) trained on the frozen features "
+        "of the training split, each dimension standardized with the training split's mean and std, scored on the "
+        "test split's classes. FF features are computed with the neutral label (1/num_labels in each label slot). "
+        "**best transfer** is the best of the single layers and all layers concatenated.",
+        f"- **k-NN** ({cfg['knn_k']} neighbours, train split -> test split) and **silhouette** (test split, classes as "
+        "clusters) use cosine geometry (each feature vector scaled to unit length): how much class information the "
+        "neighbourhoods keep, and how separated the class clusters are. The t-SNE maps use the same geometry.",
+        "- mean ± sample std over seeds; samples/s counts training inputs per second (FF: one positive and one "
+        "negative pass per input).", ""]
+    for d in datasets:
+        out += [f"## {d}", "", summary_table(rows, d), "", baseline_lines(store.baseline(d)), "",
+                timing_line(rows, d), "", "### Transfer accuracy per layer (%)", "", layer_table(rows, d), "",
+                "### k-NN accuracy per layer (%)", "", cluster_table(rows, d, "knn_accuracy", True), "",
+                "### Silhouette per layer", "", cluster_table(rows, d, "silhouette", False), "",
+                "### Plots", "", f"![transfer per layer](transfer_{d}.png)", "", f"![training curves](curves_{d}.png)",
+                ""]
+        out += [f"![t-SNE {p}](tsne_{d}_{p}.png)" for p in pretexts
+                if any(store.has_embedding(d, p, a) for a in ALGO_NAMES)]
+        out.append("")
+    path = os.path.join(store.out, REPORT)
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+    return path
