@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, help="start from a saved state_dict (optimizer state included)")
     p.add_argument("--json", default=None, help="write the per-epoch history as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--first-layer", default="shared", choices=["shared", "pair"],
+                   help="shared (default): the first layer computes what a positive and its negative share once "
+                        "(FFNet.ff_step_labeled, B-row GEMMs); pair: build explicit x_pos/x_neg (2B rows). Same "
+                        "math and data, different rounding; --distributed modes always use pairs")
     p.add_argument("--distributed", default="none", choices=["none", "data", "pipeline"],
                    help="train over the processes started by torchrun: 'data' (each rank a shard of every batch) or "
                         "'pipeline' (each rank a stage of consecutive layers); see docs/distributed.md")
@@ -99,7 +103,8 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         st = train_ff_epoch(net, ds.x_train, ds.y_train, ds.num_classes, args.batch_size, gen,
-                            progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}")
+                            progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}",
+                            shared_first_layer=args.first_layer == "shared")
         st.epoch = epoch
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             st.test_accuracy = accuracy(net, ds.x_test, ds.y_test, ds.num_classes)

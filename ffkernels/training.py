@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .labels import ff_pair
+from .labels import ff_pair, wrong_labels
 from .layers import FFNet
 from .reference import BPMLP, bp_step
 
@@ -49,8 +49,14 @@ def accuracy(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: int, bat
 
 
 def train_ff_epoch(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int,
-                   generator: torch.Generator, progress: bool = False, desc: str = "train") -> EpochStats:
-    """One epoch of supervised FF: positives carry the true label, negatives a random wrong one."""
+                   generator: torch.Generator, progress: bool = False, desc: str = "train",
+                   shared_first_layer: bool = True) -> EpochStats:
+    """One epoch of supervised FF: positives carry the true label, negatives a random wrong one.
+
+    ``shared_first_layer``: train through ``net.ff_step_labeled`` (the first layer computes what positive
+    and negative share once) when the net has it; otherwise, or with False, build the explicit pair and
+    call ``net.ff_step``. Both draw the same random numbers, so they train on the same data stream.
+    """
     device = net.layers[0].weight.device
     dtype = net.layers[0].weight.dtype
     perm = torch.randperm(len(y), generator=generator)
@@ -58,9 +64,16 @@ def train_ff_epoch(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: in
     sums = torch.zeros(len(net.layers), dtype=torch.float64)
     t0 = time.perf_counter()
     bar = _progress(batches, progress, desc=desc, leave=False, unit="batch")
+    labeled = getattr(net, "ff_step_labeled", None) if shared_first_layer else None
     for i, idx in enumerate(bar):
-        xp, xn = ff_pair(x[idx], y[idx], num_classes, generator)
-        out = net.ff_step(xp.to(device, dtype, non_blocking=True), xn.to(device, dtype, non_blocking=True))
+        if labeled is not None:
+            y_pos = y[idx]
+            y_neg = wrong_labels(y_pos, num_classes, generator)
+            out = labeled(x[idx].to(device, dtype, non_blocking=True), y_pos.to(device), y_neg.to(device),
+                          num_classes)
+        else:
+            xp, xn = ff_pair(x[idx], y[idx], num_classes, generator)
+            out = net.ff_step(xp.to(device, dtype, non_blocking=True), xn.to(device, dtype, non_blocking=True))
         losses = out.losses.double().cpu()
         sums += losses
         if progress and i % 10 == 0:

@@ -364,10 +364,10 @@ def _dp_rank_hangs(rank, world, ports):
 
 
 def test_a_hanging_rank_fails_the_others_after_the_timeout(tmp_path):
-    t0 = time.monotonic()
+    # rank 1 sleeps for the whole wall limit: had rank 0 waited for it, it would have finished without error.
+    # (No wall-clock bound is asserted beyond launch()'s hang limit: on a busy machine that would be flaky.)
     results = launch(_dp_rank_hangs, 2, tmp_path, pg_timeout=3, expect_hang=(1,))
     assert results[0]["error"] == "DistributedFFError" and "timed out" in results[0]["message"].lower(), results[0]
-    assert time.monotonic() - t0 < WALL_LIMIT_S / 2
 
 
 # ---- the train command -----------------------------------------------------------------------------------
@@ -389,14 +389,16 @@ def _cli_train_then_resume(rank, world, ports, mode, out_dir, extra):
 
 @pytest.fixture(scope="module")
 def one_process_runs(tmp_path_factory):
-    """The same two runs with single-process ``ffkernels train`` (one thread, as each rank)."""
+    """The same two runs with single-process ``ffkernels train`` (one thread, as each rank; explicit pos/neg
+    pairs in the first layer, as the distributed modes build them)."""
     from ffkernels import train
 
     out = tmp_path_factory.mktemp("one-process")
     threads = torch.get_num_threads()
     try:
-        train.main(CLI_COMMON + ["--save", f"{out}/first.pt"])
-        train.main(CLI_COMMON + ["--resume", f"{out}/first.pt", "--save", f"{out}/second.pt"])
+        pair = CLI_COMMON + ["--first-layer", "pair"]
+        train.main(pair + ["--save", f"{out}/first.pt"])
+        train.main(pair + ["--resume", f"{out}/first.pt", "--save", f"{out}/second.pt"])
     finally:
         torch.set_num_threads(threads)
     return {k: torch.load(out / f"{k}.pt") for k in ("first", "second")}
