@@ -1,0 +1,206 @@
+"""Whole-network training, FF vs BP, as depth grows: samples/s and peak training memory.
+
+- FF: supervised Forward-Forward with the label written into the input. One step =
+  ``labels.ff_pair`` (positives carry the true label, negatives a wrong one) + ``FFNet.ff_step``
+  (every layer's fused step in one sweep). B real samples = B positive + B negative rows.
+- BP: the same MLP (``reference.BPMLP``: normalization, Linear, ReLU per layer) with a linear head,
+  cross-entropy and Adam (``reference.make_bp_optimizer``: foreach on CPU, fused on CUDA), one
+  ``reference.bp_step`` on the same B samples.
+
+Peak memory is measured above what the process held just before the model was built (the data batch
+is already there), so it counts parameters, optimizer state, gradients and every temporary of
+training (see memory.py for how, per device). On the CPU each configuration runs in a fresh
+subprocess (``python -m ffkernels.bench.network_worker``) so that it owns its RSS high-water mark.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+
+from .. import reference as ref
+from ..labels import ff_pair
+from ..layers import FFNet
+from . import memory
+from .progress import progress_bar
+from .timing import measure
+
+ALGOS = ("ff", "bp")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """One whole-network measurement (plain values only: it travels to the worker as JSON)."""
+
+    algo: str
+    depth: int
+    width: int
+    batch: int
+    in_features: int = 784
+    num_classes: int = 10
+    device: str = "cpu"
+    dtype: str = "float32"
+    backend: str = "auto"
+    warmup: int = 2
+    repeats: int = 5
+    min_time: float = 0.0
+    threads: Optional[int] = None
+
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise ValueError(f"ffkernels bench: algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ffkernels bench: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for nm in ("depth", "width", "batch", "in_features"):
+            v = getattr(self, nm)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ffkernels bench: {nm} must be a positive int, got {v!r}")
+        if self.in_features < self.num_classes:
+            raise ValueError(f"ffkernels bench: in_features ({self.in_features}) must hold the {self.num_classes} "
+                             "label slots FF writes into the input")
+
+    @property
+    def dims(self) -> list:
+        return [self.in_features] + [self.width] * self.depth
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _build(cfg: NetConfig, x: torch.Tensor, y: torch.Tensor):
+    """(step, persistent_bytes, backend): the training step and what its model keeps between steps."""
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    if cfg.algo == "ff":
+        net = FFNet(cfg.dims, backend=cfg.backend, device=device, dtype=dtype)
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def step():
+            x_pos, x_neg = ff_pair(x, y, cfg.num_classes, generator=gen)
+            return net.ff_step(x_pos, x_neg).losses
+
+        def persistent():  # parameters + optimizer state (FFLinear buffers)
+            return _tensor_bytes(list(net.parameters()) + list(net.buffers()))
+        return step, persistent, net.backend
+
+    model = ref.BPMLP(cfg.dims, cfg.num_classes, device=device, dtype=dtype)
+    optimizer = ref.make_bp_optimizer(model)
+
+    def step():
+        return ref.bp_step(model, optimizer, x, y)
+
+    def persistent():  # parameters + their .grad + optimizer state
+        params = list(model.parameters())
+        state = [v for s in optimizer.state.values() for v in s.values()]
+        return _tensor_bytes(params + [p.grad for p in params] + state)
+    return step, persistent, "autograd"
+
+
+def make_batch(cfg: NetConfig):
+    """(x, y): a fixed random batch of ``cfg.batch`` inputs in [0, 1) and labels."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(cfg.batch, cfg.in_features, generator=gen).to(cfg.device, DTYPES[cfg.dtype])
+    y = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=gen).to(cfg.device)
+    return x, y
+
+
+def build_step(cfg: NetConfig):
+    """The training step of ``cfg`` on its own fixed batch (a no-argument callable)."""
+    return _build(cfg, *make_batch(cfg))[0]
+
+
+def measure_config(cfg: NetConfig) -> dict:
+    """Time one configuration and measure its peak memory, in this process."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    x, y = make_batch(cfg)
+    # two steps of a tiny model of the same kind first: the lazy imports, library buffers and threads a
+    # first step starts (autograd engine, torch.optim, BLAS) are the runtime's, not this model's memory
+    tiny_step = _build(replace(cfg, depth=1, width=8), x, y)[0]
+    tiny_step(), tiny_step()
+    del tiny_step
+    meter = memory.PeakMemory(device)
+    meter.start()
+    step, persistent, backend = _build(cfg, x, y)
+    t = measure(step, device, warmup=cfg.warmup, repeats=cfg.repeats, min_time=cfg.min_time)
+    peak = meter.peak_bytes()
+    return {**asdict(cfg), "backend": backend, "threads": torch.get_num_threads(), "time": t.to_dict(),
+            "samples_per_s": cfg.batch / t.median_s, "ms_per_sample": t.median_s * 1e3 / cfg.batch,
+            "peak_bytes": peak, "persistent_bytes": persistent()}
+
+
+def _package_root() -> str:
+    import ffkernels
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(ffkernels.__file__)))
+
+
+def measure_config_isolated(cfg: NetConfig, timeout: float = 3600) -> dict:
+    """``measure_config`` in a fresh Python process running this same ffkernels."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "ffkernels.bench.network_worker", json.dumps(asdict(cfg))],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"ffkernels bench: the worker for {cfg} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def _linear_slope(xs, ys):
+    """Least-squares slope of ys over xs (None with fewer than two distinct xs)."""
+    if len(set(xs)) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+
+
+def summarize(rows: list) -> dict:
+    """FF/BP time per real sample and memory per depth; memory growth per added layer (least squares)."""
+    by = {(r["algo"], r["depth"]): r for r in rows}
+    depths = sorted({r["depth"] for r in rows})
+    per_depth = []
+    for d in depths:
+        ff, bp = by.get(("ff", d)), by.get(("bp", d))
+        if ff and bp:
+            per_depth.append({"depth": d, "ff_bp_ratio_per_sample": ff["ms_per_sample"] / bp["ms_per_sample"],
+                              "ff_bp_peak_memory_ratio": (ff["peak_bytes"] / bp["peak_bytes"]
+                                                          if ff["peak_bytes"] and bp["peak_bytes"] else None)})
+    growth = {}
+    for algo in ALGOS:
+        pts = [(r["depth"], r["peak_bytes"]) for r in rows if r["algo"] == algo and r["peak_bytes"] is not None]
+        growth[algo] = _linear_slope([p[0] for p in pts], [p[1] for p in pts]) if pts else None
+    return {"per_depth": per_depth, "peak_bytes_per_added_layer": growth}
+
+
+def bench_network(depths, *, width: int, batch: int, in_features: int, device, dtype: str, backend: str = "auto",
+                  warmup: int, repeats: int, min_time: float, threads=None, progress: bool = True) -> dict:
+    """FF and BP at every depth: {"memory_method", "rows", "summary"}."""
+    device = torch.device(device)
+    isolate = device.type == "cpu"
+    method = memory.CUDA_METHOD if device.type == "cuda" else memory.CPU_METHOD
+    if isolate and memory.cpu_unavailable_reason():
+        raise RuntimeError(f"ffkernels bench: cannot measure CPU memory: {memory.cpu_unavailable_reason()} "
+                           "(run without the network part: --no-network)")
+    rows = []
+    configs = [NetConfig(algo=a, depth=d, width=width, batch=batch, in_features=in_features, device=str(device),
+                         dtype=dtype, backend=backend, warmup=warmup, repeats=repeats, min_time=min_time,
+                         threads=threads) for d in depths for a in ALGOS]
+    with progress_bar(total=len(configs), desc="networks", enabled=progress) as bar:
+        for cfg in configs:
+            bar.set_postfix_str(f"{cfg.algo} depth {cfg.depth}")
+            rows.append(measure_config_isolated(cfg) if isolate else measure_config(cfg))
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            bar.update()
+    return {"memory_method": method, "rows": rows, "summary": summarize(rows)}

@@ -1,0 +1,120 @@
+"""The benchmark's outputs: tables for people, JSON for machines, a PNG plot (throughput and memory vs depth)."""
+from __future__ import annotations
+
+import json
+
+from .machine import describe
+
+MiB = 2 ** 20
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _table(header: list, rows: list) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def layer_table(rows: list) -> str:
+    """One block per shape: every case's time and its ratios to the floor, the reference and BP."""
+    header = ["case", "median ms", "min-max ms", "samples/s", "x floor", "speed-up vs ref", "FF/BP per sample",
+              "FF/BP-dx per sample"]
+    blocks = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        rs = [r for r in rows if r["shape"] == shape]
+        b = rs[0]["batch"]
+        title = (f"layer {rs[0]['in_features']} -> {rs[0]['out_features']}, B = {b} real samples "
+                 f"(FF: {2 * b} rows = {b} pos + {b} neg; BP: {b} rows)")
+        body = [[r["case"], _fmt(r["time"]["median_ms"], ".3f"),
+                 f"{r['time']['min_ms']:.3f}-{r['time']['max_ms']:.3f}", _fmt(r["samples_per_s"], ",.0f"),
+                 _fmt(r["ratio_to_floor"], ".2f"), _fmt(r["speedup_over_reference"], ".2f"),
+                 _fmt(r["ff_bp_ratio_per_sample"], ".2f"), _fmt(r["ff_bp_dx_ratio_per_sample"], ".2f")]
+                for r in rs]
+        blocks.append(title + "\n" + _table(header, body))
+    return "\n\n".join(blocks)
+
+
+def network_table(net: dict) -> str:
+    """FF vs BP per depth: time, samples/s, peak and persistent memory; then memory growth per layer."""
+    rows = net["rows"]
+    ratio = {p["depth"]: p["ff_bp_ratio_per_sample"] for p in net["summary"]["per_depth"]}
+    header = ["depth", "algo", "backend", "median ms", "min-max ms", "samples/s", "ms/sample", "peak MiB",
+              "persistent MiB", "FF/BP per sample"]
+    body = [[r["depth"], r["algo"], r["backend"], f"{r['time']['median_ms']:.2f}",
+             f"{r['time']['min_ms']:.2f}-{r['time']['max_ms']:.2f}", f"{r['samples_per_s']:,.0f}",
+             f"{r['ms_per_sample']:.4f}", _fmt(r["peak_bytes"] and r["peak_bytes"] / MiB, ".1f"),
+             f"{r['persistent_bytes'] / MiB:.1f}", _fmt(ratio.get(r["depth"]) if r["algo"] == "ff" else None, ".2f")]
+            for r in sorted(rows, key=lambda r: (r["depth"], r["algo"] != "ff"))]
+    r0 = rows[0]
+    title = (f"whole network {r0['in_features']}-{r0['width']}x depth, batch {r0['batch']} real samples "
+             f"(FF: supervised, label in the input; BP: same MLP + linear head, cross-entropy)")
+    growth = net["summary"]["peak_bytes_per_added_layer"]
+    tail = "peak memory per added layer (least squares): " + ", ".join(
+        f"{a.upper()} {_fmt(g and g / MiB, '.1f')} MiB" for a, g in growth.items())
+    return f"{title}\n{_table(header, body)}\n{tail}\nmemory: {net['memory_method']}"
+
+
+def text_report(result: dict) -> str:
+    s = result["settings"]
+    parts = [f"ffkernels bench on {s['device']} ({s['dtype']}): {describe(result['machine'])}",
+             f"timing: median of {s['repeats']} repeats after {s['warmup']} warm-up calls"
+             f"{', min ' + str(s['min_time']) + ' s per repeat' if s['min_time'] else ''}"]
+    if result["layer"] is not None:
+        parts.append(layer_table(result["layer"]["rows"]))
+        parts += [f"skipped fused backend {b!r}: {why}" for b, why in result["layer"]["skipped"]]
+    if result["network"] is not None:
+        parts.append(network_table(result["network"]))
+    return "\n\n".join(parts)
+
+
+def write_json(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+
+def write_plot(path: str, result: dict) -> None:
+    """Throughput (samples/s) and peak training memory vs depth, FF and BP, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    net = result["network"]
+    if net is None:
+        raise ValueError("ffkernels bench: --plot shows the network part (throughput and memory vs depth); "
+                         "it cannot be drawn with --no-network")
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"ff": ("FF (fused)", "tab:blue", "o"), "bp": ("BP (autograd)", "tab:orange", "s")}
+    for algo, (label, color, marker) in styles.items():
+        rs = sorted((r for r in net["rows"] if r["algo"] == algo), key=lambda r: r["depth"])
+        if not rs:
+            continue
+        depths = [r["depth"] for r in rs]
+        ax_t.plot(depths, [r["samples_per_s"] for r in rs], marker=marker, color=color, label=label)
+        if all(r["peak_bytes"] is not None for r in rs):
+            ax_m.plot(depths, [r["peak_bytes"] / MiB for r in rs], marker=marker, color=color,
+                      label=f"{label}: peak")
+        ax_m.plot(depths, [r["persistent_bytes"] / MiB for r in rs], ls="--", color=color, alpha=0.6,
+                  label=f"{label}: params + optimizer state" + (" + grads" if algo == "bp" else ""))
+    r0 = net["rows"][0]
+    for ax, ylabel in ((ax_t, "real samples / s"), (ax_m, "training memory above baseline (MiB)")):
+        ax.set_xlabel(f"depth (layers of width {r0['width']})")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(sorted({r["depth"] for r in net["rows"]}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_t.set_ylim(bottom=0)
+    ax_m.set_ylim(bottom=0)
+    ax_t.set_title(f"training throughput, batch {r0['batch']}")
+    ax_m.set_title("peak training memory")
+    s = result["settings"]
+    fig.suptitle(f"ffkernels bench, {s['device']} {s['dtype']}: {describe(result['machine'])}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
