@@ -25,12 +25,12 @@ def restore_threads():
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One `ffkernels bench --quick` run (1 thread, depth 1 and 2) with --json and --plot."""
+    """One `ffkernels bench --quick` run (1 thread, one depth: two fresh worker processes) with --json and --plot."""
     n = torch.get_num_threads()
     out = tmp_path_factory.mktemp("bench")
     js, png = out / "bench.json", out / "bench.png"
     try:
-        main(["bench", "--quick", "--device", "cpu", "--threads", "1", "--depths", "1,2", "--no-progress",
+        main(["bench", "--quick", "--device", "cpu", "--threads", "1", "--depths", "2", "--no-progress",
               "--json", str(js), "--plot", str(png)])
     finally:
         torch.set_num_threads(n)
@@ -46,7 +46,7 @@ def test_quick_json_records_machine_and_settings(quick_run):
     assert m["torch"] == torch.__version__ and m["torch_threads"] == 1 and m["device"] == "cpu"
     assert m["cpu_model"]
     s = result["settings"]
-    assert s["quick"] and s["device"] == "cpu" and s["dtype"] == "float32" and s["depths"] == [1, 2]
+    assert s["quick"] and s["device"] == "cpu" and s["dtype"] == "float32" and s["depths"] == [2]
     assert s["command"].startswith("ffkernels bench --device cpu")
 
 
@@ -73,13 +73,15 @@ def test_quick_runs_every_layer_case(quick_run):
 def test_quick_runs_every_network_config(quick_run):
     result, _ = quick_run
     net = result["network"]
-    assert "peak RSS" in net["memory_method"]
-    assert {(r["algo"], r["depth"]) for r in net["rows"]} == {(a, d) for a in ("ff", "bp") for d in (1, 2)}
+    assert "profiler" in net["memory_method"]["alloc"] and "RSS" in net["memory_method"]["rss"]
+    assert {(r["algo"], r["depth"]) for r in net["rows"]} == {("ff", 2), ("bp", 2)}
     for r in net["rows"]:
-        assert r["peak_bytes"] >= 0 and r["persistent_bytes"] > 0 and r["samples_per_s"] > 0
-        assert r["threads"] == 1 and r["width"] == 24 and r["in_features"] == 40
-    assert [p["depth"] for p in net["summary"]["per_depth"]] == [1, 2]
-    assert set(net["summary"]["peak_bytes_per_added_layer"]) == {"ff", "bp"}
+        assert r["threads"] == 1 and r["width"] == 24 and r["in_features"] == 40 and r["samples_per_s"] > 0
+        # the allocator sees at least what the model keeps between steps
+        assert r["peak_alloc_bytes"] >= r["persistent_bytes"] > 0 and r["peak_rss_bytes"] >= 0
+    assert [p["depth"] for p in net["summary"]["per_depth"]] == [2]
+    # one depth: no slope to fit
+    assert net["summary"]["bytes_per_added_layer"]["peak_alloc_bytes"] == {"ff": None, "bp": None}
 
 
 def test_quick_plot_is_a_png(quick_run):
@@ -123,13 +125,23 @@ def test_measure_calls_warmup_plus_repeats_times_number():
             measure(lambda: None, "cpu", **bad)
 
 
-@pytest.mark.skipif(memory.cpu_unavailable_reason() is not None, reason="needs Linux /proc peak-RSS reset")
-def test_cpu_peak_memory_sees_an_allocation():
-    meter = memory.PeakMemory("cpu")
+@pytest.mark.skipif(memory.rss_unavailable_reason() is not None, reason="needs Linux /proc peak-RSS reset")
+def test_peak_rss_sees_an_allocation():
+    meter = memory.PeakRSS()
     meter.start()
     x = torch.ones(16 * 2 ** 20)  # 64 MiB, written, so resident
     del x
     assert meter.peak_bytes() >= 60 * 2 ** 20
+
+
+def test_cpu_allocator_peak_counts_live_tensors():
+    def work():
+        a = torch.empty(2 ** 20)  # 4 MiB
+        b = torch.empty(2 ** 19)  # 2 MiB while a is alive: peak 6 MiB
+        del a, b
+        c = torch.empty(2 ** 18)  # 1 MiB after both are freed
+        return c
+    assert memory.cpu_allocator_peak(work) == 6 * 2 ** 20
 
 
 def test_persistent_memory_accounting(restore_threads):
@@ -144,11 +156,17 @@ def test_persistent_memory_accounting(restore_threads):
 
 
 def test_summary_fits_memory_growth_per_layer():
-    rows = [{"algo": a, "depth": d, "ms_per_sample": (2.0 if a == "ff" else 1.0) * d,
-             "peak_bytes": (10 if a == "ff" else 30) * d + 5} for a in ("ff", "bp") for d in (1, 2, 4)]
+    rows = [{"algo": a, "depth": d, "ms_per_sample": (2.0 if a == "ff" else 1.0) * d, "peak_rss_bytes": None,
+             "peak_alloc_bytes": (10 if a == "ff" else 30) * d + 5, "persistent_bytes": 7 * d}
+            for a in ("ff", "bp") for d in (1, 2, 4)]
     s = summarize(rows)
-    assert s["peak_bytes_per_added_layer"] == {"ff": pytest.approx(10), "bp": pytest.approx(30)}
+    growth = s["bytes_per_added_layer"]
+    assert growth["peak_alloc_bytes"] == {"ff": pytest.approx(10), "bp": pytest.approx(30)}
+    assert growth["persistent_bytes"] == {"ff": pytest.approx(7), "bp": pytest.approx(7)}
+    assert growth["peak_rss_bytes"] == {"ff": None, "bp": None}
     assert [p["ff_bp_ratio_per_sample"] for p in s["per_depth"]] == [pytest.approx(2.0)] * 3
+    assert [p["ff_bp_peak_alloc_ratio"] for p in s["per_depth"]] == [pytest.approx((10 * d + 5) / (30 * d + 5))
+                                                                      for d in (1, 2, 4)]
 
 
 @pytest.mark.parametrize("argv, message", [

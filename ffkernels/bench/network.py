@@ -9,8 +9,9 @@
 
 Peak memory is measured above what the process held just before the model was built (the data batch
 is already there), so it counts parameters, optimizer state, gradients and every temporary of
-training (see memory.py for how, per device). On the CPU each configuration runs in a fresh
-subprocess (``python -m ffkernels.bench.network_worker``) so that it owns its RSS high-water mark.
+training: at the allocator level on both devices, and as peak RSS on the CPU (memory.py says how).
+On the CPU each configuration runs in a fresh subprocess (``python -m ffkernels.bench.network_worker``)
+so that it owns its RSS high-water mark.
 """
 from __future__ import annotations
 
@@ -116,8 +117,15 @@ def build_step(cfg: NetConfig):
     return _build(cfg, *make_batch(cfg))[0]
 
 
+ALLOC_STEPS = 3  # steps profiled for the CPU allocator-level peak (the first one creates the optimizer state)
+
+
 def measure_config(cfg: NetConfig) -> dict:
-    """Time one configuration and measure its peak memory, in this process."""
+    """Time one configuration and measure its peak memory, in this process.
+
+    ``peak_alloc_bytes``: allocator-level peak (tensor bytes); ``peak_rss_bytes``: process-level peak (CPU only,
+    meaningful in a fresh process); ``persistent_bytes``: what the model keeps between steps (tensor bytes).
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -127,14 +135,24 @@ def measure_config(cfg: NetConfig) -> dict:
     tiny_step = _build(replace(cfg, depth=1, width=8), x, y)[0]
     tiny_step(), tiny_step()
     del tiny_step
-    meter = memory.PeakMemory(device)
+    meter = memory.CudaPeak(device) if device.type == "cuda" else memory.PeakRSS()
     meter.start()
     step, persistent, backend = _build(cfg, x, y)
     t = measure(step, device, warmup=cfg.warmup, repeats=cfg.repeats, min_time=cfg.min_time)
     peak = meter.peak_bytes()
-    return {**asdict(cfg), "backend": backend, "threads": torch.get_num_threads(), "time": t.to_dict(),
-            "samples_per_s": cfg.batch / t.median_s, "ms_per_sample": t.median_s * 1e3 / cfg.batch,
-            "peak_bytes": peak, "persistent_bytes": persistent()}
+    result = {**asdict(cfg), "backend": backend, "threads": torch.get_num_threads(), "time": t.to_dict(),
+              "samples_per_s": cfg.batch / t.median_s, "ms_per_sample": t.median_s * 1e3 / cfg.batch,
+              "persistent_bytes": persistent()}
+    if device.type == "cuda":
+        return {**result, "peak_alloc_bytes": peak, "peak_rss_bytes": None}
+    del step, persistent
+    gc.collect()
+
+    def build_and_train():
+        fresh = _build(cfg, x, y)[0]
+        for _ in range(ALLOC_STEPS):
+            fresh()
+    return {**result, "peak_alloc_bytes": memory.cpu_allocator_peak(build_and_train), "peak_rss_bytes": peak}
 
 
 def _package_root() -> str:
@@ -165,36 +183,42 @@ def _linear_slope(xs, ys):
 
 
 def summarize(rows: list) -> dict:
-    """FF/BP time per real sample and memory per depth; memory growth per added layer (least squares)."""
+    """FF/BP time per real sample and peak memory per depth; peak memory growth per added layer (least squares)."""
     by = {(r["algo"], r["depth"]): r for r in rows}
-    depths = sorted({r["depth"] for r in rows})
     per_depth = []
-    for d in depths:
+    for d in sorted({r["depth"] for r in rows}):
         ff, bp = by.get(("ff", d)), by.get(("bp", d))
         if ff and bp:
             per_depth.append({"depth": d, "ff_bp_ratio_per_sample": ff["ms_per_sample"] / bp["ms_per_sample"],
-                              "ff_bp_peak_memory_ratio": (ff["peak_bytes"] / bp["peak_bytes"]
-                                                          if ff["peak_bytes"] and bp["peak_bytes"] else None)})
+                              "ff_bp_peak_alloc_ratio": _ratio(ff["peak_alloc_bytes"], bp["peak_alloc_bytes"])})
     growth = {}
-    for algo in ALGOS:
-        pts = [(r["depth"], r["peak_bytes"]) for r in rows if r["algo"] == algo and r["peak_bytes"] is not None]
-        growth[algo] = _linear_slope([p[0] for p in pts], [p[1] for p in pts]) if pts else None
-    return {"per_depth": per_depth, "peak_bytes_per_added_layer": growth}
+    for key in ("peak_alloc_bytes", "peak_rss_bytes", "persistent_bytes"):
+        growth[key] = {}
+        for algo in ALGOS:
+            pts = [(r["depth"], r[key]) for r in rows if r["algo"] == algo and r[key] is not None]
+            growth[key][algo] = _linear_slope([p[0] for p in pts], [p[1] for p in pts]) if pts else None
+    return {"per_depth": per_depth, "bytes_per_added_layer": growth}
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
 
 
 def bench_network(depths, *, width: int, batch: int, in_features: int, device, dtype: str, backend: str = "auto",
                   warmup: int, repeats: int, min_time: float, threads=None, progress: bool = True) -> dict:
-    """FF and BP at every depth: {"memory_method", "rows", "summary"}."""
+    """FF and BP at every depth: {"memory_method": {"alloc", "rss"}, "rows", "summary"}.
+
+    On the CPU every configuration runs in a fresh subprocess (it owns its RSS high-water mark).
+    """
     device = torch.device(device)
     isolate = device.type == "cpu"
-    method = memory.CUDA_METHOD if device.type == "cuda" else memory.CPU_METHOD
-    if isolate and memory.cpu_unavailable_reason():
-        raise RuntimeError(f"ffkernels bench: cannot measure CPU memory: {memory.cpu_unavailable_reason()} "
+    if isolate and memory.rss_unavailable_reason():
+        raise RuntimeError(f"ffkernels bench: cannot measure CPU memory: {memory.rss_unavailable_reason()} "
                            "(run without the network part: --no-network)")
-    rows = []
     configs = [NetConfig(algo=a, depth=d, width=width, batch=batch, in_features=in_features, device=str(device),
                          dtype=dtype, backend=backend, warmup=warmup, repeats=repeats, min_time=min_time,
                          threads=threads) for d in depths for a in ALGOS]
+    rows = []
     with progress_bar(total=len(configs), desc="networks", enabled=progress) as bar:
         for cfg in configs:
             bar.set_postfix_str(f"{cfg.algo} depth {cfg.depth}")
@@ -203,4 +227,4 @@ def bench_network(depths, *, width: int, batch: int, in_features: int, device, d
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             bar.update()
-    return {"memory_method": method, "rows": rows, "summary": summarize(rows)}
+    return {"memory_method": memory.methods(device, ALLOC_STEPS), "rows": rows, "summary": summarize(rows)}

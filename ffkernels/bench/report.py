@@ -39,24 +39,37 @@ def layer_table(rows: list) -> str:
     return "\n\n".join(blocks)
 
 
+def _mib(v):
+    return None if v is None else v / MiB
+
+
 def network_table(net: dict) -> str:
-    """FF vs BP per depth: time, samples/s, peak and persistent memory; then memory growth per layer."""
+    """FF vs BP per depth: time, samples/s, memory (persistent, allocator peak, RSS peak); growth per layer."""
     rows = net["rows"]
     ratio = {p["depth"]: p["ff_bp_ratio_per_sample"] for p in net["summary"]["per_depth"]}
-    header = ["depth", "algo", "backend", "median ms", "min-max ms", "samples/s", "ms/sample", "peak MiB",
-              "persistent MiB", "FF/BP per sample"]
+    has_rss = any(r["peak_rss_bytes"] is not None for r in rows)
+    header = ["depth", "algo", "backend", "median ms", "min-max ms", "samples/s", "ms/sample", "FF/BP per sample",
+              "persistent MiB", "peak alloc MiB"] + ["peak RSS MiB"] * has_rss
     body = [[r["depth"], r["algo"], r["backend"], f"{r['time']['median_ms']:.2f}",
              f"{r['time']['min_ms']:.2f}-{r['time']['max_ms']:.2f}", f"{r['samples_per_s']:,.0f}",
-             f"{r['ms_per_sample']:.4f}", _fmt(r["peak_bytes"] and r["peak_bytes"] / MiB, ".1f"),
-             f"{r['persistent_bytes'] / MiB:.1f}", _fmt(ratio.get(r["depth"]) if r["algo"] == "ff" else None, ".2f")]
+             f"{r['ms_per_sample']:.4f}", _fmt(ratio.get(r["depth"]) if r["algo"] == "ff" else None, ".2f"),
+             f"{_mib(r['persistent_bytes']):.1f}", _fmt(_mib(r["peak_alloc_bytes"]), ".1f")]
+            + [_fmt(_mib(r["peak_rss_bytes"]), ".1f")] * has_rss
             for r in sorted(rows, key=lambda r: (r["depth"], r["algo"] != "ff"))]
     r0 = rows[0]
-    title = (f"whole network {r0['in_features']}-{r0['width']}x depth, batch {r0['batch']} real samples "
+    title = (f"whole network: {r0['in_features']} inputs, depth x {r0['width']}-wide layers, batch {r0['batch']} real samples "
              f"(FF: supervised, label in the input; BP: same MLP + linear head, cross-entropy)")
-    growth = net["summary"]["peak_bytes_per_added_layer"]
-    tail = "peak memory per added layer (least squares): " + ", ".join(
-        f"{a.upper()} {_fmt(g and g / MiB, '.1f')} MiB" for a, g in growth.items())
-    return f"{title}\n{_table(header, body)}\n{tail}\nmemory: {net['memory_method']}"
+    lines = [title, _table(header, body), "memory growth per added layer (least-squares slope over depth):"]
+    for key, label in (("persistent_bytes", "persistent"), ("peak_alloc_bytes", "peak alloc"),
+                       ("peak_rss_bytes", "peak RSS")):
+        g = net["summary"]["bytes_per_added_layer"][key]
+        if any(v is not None for v in g.values()):
+            lines.append(f"  {label:>10}: " + ", ".join(f"{a.upper()} {_fmt(_mib(v), '.1f')} MiB" for a, v in g.items()))
+    lines.append(f"peak alloc: {net['memory_method']['alloc']}")
+    if net["memory_method"]["rss"]:
+        lines.append(f"peak RSS: {net['memory_method']['rss']}")
+    lines.append("persistent: parameters + optimizer state (+ gradients for BP) kept between steps")
+    return "\n".join(lines)
 
 
 def text_report(result: dict) -> str:
@@ -97,10 +110,12 @@ def write_plot(path: str, result: dict) -> None:
             continue
         depths = [r["depth"] for r in rs]
         ax_t.plot(depths, [r["samples_per_s"] for r in rs], marker=marker, color=color, label=label)
-        if all(r["peak_bytes"] is not None for r in rs):
-            ax_m.plot(depths, [r["peak_bytes"] / MiB for r in rs], marker=marker, color=color,
-                      label=f"{label}: peak")
-        ax_m.plot(depths, [r["persistent_bytes"] / MiB for r in rs], ls="--", color=color, alpha=0.6,
+        ax_m.plot(depths, [_mib(r["peak_alloc_bytes"]) for r in rs], marker=marker, color=color,
+                  label=f"{label}: peak (allocator)")
+        if all(r["peak_rss_bytes"] is not None for r in rs):
+            ax_m.plot(depths, [_mib(r["peak_rss_bytes"]) for r in rs], ls=":", marker=marker, mfc="none",
+                      color=color, alpha=0.8, label=f"{label}: peak RSS")
+        ax_m.plot(depths, [_mib(r["persistent_bytes"]) for r in rs], ls="--", color=color, alpha=0.6,
                   label=f"{label}: params + optimizer state" + (" + grads" if algo == "bp" else ""))
     r0 = net["rows"][0]
     for ax, ylabel in ((ax_t, "real samples / s"), (ax_m, "training memory above baseline (MiB)")):
