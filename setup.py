@@ -11,10 +11,12 @@ Environment switches (all optional):
 """
 import glob
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tools.cuda_home import find_cuda_home  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
@@ -22,43 +24,6 @@ DEFAULT_ARCHS = "8.0;9.0"
 
 def log(msg):
     print(f"[ffkernels build] {msg}", file=sys.stderr, flush=True)
-
-
-def _is_toolkit_root(root):
-    if not root or not os.path.isfile(os.path.join(root, "bin", "nvcc")):
-        return False
-    libdirs = ["lib64", "lib", os.path.join("targets", "*", "lib")]
-    return any(glob.glob(os.path.join(root, d, "libcudart.so*")) for d in libdirs)
-
-
-def _roots_named_by_nvcc_on_path():
-    """Toolkit roots implied by the nvcc on PATH, seeing through symlinks and wrapper scripts."""
-    nvcc = shutil.which("nvcc")
-    if not nvcc:
-        return []
-    real = os.path.realpath(nvcc)
-    roots = [os.path.dirname(os.path.dirname(real))]
-    try:
-        with open(real, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return roots
-    if head.startswith(b"#!"):  # a wrapper script: look for the real nvcc it execs
-        for token in head.decode("utf-8", "replace").replace('"', " ").replace("'", " ").split():
-            if token.endswith("/bin/nvcc"):
-                roots.append(os.path.dirname(os.path.dirname(os.path.realpath(token))))
-    return roots
-
-
-def find_cuda_home():
-    """The real CUDA toolkit root, or None. torch's own guess is wrong when nvcc is a wrapper script."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    candidates += _roots_named_by_nvcc_on_path()
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/opt/cuda"]
-    for root in candidates:
-        if _is_toolkit_root(root):
-            return os.path.realpath(root)
-    return None
 
 
 def extension_modules():

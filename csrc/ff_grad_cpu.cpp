@@ -16,6 +16,7 @@
 
 #include <vector>
 
+#include "ff_cpu_rows.h"
 #include "ff_kernels.h"
 
 namespace ffk {
@@ -41,20 +42,6 @@ void normalize_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t K, N
   });
 }
 
-// relu(z + b) into h, returns sum h^2
-template <typename scalar_t, typename acc_t>
-inline acc_t relu_row(const scalar_t* z, const scalar_t* b, scalar_t* h, int64_t N) {
-  acc_t ss = 0;
-  for (int64_t j = 0; j < N; ++j) {
-    acc_t v = static_cast<acc_t>(z[j]);
-    if (b) v += static_cast<acc_t>(b[j]);
-    const scalar_t hv = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
-    h[j] = hv;
-    ss += static_cast<acc_t>(hv) * static_cast<acc_t>(hv);
-  }
-  return ss;
-}
-
 template <typename scalar_t>
 void epilogue(scalar_t* z, const scalar_t* b, scalar_t* h_pos, scalar_t* h_neg, scalar_t* g_pos,
               scalar_t* g_neg, double* pair_loss, int64_t B, int64_t N, const LossOptions& opt) {
@@ -66,8 +53,8 @@ void epilogue(scalar_t* z, const scalar_t* b, scalar_t* h_pos, scalar_t* h_neg, 
       scalar_t* zn = z + (B + i) * N;
       scalar_t* hp = h_pos + i * N;
       scalar_t* hn = h_neg + i * N;
-      const acc_t gp = static_cast<acc_t>(static_cast<scalar_t>(s * relu_row<scalar_t, acc_t>(zp, b, hp, N)));
-      const acc_t gn = static_cast<acc_t>(static_cast<scalar_t>(s * relu_row<scalar_t, acc_t>(zn, b, hn, N)));
+      const acc_t gp = row_goodness<scalar_t>(relu_row<scalar_t>(zp, nullptr, acc_t(0), b, hp, N), s);
+      const acc_t gn = row_goodness<scalar_t>(relu_row<scalar_t>(zn, nullptr, acc_t(0), b, hn, N), s);
       g_pos[i] = static_cast<scalar_t>(gp);
       g_neg[i] = static_cast<scalar_t>(gn);
       const PairTerms<acc_t> t = pair_terms<acc_t>(gp, gn, opt.loss, static_cast<acc_t>(opt.threshold),
@@ -107,9 +94,7 @@ GradResult ff_grad_cpu(const at::Tensor& x_pos, const at::Tensor& x_neg, const a
     r.grad_weight = at::mm(z.t(), xhat);
     if (has_bias) r.grad_bias = z.sum(0);
   });
-  double total = 0.0;  // a fixed-order sum: deterministic whatever the thread count
-  for (double v : pair_loss) total += v;
-  r.loss = at::scalar_tensor(total, x_pos.options());
+  r.loss = at::scalar_tensor(sum_in_order(pair_loss), x_pos.options());
   r.h_pos = h_pos;
   r.h_neg = h_neg;
   r.g_pos = g_pos;

@@ -57,6 +57,15 @@ FF_HD T row_scale(T sum_sq, int64_t K, Norm norm, T eps) {
   }
 }
 
+// ---- activation --------------------------------------------------------------------------------------
+
+// relu as torch.relu computes it: NaN stays NaN (so a NaN input gives a NaN loss, which stops the
+// update, instead of h = 0 and a finite loss with a NaN gradient)
+template <typename T>
+FF_HD T relu(T x) {
+  return x <= T(0) ? T(0) : x;
+}
+
 // ---- goodness: g = s * sum_j h_j^2 with s = 1 ("sum") or 1/N ("mean") ------------------------------
 
 template <typename T>

@@ -5,6 +5,8 @@ Every backend offers the same three functions on plain tensors (no autograd):
     update(weight, bias, grad_w, grad_b, st_w, st_b, step, cfg, loss=None)   in place; skipped if loss is not finite
     step(x_pos, x_neg, weight, bias, st_w, st_b, step, cfg)       -> FFStepOutput (update skipped if loss not finite)
 ``st_w``/``st_b`` are tuples of the optimizer state tensors named by ``cfg.state_names``.
+A backend may also offer ``step_labeled``/``grad_labeled``: the same for the supervised first layer, given x
+and the labels to write into it (see FFLinear.ff_step_labeled); where it does not, the caller builds the pair.
 """
 from __future__ import annotations
 
@@ -100,6 +102,26 @@ class CompiledBackend:
         return FFStepOutput(*r)
 
 
+class CPUBackend(CompiledBackend):
+    """The C++ CPU kernels, plus the supervised first-layer step (x with labels written in, B-row GEMMs)."""
+
+    def __init__(self):
+        super().__init__("cpu", "cpu", (torch.float32, torch.float64))
+
+    def grad_labeled(self, x, label_pos, label_neg, num_classes, value, weight, bias, cfg: FFConfig) -> FFGradOutput:
+        r = torch.ops.ffkernels.ff_grad_labeled(x, label_pos, label_neg, num_classes, value, weight, bias,
+                                                *cfg.loss_args())
+        return FFGradOutput(*r[:6], r[6] if bias is not None else None)
+
+    def step_labeled(self, x, label_pos, label_neg, num_classes, value, weight, bias, st_w, st_b, step,
+                     cfg: FFConfig) -> FFStepOutput:
+        s1w, s2w = _state_args(st_w, weight)
+        s1b, s2b = _state_args(st_b, bias) if bias is not None else (None, None)
+        r = torch.ops.ffkernels.ff_step_labeled(x, label_pos, label_neg, num_classes, value, weight, bias, s1w, s2w,
+                                                s1b, s2b, int(step), *cfg.loss_args(), *cfg.optim_args())
+        return FFStepOutput(*r)
+
+
 class _LazyTritonBackend:
     """Front for ffkernels.triton_backend, imported only when first used (importing triton is slow)."""
 
@@ -155,7 +177,7 @@ class _LazyTritonBackend:
 
 BACKENDS = {
     "reference": ReferenceBackend(),
-    "cpu": CompiledBackend("cpu", "cpu", (torch.float32, torch.float64)),
+    "cpu": CPUBackend(),
     "cuda": CompiledBackend("cuda", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16)),
     "triton": _LazyTritonBackend(),
 }

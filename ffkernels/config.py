@@ -57,7 +57,7 @@ class FFConfig:
         set_(self, "norm_eps", _number("norm_eps", self.norm_eps, 0.0))
         set_(self, "lr", _number("lr", self.lr, 0.0))
         try:
-            b1, b2 = self.betas
+            b1, b2 = tuple(self.betas)
         except (TypeError, ValueError):
             raise ValueError(f"ffkernels: betas must be a pair (beta1, beta2), got {self.betas!r}") from None
         set_(self, "betas", (_number("beta1", b1, 0.0, hi=1.0), _number("beta2", b2, 0.0, hi=1.0)))

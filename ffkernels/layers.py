@@ -51,7 +51,7 @@ class FFLinear(nn.Module):
         if threshold is None:
             threshold = FFConfig.default_threshold(goodness, out_features)
         self.config = FFConfig(goodness=goodness, threshold=threshold, loss=loss, symba_alpha=symba_alpha,
-                               norm=norm, norm_eps=norm_eps, optimizer=optimizer, lr=lr, betas=tuple(betas),
+                               norm=norm, norm_eps=norm_eps, optimizer=optimizer, lr=lr, betas=betas,
                                eps=eps, momentum=momentum, weight_decay=weight_decay)
         self.backend_request = backend
         self.step_count = 0
@@ -103,7 +103,7 @@ class FFLinear(nn.Module):
     def configure(self, **options) -> "FFLinear":
         """Change options (e.g. ``lr`` for a schedule). Changing the optimizer kind resets its state."""
         old_names = self.config.state_names
-        self.config = self.config.replace(**{k: (tuple(v) if k == "betas" else v) for k, v in options.items()})
+        self.config = self.config.replace(**options)
         if self.config.state_names != old_names:
             self._make_state()
             self.step_count = 0
@@ -161,6 +161,27 @@ class FFLinear(nn.Module):
         self.step_count += 1
         return FFStepOutput(out.loss, out.h_pos.reshape(*lead, -1), out.h_neg.reshape(*lead, -1),
                             out.g_pos.reshape(lead), out.g_neg.reshape(lead))
+
+    def ff_step_labeled(self, x: torch.Tensor, labels_pos: torch.Tensor, labels_neg: torch.Tensor,
+                        num_classes: int, value: float = 1.0) -> FFStepOutput:
+        """``ff_step(embed_label(x, labels_pos), embed_label(x, labels_neg))`` for Hinton-style supervised FF.
+
+        Positive and negative share every feature but the label slots, so backends that can (``cpu``) compute
+        the shared part once: B-row GEMMs instead of 2B-row ones. Others build the pair and call ``ff_step``.
+        """
+        fused = getattr(get_backend(self.backend), "step_labeled", None)
+        if fused is None or not isinstance(x, torch.Tensor) or x.dim() != 2:
+            return self.ff_step(embed_label(x, labels_pos, num_classes, value),
+                                embed_label(x, labels_neg, num_classes, value))
+        check_ff_inputs(x, x, self.weight, self.bias)
+        w, b = self._param_views()
+        with torch.no_grad():
+            out = fused(x.detach(), torch.as_tensor(labels_pos), torch.as_tensor(labels_neg), num_classes,
+                        float(value), w, b, self._states("weight"), self._states("bias") if b is not None else (),
+                        self.step_count + 1, self.config)
+        self._check_finite(out.loss)
+        self.step_count += 1
+        return out
 
     def ff_grad(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> FFGradOutput:
         """The local FF gradient (and loss, h, g) without updating anything (see ``ff_update``)."""
@@ -272,10 +293,23 @@ class FFNet(nn.Module):
         If layer l's loss is not finite, NonFiniteLossError is raised naming it: layers before l have taken
         their (finite) step, layer l and those after it are unchanged.
         """
+        return self._sweep(lambda layer: layer.ff_step(x_pos, x_neg), return_outputs)
+
+    def ff_step_labeled(self, x: torch.Tensor, labels_pos: torch.Tensor, labels_neg: torch.Tensor,
+                        num_classes: int, value: float = 1.0, return_outputs: bool = False) -> FFNetStepOutput:
+        """``ff_step`` on x with labels_pos (positives) / labels_neg (negatives) written into it.
+
+        The first layer uses FFLinear.ff_step_labeled (shared GEMMs for pos and neg where the backend can).
+        """
+        return self._sweep(lambda layer: layer.ff_step_labeled(x, labels_pos, labels_neg, num_classes, value),
+                           return_outputs)
+
+    def _sweep(self, first_step, return_outputs: bool) -> FFNetStepOutput:
         losses, outputs = [], []
+        x_pos = x_neg = None
         for i, layer in enumerate(self.layers):
             try:
-                out = layer.ff_step(x_pos, x_neg)
+                out = first_step(layer) if i == 0 else layer.ff_step(x_pos, x_neg)
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(f"ffkernels: layer {i}: {e} (layers 0..{i - 1} were updated)") from e
             losses.append(out.loss)

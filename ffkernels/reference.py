@@ -35,11 +35,16 @@ def goodness(h: torch.Tensor, kind: str) -> torch.Tensor:
     return sq.sum(dim=-1) if kind == "sum" else sq.mean(dim=-1)
 
 
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x) exactly: unlike F.softplus, no linearization above x = 20 (its gradient is sigmoid(x))."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
 def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, cfg: FFConfig) -> torch.Tensor:
     """The FF loss of a batch from the goodness of its positive and negative rows."""
     if cfg.loss == "hinton":
-        return (F.softplus(cfg.threshold - g_pos).sum() + F.softplus(g_neg - cfg.threshold).sum()) / (2 * g_pos.numel())
-    return F.softplus(-cfg.symba_alpha * (g_pos - g_neg)).mean()
+        return (softplus(cfg.threshold - g_pos).sum() + softplus(g_neg - cfg.threshold).sum()) / (2 * g_pos.numel())
+    return softplus(-cfg.symba_alpha * (g_pos - g_neg)).mean()
 
 
 def ff_objective(x_pos, x_neg, weight, bias, cfg: FFConfig) -> FFStepOutput:

@@ -262,6 +262,28 @@ void ff_update(const Tensor& weight, const optional<Tensor>& bias, const Tensor&
   if (bias.has_value()) update_kernel(pb, guard_loss, oo);
 }
 
+// Checks the optimizer state of weight (and bias) before any work, so that a bad call changes nothing.
+std::pair<ParamState, ParamState> checked_states(const Tensor& weight, const optional<Tensor>& bias,
+                                                 const Tensor& s1w, const Tensor& s2w, const optional<Tensor>& s1b,
+                                                 const optional<Tensor>& s2b, const OptimOptions& oo) {
+  ParamState pw = param_state(weight, s1w, s2w, oo, "weight");
+  ParamState pb;
+  if (bias.has_value()) pb = param_state(*bias, s1b, s2b, oo, "bias");
+  return {pw, pb};
+}
+
+// The update half of a fused step: skipped on the device when the loss is not finite.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> update_from(GradResult r, ParamState pw, ParamState pb,
+                                                                const OptimOptions& oo) {
+  pw.grad = r.grad_weight;
+  update_kernel(pw, r.loss, oo);
+  if (pb.param.defined()) {
+    pb.grad = r.grad_bias;
+    update_kernel(pb, r.loss, oo);
+  }
+  return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ff_step(
     const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight, const optional<Tensor>& bias,
     const Tensor& state1_weight, const Tensor& state2_weight, const optional<Tensor>& state1_bias,
@@ -272,20 +294,65 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ff_step(
   const LossOptions lo = loss_options(norm, norm_eps, goodness, threshold, loss, symba_alpha);
   const OptimOptions oo = optim_options(step, optimizer, lr, beta1, beta2, eps, momentum, weight_decay);
   auto [xp, xn] = check_inputs(x_pos, x_neg, weight, bias);
-  // check the state before any work so that a bad call changes nothing
-  ParamState pw = param_state(weight, state1_weight, state2_weight, oo, "weight");
-  ParamState pb;
-  if (bias.has_value()) pb = param_state(*bias, state1_bias, state2_bias, oo, "bias");
-
+  auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
   c10::DeviceGuard guard(weight.device());
-  GradResult r = grad_kernel(xp, xn, weight, bias.has_value() ? *bias : Tensor(), lo);
-  pw.grad = r.grad_weight;
-  update_kernel(pw, r.loss, oo);  // skipped when the loss is not finite
-  if (bias.has_value()) {
-    pb.grad = r.grad_bias;
-    update_kernel(pb, r.loss, oo);
+  return update_from(grad_kernel(xp, xn, weight, bias.has_value() ? *bias : Tensor(), lo), pw, pb, oo);
+}
+
+// ---- the supervised first layer: x with labels written in, no explicit pos/neg pair -----------------
+
+// Checks x and the labels; returns contiguous x and int64 labels.
+std::tuple<Tensor, Tensor, Tensor> check_labeled(const Tensor& x, const Tensor& label_pos, const Tensor& label_neg,
+                                                 int64_t num_classes, double label_value, const Tensor& weight,
+                                                 const optional<Tensor>& bias) {
+  check_inputs(x, x, weight, bias);
+  TORCH_CHECK(x.is_cpu(), "ffkernels: the labeled first-layer step has a CPU kernel only; got x on ", x.device());
+  TORCH_CHECK_VALUE(num_classes >= 2 && num_classes <= x.size(1), "ffkernels: num_classes must be in [2, ",
+                    x.size(1), "] (the labels are written into the first num_classes features), got ", num_classes);
+  TORCH_CHECK_VALUE(std::isfinite(label_value), "ffkernels: label_value must be finite, got ", label_value);
+  Tensor labels[2];
+  const Tensor* given[2] = {&label_pos, &label_neg};
+  const char* names[2] = {"label_pos", "label_neg"};
+  for (int i = 0; i < 2; ++i) {
+    const Tensor& l = *given[i];
+    TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == x.size(0), "ffkernels: ", names[i], " must have shape (",
+                      x.size(0), "), got ", l.sizes());
+    TORCH_CHECK_TYPE(!at::isFloatingType(l.scalar_type()) && l.scalar_type() != at::kBool, "ffkernels: ", names[i],
+                     " must be an integer tensor, got ", l.scalar_type());
+    check_same_device(x, l, "x", names[i]);
+    labels[i] = l.to(at::kLong).contiguous();
+    const int64_t lo = labels[i].min().item<int64_t>(), hi = labels[i].max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < num_classes, "ffkernels: ", names[i], " must lie in [0, ", num_classes,
+                      "), got values in [", lo, ", ", hi, "]");
   }
-  return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg};
+  return {x.contiguous(), labels[0], labels[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ff_grad_labeled(
+    const Tensor& x, const Tensor& label_pos, const Tensor& label_neg, int64_t num_classes, double label_value,
+    const Tensor& weight, const optional<Tensor>& bias, c10::string_view norm, double norm_eps,
+    c10::string_view goodness, double threshold, c10::string_view loss, double symba_alpha) {
+  const LossOptions lo = loss_options(norm, norm_eps, goodness, threshold, loss, symba_alpha);
+  auto [xc, lp, ln] = check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias);
+  GradResult r = ff_grad_labeled_cpu(xc, lp, ln, num_classes, label_value, weight,
+                                     bias.has_value() ? *bias : Tensor(), lo);
+  return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg, r.grad_weight, bias_grad_or_empty(r, weight)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ff_step_labeled(
+    const Tensor& x, const Tensor& label_pos, const Tensor& label_neg, int64_t num_classes, double label_value,
+    const Tensor& weight, const optional<Tensor>& bias, const Tensor& state1_weight, const Tensor& state2_weight,
+    const optional<Tensor>& state1_bias, const optional<Tensor>& state2_bias, int64_t step, c10::string_view norm,
+    double norm_eps, c10::string_view goodness, double threshold, c10::string_view loss, double symba_alpha,
+    c10::string_view optimizer, double lr, double beta1, double beta2, double eps, double momentum,
+    double weight_decay) {
+  const LossOptions lo = loss_options(norm, norm_eps, goodness, threshold, loss, symba_alpha);
+  const OptimOptions oo = optim_options(step, optimizer, lr, beta1, beta2, eps, momentum, weight_decay);
+  auto [xc, lp, ln] = check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias);
+  auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
+  return update_from(ff_grad_labeled_cpu(xc, lp, ln, num_classes, label_value, weight,
+                                         bias.has_value() ? *bias : Tensor(), lo),
+                     pw, pb, oo);
 }
 
 }  // namespace
@@ -308,12 +375,29 @@ TORCH_LIBRARY(ffkernels, m) {
       "float norm_eps, str goodness, float threshold, str loss, float symba_alpha, str optimizer, float lr, "
       "float beta1, float beta2, float eps, float momentum, float weight_decay) "
       "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg)");
+  // supervised first layer (CPU): x_pos/x_neg = x with label_pos/label_neg one-hot (times label_value)
+  // in features [0, num_classes)
+  m.def(
+      "ff_grad_labeled(Tensor x, Tensor label_pos, Tensor label_neg, int num_classes, float label_value, "
+      "Tensor weight, Tensor? bias, str norm, float norm_eps, str goodness, float threshold, str loss, "
+      "float symba_alpha) "
+      "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  m.def(
+      "ff_step_labeled(Tensor x, Tensor label_pos, Tensor label_neg, int num_classes, float label_value, "
+      "Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!) state1_weight, Tensor(d!) state2_weight, "
+      "Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, int step, str norm, float norm_eps, str goodness, "
+      "float threshold, str loss, float symba_alpha, str optimizer, float lr, float beta1, float beta2, "
+      "float eps, float momentum, float weight_decay) "
+      "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg)");
 }
 
 TORCH_LIBRARY_IMPL(ffkernels, CPU, m) {
   m.impl("ff_grad", &ffk::ff_grad);
   m.impl("ff_update", &ffk::ff_update);
   m.impl("ff_step", &ffk::ff_step);
+  m.impl("ff_grad_labeled", &ffk::ff_grad_labeled);
+  m.impl("ff_step_labeled", &ffk::ff_step_labeled);
 }
 
 #ifdef FF_WITH_CUDA

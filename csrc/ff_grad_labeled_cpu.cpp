@@ -1,0 +1,112 @@
+// The first-layer FF step of supervised (label-in-the-input) training, on the CPU.
+//
+// In Hinton-style FF the positive and the negative of a sample are the same input x with a different
+// label written one-hot (times `value`) into its first C features. Their normalization scales are equal
+// (the one-hot has the same norm whatever the label), so with xr = x with the label features zeroed:
+//   z_pos = r (xr W^T) + r value W[:, y_pos] + b,   z_neg = r (xr W^T) + r value W[:, y_neg] + b
+// One B-row GEMM gives the shared part for both, instead of a 2B-row GEMM over an explicit pos||neg.
+// Likewise for the weight gradient: grad_W = (dL/dz_pos + dL/dz_neg)^T (r xr) over B rows, plus the
+// label columns, which get sum_i r value dL/dz_i scattered to column y_i.
+// The result is the FF step of (embed_label(x, y_pos), embed_label(x, y_neg)), up to rounding.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "ff_cpu_rows.h"
+#include "ff_kernels.h"
+
+namespace ffk {
+namespace {
+
+// xr_hat = r * x with the first C features zeroed; lv_i = r_i * value (the label feature after scaling).
+template <typename scalar_t, typename acc_t>
+void normalize_without_labels(const scalar_t* x, scalar_t* out, acc_t* lv, int64_t B, int64_t K, int64_t C,
+                              double value, Norm norm, double eps) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 32768 / K), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const scalar_t* xr = x + i * K;
+      scalar_t* orow = out + i * K;
+      acc_t ss = static_cast<acc_t>(value) * static_cast<acc_t>(value);  // the one-hot's share of sum x^2
+      for (int64_t k = C; k < K; ++k) ss += static_cast<acc_t>(xr[k]) * static_cast<acc_t>(xr[k]);
+      const acc_t d = acc_t(1) / row_scale<acc_t>(ss, K, norm, static_cast<acc_t>(eps));
+      for (int64_t k = 0; k < C; ++k) orow[k] = scalar_t(0);
+      for (int64_t k = C; k < K; ++k) orow[k] = static_cast<scalar_t>(static_cast<acc_t>(xr[k]) / d);
+      lv[i] = static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(value) / d));
+    }
+  });
+}
+
+}  // namespace
+
+GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos, const at::Tensor& label_neg,
+                               int64_t C, double value, const at::Tensor& weight, const at::Tensor& bias,
+                               const LossOptions& opt) {
+  const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
+  const bool has_bias = bias.defined();
+  auto xhat = at::empty({B, K}, x.options());
+  auto h_pos = at::empty({B, N}, x.options());
+  auto h_neg = at::empty({B, N}, x.options());
+  auto g_pos = at::empty({B}, x.options());
+  auto g_neg = at::empty({B}, x.options());
+  auto grad_label = at::zeros({C, N}, x.options());
+  std::vector<double> pair_loss(static_cast<size_t>(B));
+  const int64_t* yp = label_pos.const_data_ptr<int64_t>();
+  const int64_t* yn = label_neg.const_data_ptr<int64_t>();
+
+  GradResult r;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ff_grad_labeled_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> lv(B), cp(B), cn(B);
+    normalize_without_labels<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), xhat.data_ptr<scalar_t>(), lv.data(), B,
+                                              K, C, value, opt.norm, opt.norm_eps);
+    auto z = at::mm(xhat, weight.t());                       // the shared part, B rows
+    auto w_label = weight.narrow(1, 0, C).t().contiguous();  // (C, N): label column c of W as a row
+    const scalar_t* wl = w_label.const_data_ptr<scalar_t>();
+    const scalar_t* b = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t *hp = h_pos.data_ptr<scalar_t>(), *hn = h_neg.data_ptr<scalar_t>();
+    scalar_t *gpp = g_pos.data_ptr<scalar_t>(), *gnp = g_neg.data_ptr<scalar_t>();
+    const acc_t s = goodness_scale<acc_t>(N, opt.goodness);
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / N), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        scalar_t *zi = zp + i * N, *hpi = hp + i * N, *hni = hn + i * N;
+        const acc_t gp = row_goodness<scalar_t>(relu_row<scalar_t>(zi, wl + yp[i] * N, lv[i], b, hpi, N), s);
+        const acc_t gn = row_goodness<scalar_t>(relu_row<scalar_t>(zi, wl + yn[i] * N, lv[i], b, hni, N), s);
+        gpp[i] = static_cast<scalar_t>(gp);
+        gnp[i] = static_cast<scalar_t>(gn);
+        const PairTerms<acc_t> t = pair_terms<acc_t>(gp, gn, opt.loss, static_cast<acc_t>(opt.threshold),
+                                                     static_cast<acc_t>(opt.symba_alpha), B);
+        pair_loss[i] = static_cast<double>(t.loss);
+        cp[i] = coef_from_dg<acc_t>(t.dg_pos, s);
+        cn[i] = coef_from_dg<acc_t>(t.dg_neg, s);
+        for (int64_t j = 0; j < N; ++j) {  // z <- dL/dz_pos + dL/dz_neg (the shared features see both)
+          zi[j] = static_cast<scalar_t>(cp[i] * static_cast<acc_t>(hpi[j]) + cn[i] * static_cast<acc_t>(hni[j]));
+        }
+      }
+    });
+    // label columns: each thread owns a range of the N outputs, so the scatter needs no atomics
+    scalar_t* gl = grad_label.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = 0; i < B; ++i) {
+        const acc_t ap = lv[i] * cp[i], an = lv[i] * cn[i];
+        scalar_t *glp = gl + yp[i] * N, *gln = gl + yn[i] * N;
+        for (int64_t j = lo; j < hi; ++j) {
+          glp[j] = static_cast<scalar_t>(static_cast<acc_t>(glp[j]) + ap * static_cast<acc_t>(hp[i * N + j]));
+          gln[j] = static_cast<scalar_t>(static_cast<acc_t>(gln[j]) + an * static_cast<acc_t>(hn[i * N + j]));
+        }
+      }
+    });
+    r.grad_weight = at::mm(z.t(), xhat);  // zero in the label columns: xhat is zero there
+    r.grad_weight.narrow(1, 0, C).copy_(grad_label.t());
+    if (has_bias) r.grad_bias = z.sum(0);
+  });
+  r.loss = at::scalar_tensor(sum_in_order(pair_loss), x.options());
+  r.h_pos = h_pos;
+  r.h_neg = h_neg;
+  r.g_pos = g_pos;
+  r.g_neg = g_neg;
+  return r;
+}
+
+}  // namespace ffk

@@ -1,0 +1,17 @@
+"""The Triton backend of ffkernels (``backend="triton"``): four kernels and their torch.library ops.
+
+    forward_kernel.py      kernel 1: z = x W^T over pos||neg with row scale, bias, ReLU, partial goodness
+    loss_kernel.py         kernel 2: goodness, per-row dL/dz coefficient, loss
+    weight_grad_kernel.py  kernel 3: dW/db GEMM over the batch; writes them, or applies Adam/SGD in its epilogue
+    update_kernel.py       kernel 4: the optimizer from given gradients (ff_update)
+    ff_math.py             the FF math of csrc/ff_math.h as Triton device functions
+    ops.py                 torch.ops.ffkernels_triton.{ff_grad, ff_update, ff_step}
+    backend.py             TritonBackend, used by ffkernels.backends
+
+Runs on CUDA GPUs, and on the CPU under the Triton interpreter (TRITON_INTERPRET=1 set before this
+package is imported). See docs/triton.md.
+"""
+from .backend import TritonBackend
+from .settings import get_fp32_precision, set_fp32_precision
+
+__all__ = ["TritonBackend", "set_fp32_precision", "get_fp32_precision"]

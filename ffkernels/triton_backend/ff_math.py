@@ -1,0 +1,162 @@
+"""The FF math of csrc/ff_math.h as Triton device functions, plus the optimizer applied to one tile.
+
+Same formulas and the same names as the C++ header (which is the one the CPU and CUDA kernels use);
+change them together. Only plain ``tl`` math is used -- no libdevice, which the interpreter lacks:
+``log1p`` is built from ``tl.log`` in the classic accurate form, ``softplus``/``sigmoid`` never
+exponentiate a positive number. The norm/goodness/loss codes match the C++ enums.
+"""
+import triton
+import triton.language as tl
+
+# option codes: kernel constexprs chosen on the host by name ("none" optimizer: write the gradient instead)
+NORM_CODES = {"none": 0, "l2": 1, "rms": 2}
+GOODNESS_CODES = {"sum": 0, "mean": 1}
+LOSS_CODES = {"hinton": 0, "symba": 1}
+OPTIM_CODES = {"none": 0, "adam": 1, "sgd": 2}
+# the same codes as globals a kernel may read (Triton kernels can only read constexpr globals)
+NORM_NONE = tl.constexpr(NORM_CODES["none"])
+NORM_L2 = tl.constexpr(NORM_CODES["l2"])
+NORM_RMS = tl.constexpr(NORM_CODES["rms"])
+GOODNESS_MEAN = tl.constexpr(GOODNESS_CODES["mean"])
+LOSS_SYMBA = tl.constexpr(LOSS_CODES["symba"])
+OPTIM_NONE = tl.constexpr(OPTIM_CODES["none"])
+OPTIM_ADAM = tl.constexpr(OPTIM_CODES["adam"])
+
+
+# ---- numerically stable scalar helpers -------------------------------------------------------------
+
+@triton.jit
+def log1p(u):
+    """log(1 + u) for u >= 0, accurate for tiny u: log(w) * u / (w - 1) with w = 1 + u (Goldberg)."""
+    w = 1.0 + u
+    d = w - 1.0
+    return tl.where(d == 0.0, u, tl.log(w) * (u / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) + log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def is_finite(x):
+    return tl.abs(x) < float("inf")  # False for +-inf and NaN
+
+
+# ---- input normalization: x_hat = x / d per row ------------------------------------------------------
+
+@triton.jit
+def row_denominator(sum_sq, K, eps, NORM: tl.constexpr):
+    """d with x_hat = x / d: ||x|| + eps ("l2"), sqrt(mean x^2) + eps ("rms"); 1/row_scale in ff_math.h."""
+    if NORM == NORM_L2:
+        d = tl.sqrt_rn(sum_sq) + eps
+    elif NORM == NORM_RMS:
+        d = tl.sqrt_rn(sum_sq / K) + eps
+    else:
+        d = tl.full(sum_sq.shape, 1.0, tl.float32)
+    return d
+
+
+# ---- goodness, loss terms, dL/dz coefficient ------------------------------------------------------------
+
+@triton.jit
+def goodness_scale(N, GOODNESS: tl.constexpr):
+    """g = s * sum_j h_j^2: s = 1 ("sum") or 1/N ("mean")."""
+    if GOODNESS == GOODNESS_MEAN:
+        s = 1.0 / N
+    else:
+        s = 1.0
+    return s
+
+
+@triton.jit
+def pair_terms(g_pos, g_neg, threshold, symba_alpha, B, LOSS: tl.constexpr):
+    """Contribution of pair i to L, and dL/dg_pos_i, dL/dg_neg_i (the batch reduction included)."""
+    if LOSS == LOSS_SYMBA:
+        # L = sum_i softplus(-alpha (g+ - g-)) / B
+        inv_b = 1.0 / B
+        a = -symba_alpha * (g_pos - g_neg)
+        d = symba_alpha * sigmoid(a) * inv_b
+        loss = softplus(a) * inv_b
+        dg_pos = -d
+        dg_neg = d
+    else:
+        # L = [sum_i softplus(theta - g+) + sum_i softplus(g- - theta)] / (2B)
+        inv_2b = 1.0 / (2.0 * B)
+        ap = threshold - g_pos
+        an = g_neg - threshold
+        loss = (softplus(ap) + softplus(an)) * inv_2b
+        dg_pos = -sigmoid(ap) * inv_2b
+        dg_neg = sigmoid(an) * inv_2b
+    return loss, dg_pos, dg_neg
+
+
+@triton.jit
+def coef_from_dg(dg, s):
+    """dL/dz_ij = c_i * h_ij with c_i = 2 s dL/dg_i (relu' = 1 exactly where h > 0)."""
+    return 2.0 * s * dg
+
+
+# ---- optimizers, elementwise in fp32, exactly torch.optim's single-tensor formulas ----------------------
+
+@triton.jit
+def lerp_like_torch(a, b, w):
+    """torch.lerp's formula: exact at both ends."""
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
+def adam_update(p, g, m, v, step_size, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, weight_decay):
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    m = lerp_like_torch(m, g, one_minus_beta1)
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p + (-step_size) * tl.div_rn(m, denom)
+    return p, m, v
+
+
+@triton.jit
+def sgd_update(p, g, buf, lr, momentum, weight_decay, first, MOMENTUM: tl.constexpr):
+    """dampening 0, no nesterov; the momentum buffer starts as the first gradient (``first`` != 0)."""
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    if MOMENTUM:
+        buf = tl.where(first != 0, g, buf * momentum + g)
+        g = buf
+    p = p + (-lr) * g
+    return p, buf
+
+
+@triton.jit
+def apply_optimizer(p_ptr, s1_ptr, s2_ptr, offs, mask, g,
+                    step_size, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, momentum, weight_decay,
+                    first, OPTIM: tl.constexpr, MOMENTUM: tl.constexpr):
+    """Update the parameter elements at ``offs`` from their fp32 gradient ``g``, in place.
+
+    Adam: s1 = exp_avg, s2 = exp_avg_sq. SGD: s1 = momentum_buffer (read only with MOMENTUM).
+    ``step_size`` is lr / (1 - beta1^step) for Adam and lr for SGD. State is fp32.
+    """
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if OPTIM == OPTIM_ADAM:
+        m = tl.load(s1_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(s2_ptr + offs, mask=mask, other=0.0)
+        p, m, v = adam_update(p, g, m, v, step_size, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt,
+                              weight_decay)
+        tl.store(s1_ptr + offs, m, mask=mask)
+        tl.store(s2_ptr + offs, v, mask=mask)
+    else:
+        if MOMENTUM:
+            buf = tl.load(s1_ptr + offs, mask=mask, other=0.0)
+            p, buf = sgd_update(p, g, buf, step_size, momentum, weight_decay, first, True)
+            tl.store(s1_ptr + offs, buf, mask=mask)
+        else:
+            p, _ = sgd_update(p, g, g, step_size, momentum, weight_decay, first, False)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
