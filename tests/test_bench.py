@@ -8,7 +8,7 @@ import torch
 
 from ffkernels import BackendUnavailableError, available_backends
 from ffkernels.bench import memory
-from ffkernels.bench.cases import QUICK_SHAPES, LayerShape, fused_backends, parse_shapes
+from ffkernels.bench.cases import QUICK_SHAPES, LayerShape, fused_backends, has_labeled_step, parse_shapes
 from ffkernels.bench.network import NetConfig, measure_config, summarize
 from ffkernels.bench.timing import measure
 from ffkernels.cli import main
@@ -54,17 +54,18 @@ def test_quick_runs_every_layer_case(quick_run):
     result, _ = quick_run
     layer = result["layer"]
     fused = [f"fused-{b}" for b in layer["backends"]]
+    labeled = [f"labeled-{b}" for b in layer["backends"] if has_labeled_step(b)]
     assert ("fused-cpu" in fused) == ("cpu" in available_backends())
-    expected = {(str(s), c) for s in parse_shapes(QUICK_SHAPES) for c in fused + ["reference", "bp", "bp-dx",
-                                                                                  "floor"]}
+    cases = fused + labeled + ["reference", "bp", "bp-dx", "floor"]
+    expected = {(str(s), c) for s in parse_shapes(QUICK_SHAPES) for c in cases}
     assert {(r["shape"], r["case"]) for r in layer["rows"]} == expected
     for r in layer["rows"]:
         t = r["time"]
         assert 0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"] and t["repeats"] == 2
         assert r["samples_per_s"] == pytest.approx(r["batch"] / (t["median_s"]))
-        assert r["gemm_rows"] == (r["batch"] if r["kind"] == "bp" else 2 * r["batch"])
-        assert (r["speedup_over_reference"] is not None) == (r["kind"] == "fused")
-        assert (r["ff_bp_ratio_per_sample"] is not None) == (r["kind"] in ("fused", "reference"))
+        assert r["gemm_rows"] == (r["batch"] if r["kind"] in ("bp", "labeled") else 2 * r["batch"])
+        assert (r["speedup_over_reference"] is not None) == (r["kind"] in ("fused", "labeled"))
+        assert (r["ff_bp_ratio_per_sample"] is not None) == (r["kind"] in ("fused", "labeled", "reference"))
         if r["case"] == "floor":
             assert r["ratio_to_floor"] == 1.0
     assert all(isinstance(b, str) and why for b, why in layer["skipped"])
@@ -74,14 +75,15 @@ def test_quick_runs_every_network_config(quick_run):
     result, _ = quick_run
     net = result["network"]
     assert "profiler" in net["memory_method"]["alloc"] and "RSS" in net["memory_method"]["rss"]
-    assert {(r["algo"], r["depth"]) for r in net["rows"]} == {("ff", 2), ("bp", 2)}
+    assert {(r["algo"], r["depth"]) for r in net["rows"]} == {("ff", 2), ("ff-labeled", 2), ("bp", 2)}
     for r in net["rows"]:
         assert r["threads"] == 1 and r["width"] == 24 and r["in_features"] == 40 and r["samples_per_s"] > 0
         # the allocator sees at least what the model keeps between steps
         assert r["peak_alloc_bytes"] >= r["persistent_bytes"] > 0 and r["peak_rss_bytes"] >= 0
-    assert [p["depth"] for p in net["summary"]["per_depth"]] == [2]
+    assert [(p["algo"], p["depth"]) for p in net["summary"]["per_depth"]] == [("ff", 2), ("ff-labeled", 2)]
     # one depth: no slope to fit
-    assert net["summary"]["bytes_per_added_layer"]["peak_alloc_bytes"] == {"ff": None, "bp": None}
+    assert net["summary"]["bytes_per_added_layer"]["peak_alloc_bytes"] == {"ff": None, "ff-labeled": None,
+                                                                           "bp": None}
 
 
 def test_quick_plot_is_a_png(quick_run):
@@ -164,6 +166,7 @@ def test_summary_fits_memory_growth_per_layer():
     assert growth["peak_alloc_bytes"] == {"ff": pytest.approx(10), "bp": pytest.approx(30)}
     assert growth["persistent_bytes"] == {"ff": pytest.approx(7), "bp": pytest.approx(7)}
     assert growth["peak_rss_bytes"] == {"ff": None, "bp": None}
+    assert [(p["algo"], p["depth"]) for p in s["per_depth"]] == [("ff", 1), ("ff", 2), ("ff", 4)]
     assert [p["ff_bp_ratio_per_sample"] for p in s["per_depth"]] == [pytest.approx(2.0)] * 3
     assert [p["ff_bp_peak_alloc_ratio"] for p in s["per_depth"]] == [pytest.approx((10 * d + 5) / (30 * d + 5))
                                                                       for d in (1, 2, 4)]

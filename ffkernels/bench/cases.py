@@ -5,6 +5,10 @@ A shape ``BxKxN`` is one layer ``K -> N`` fed ``B`` real samples. Every case bel
 
 - ``fused-<backend>``: ``FFLinear.ff_step(x_pos, x_neg)`` on that backend: B positive + B negative
   rows, forward, goodness, loss, exact local gradient and the in-place Adam update, in one fused op.
+- ``labeled-<backend>``: ``FFLinear.ff_step_labeled(x, y_pos, y_neg, 10)``, the supervised *first*
+  layer's step on backends that have it: pos and neg are x with a label written in, so they share
+  every feature but the label slots and the GEMMs run over B rows instead of 2B (same loss, gradient
+  and update as ``fused-<backend>`` on the pair).
 - ``reference``: the same FF step with autograd and ``torch.optim.Adam`` (``reference.FFLayerRef``).
 - ``bp``: a backprop step of the same layer (same normalization, ``nn.Linear``, ReLU) on the B
   samples, as the *first* layer of a BP network: the input needs no gradient. Loss: the mean over rows
@@ -28,9 +32,11 @@ from .. import reference as ref
 from .._types import BackendUnavailableError
 from ..backends import BACKENDS, available_backends, resolve_backend
 from ..config import FFConfig
+from ..labels import wrong_labels
 from ..layers import FFLinear
 
 DEFAULT_SHAPES = "256x784x2000,256x2000x2000"
+NUM_CLASSES = 10  # label slots of the labeled first-layer case
 QUICK_SHAPES = "16x40x24,16x24x24"
 
 
@@ -72,13 +78,17 @@ class LayerCase:
     """A way to take one layer step on B real samples. ``build`` returns the step (a no-argument callable)."""
 
     name: str
-    kind: str           # "fused", "reference", "bp", "floor"
+    kind: str           # "fused", "labeled", "reference", "bp", "floor"
     backend: "str | None"
-    rows_per_sample: int  # GEMM rows per real sample: 2 for FF (pos + neg), 1 for BP
+    rows_per_sample: int  # GEMM rows per real sample: 2 for FF (pos + neg), 1 for BP and the labeled step
     build: Callable[[LayerShape, torch.device, torch.dtype], Callable[[], object]]
+    min_in_features: int = 1  # the labeled step writes NUM_CLASSES label slots into the input
 
     def rows(self, shape: LayerShape) -> int:
         return self.rows_per_sample * shape.batch
+
+    def applies_to(self, shape: LayerShape) -> bool:
+        return shape.in_features >= self.min_in_features
 
 
 def _rand(*size, device, dtype, generator):
@@ -97,6 +107,18 @@ def _build_fused(backend: str):
         layer = FFLinear(shape.in_features, shape.out_features, backend=backend, device=device, dtype=dtype)
         x_pos, x_neg = _ff_inputs(shape, device, dtype)
         return lambda: layer.ff_step(x_pos, x_neg)
+    return build
+
+
+def _build_labeled(backend: str):
+    def build(shape: LayerShape, device, dtype):
+        layer = FFLinear(shape.in_features, shape.out_features, backend=backend, device=device, dtype=dtype)
+        x = _ff_inputs(shape, device, dtype)[0]
+        gen = torch.Generator().manual_seed(0)
+        labels_pos = torch.randint(0, NUM_CLASSES, (shape.batch,), generator=gen)
+        labels_neg = wrong_labels(labels_pos, NUM_CLASSES, generator=gen)
+        labels_pos, labels_neg = labels_pos.to(device), labels_neg.to(device)
+        return lambda: layer.ff_step_labeled(x, labels_pos, labels_neg, NUM_CLASSES)
     return build
 
 
@@ -152,6 +174,16 @@ def fused_case(backend: str) -> LayerCase:
     return LayerCase(f"fused-{backend}", "fused", backend, 2, _build_fused(backend))
 
 
+def labeled_case(backend: str) -> LayerCase:
+    return LayerCase(f"labeled-{backend}", "labeled", backend, 1, _build_labeled(backend),
+                     min_in_features=NUM_CLASSES)
+
+
+def has_labeled_step(backend: str) -> bool:
+    """Whether ``backend`` computes the supervised first layer with shared pos/neg GEMMs (step_labeled)."""
+    return callable(getattr(BACKENDS[backend], "step_labeled", None))
+
+
 def fused_backends(device, dtype, requested=None):
     """(backends to measure, [(backend, why skipped)]) for fused steps on ``device`` and ``dtype``.
 
@@ -189,5 +221,7 @@ def fused_backends(device, dtype, requested=None):
 
 
 def layer_cases(backends) -> list:
-    """The cases measured on every shape: fused per backend, reference, bp, bp-dx, floor (in that order)."""
-    return [fused_case(b) for b in backends] + [REFERENCE, BP, BP_DX, FLOOR]
+    """The cases: fused per backend, labeled per backend that has it, reference, bp, bp-dx, floor (in that
+    order). ``case.applies_to(shape)`` says whether a case can run on a shape."""
+    return ([fused_case(b) for b in backends] + [labeled_case(b) for b in backends if has_labeled_step(b)]
+            + [REFERENCE, BP, BP_DX, FLOOR])

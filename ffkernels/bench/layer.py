@@ -2,6 +2,8 @@
 
 Ratios use median times. Every case processes the same B real samples per call (FF as B positive +
 B negative rows, BP as B rows), so ``ff_bp_ratio_per_sample`` = (t_FF / B) / (t_BP / B).
+``ratio_to_floor`` is always to the 2B-row floor of the FF step on the pair (the labeled first-layer
+step, with B-row GEMMs, can go below 1).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def derive(shape: LayerShape, cases, times: dict) -> list:
     rows = []
     for case in cases:
         t: Timing = times[case.name]
-        is_ff = case.kind in ("fused", "reference")
+        is_ff = case.kind in ("fused", "labeled", "reference")
         rows.append({
             "shape": str(shape), "batch": shape.batch, "in_features": shape.in_features,
             "out_features": shape.out_features, "case": case.name, "kind": case.kind, "backend": case.backend,
@@ -30,7 +32,7 @@ def derive(shape: LayerShape, cases, times: dict) -> list:
             "ms_per_sample": t.median_s * 1e3 / shape.batch,
             "samples_per_s": shape.batch / t.median_s,
             "ratio_to_floor": _ratio(t.median_s, t_floor),
-            "speedup_over_reference": _ratio(t_ref, t.median_s) if case.kind == "fused" else None,
+            "speedup_over_reference": _ratio(t_ref, t.median_s) if case.kind in ("fused", "labeled") else None,
             "ff_bp_ratio_per_sample": _ratio(t.median_s, t_bp) if is_ff else None,
             "ff_bp_dx_ratio_per_sample": _ratio(t.median_s, t_bp_dx) if is_ff else None,
         })
@@ -39,17 +41,18 @@ def derive(shape: LayerShape, cases, times: dict) -> list:
 
 def bench_layers(shapes, device, dtype, backends, *, warmup: int, repeats: int, min_time: float,
                  progress: bool = True) -> list:
-    """Result rows (see ``derive``) for every case in ``layer_cases(backends)`` on every shape."""
+    """Result rows (see ``derive``) for every case in ``layer_cases(backends)`` that applies, on every shape."""
     cases = layer_cases(backends)
+    plan = [(shape, [c for c in cases if c.applies_to(shape)]) for shape in shapes]
     rows = []
-    with progress_bar(total=len(shapes) * len(cases), desc="layer steps", enabled=progress) as bar:
-        for shape in shapes:
+    with progress_bar(total=sum(len(cs) for _, cs in plan), desc="layer steps", enabled=progress) as bar:
+        for shape, shape_cases in plan:
             times = {}
-            for case in cases:
+            for case in shape_cases:
                 bar.set_postfix_str(f"{shape} {case.name}")
                 step = case.build(shape, device, dtype)
                 times[case.name] = measure(step, device, warmup=warmup, repeats=repeats, min_time=min_time)
                 del step
                 bar.update()
-            rows.extend(derive(shape, cases, times))
+            rows.extend(derive(shape, shape_cases, times))
     return rows

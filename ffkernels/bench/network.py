@@ -1,9 +1,11 @@
 """Whole-network training, FF vs BP, as depth grows: samples/s and peak training memory.
 
-- FF: supervised Forward-Forward with the label written into the input. One step =
+- ``ff``: supervised Forward-Forward with the label written into the input. One step =
   ``labels.ff_pair`` (positives carry the true label, negatives a wrong one) + ``FFNet.ff_step``
   (every layer's fused step in one sweep). B real samples = B positive + B negative rows.
-- BP: the same MLP (``reference.BPMLP``: normalization, Linear, ReLU per layer) with a linear head,
+- ``ff-labeled``: the same training, one step = ``labels.wrong_labels`` + ``FFNet.ff_step_labeled``:
+  the first layer shares its GEMMs between pos and neg (B rows, not 2B) where the backend can.
+- ``bp``: the same MLP (``reference.BPMLP``: normalization, Linear, ReLU per layer) with a linear head,
   cross-entropy and Adam (``reference.make_bp_optimizer``: foreach on CPU, fused on CUDA), one
   ``reference.bp_step`` on the same B samples.
 
@@ -26,13 +28,14 @@ from typing import Optional
 import torch
 
 from .. import reference as ref
-from ..labels import ff_pair
+from ..labels import ff_pair, wrong_labels
 from ..layers import FFNet
 from . import memory
 from .progress import progress_bar
 from .timing import measure
 
-ALGOS = ("ff", "bp")
+ALGOS = ("ff", "ff-labeled", "bp")
+FF_ALGOS = ("ff", "ff-labeled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,11 +82,13 @@ def _tensor_bytes(tensors) -> int:
 def _build(cfg: NetConfig, x: torch.Tensor, y: torch.Tensor):
     """(step, persistent_bytes, backend): the training step and what its model keeps between steps."""
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
-    if cfg.algo == "ff":
+    if cfg.algo in FF_ALGOS:
         net = FFNet(cfg.dims, backend=cfg.backend, device=device, dtype=dtype)
         gen = torch.Generator(device=device).manual_seed(0)
 
         def step():
+            if cfg.algo == "ff-labeled":
+                return net.ff_step_labeled(x, y, wrong_labels(y, cfg.num_classes, gen), cfg.num_classes).losses
             x_pos, x_neg = ff_pair(x, y, cfg.num_classes, generator=gen)
             return net.ff_step(x_pos, x_neg).losses
 
@@ -183,18 +188,22 @@ def _linear_slope(xs, ys):
 
 
 def summarize(rows: list) -> dict:
-    """FF/BP time per real sample and peak memory per depth; peak memory growth per added layer (least squares)."""
+    """Per depth, each FF variant against BP: time per real sample and peak memory (allocator) ratios;
+    memory growth per added layer (least-squares slope over depth) for each algorithm and measure."""
     by = {(r["algo"], r["depth"]): r for r in rows}
     per_depth = []
     for d in sorted({r["depth"] for r in rows}):
-        ff, bp = by.get(("ff", d)), by.get(("bp", d))
-        if ff and bp:
-            per_depth.append({"depth": d, "ff_bp_ratio_per_sample": ff["ms_per_sample"] / bp["ms_per_sample"],
-                              "ff_bp_peak_alloc_ratio": _ratio(ff["peak_alloc_bytes"], bp["peak_alloc_bytes"])})
+        bp = by.get(("bp", d))
+        for algo in FF_ALGOS:
+            ff = by.get((algo, d))
+            if ff and bp:
+                per_depth.append({"depth": d, "algo": algo,
+                                  "ff_bp_ratio_per_sample": ff["ms_per_sample"] / bp["ms_per_sample"],
+                                  "ff_bp_peak_alloc_ratio": _ratio(ff["peak_alloc_bytes"], bp["peak_alloc_bytes"])})
     growth = {}
     for key in ("peak_alloc_bytes", "peak_rss_bytes", "persistent_bytes"):
         growth[key] = {}
-        for algo in ALGOS:
+        for algo in sorted({r["algo"] for r in rows}, key=ALGOS.index):
             pts = [(r["depth"], r[key]) for r in rows if r["algo"] == algo and r[key] is not None]
             growth[key][algo] = _linear_slope([p[0] for p in pts], [p[1] for p in pts]) if pts else None
     return {"per_depth": per_depth, "bytes_per_added_layer": growth}

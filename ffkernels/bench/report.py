@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from .machine import describe
+from .network import ALGOS
 
 MiB = 2 ** 20
 
@@ -46,19 +47,20 @@ def _mib(v):
 def network_table(net: dict) -> str:
     """FF vs BP per depth: time, samples/s, memory (persistent, allocator peak, RSS peak); growth per layer."""
     rows = net["rows"]
-    ratio = {p["depth"]: p["ff_bp_ratio_per_sample"] for p in net["summary"]["per_depth"]}
+    ratio = {(p["algo"], p["depth"]): p["ff_bp_ratio_per_sample"] for p in net["summary"]["per_depth"]}
     has_rss = any(r["peak_rss_bytes"] is not None for r in rows)
     header = ["depth", "algo", "backend", "median ms", "min-max ms", "samples/s", "ms/sample", "FF/BP per sample",
               "persistent MiB", "peak alloc MiB"] + ["peak RSS MiB"] * has_rss
     body = [[r["depth"], r["algo"], r["backend"], f"{r['time']['median_ms']:.2f}",
              f"{r['time']['min_ms']:.2f}-{r['time']['max_ms']:.2f}", f"{r['samples_per_s']:,.0f}",
-             f"{r['ms_per_sample']:.4f}", _fmt(ratio.get(r["depth"]) if r["algo"] == "ff" else None, ".2f"),
+             f"{r['ms_per_sample']:.4f}", _fmt(ratio.get((r["algo"], r["depth"])), ".2f"),
              f"{_mib(r['persistent_bytes']):.1f}", _fmt(_mib(r["peak_alloc_bytes"]), ".1f")]
             + [_fmt(_mib(r["peak_rss_bytes"]), ".1f")] * has_rss
-            for r in sorted(rows, key=lambda r: (r["depth"], r["algo"] != "ff"))]
+            for r in sorted(rows, key=lambda r: (r["depth"], ALGOS.index(r["algo"])))]
     r0 = rows[0]
-    title = (f"whole network: {r0['in_features']} inputs, depth x {r0['width']}-wide layers, batch {r0['batch']} real samples "
-             f"(FF: supervised, label in the input; BP: same MLP + linear head, cross-entropy)")
+    title = (f"whole network: {r0['in_features']} inputs, depth x {r0['width']}-wide layers, batch {r0['batch']} "
+             "real samples\n(ff: supervised, label in the input; ff-labeled: the same, the first layer's GEMMs "
+             "shared by pos and neg; bp: same MLP + linear head, cross-entropy)")
     lines = [title, _table(header, body), "memory growth per added layer (least-squares slope over depth):"]
     for key, label in (("persistent_bytes", "persistent"), ("peak_alloc_bytes", "peak alloc"),
                        ("peak_rss_bytes", "peak RSS")):
@@ -103,7 +105,8 @@ def write_plot(path: str, result: dict) -> None:
         raise ValueError("ffkernels bench: --plot shows the network part (throughput and memory vs depth); "
                          "it cannot be drawn with --no-network")
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"ff": ("FF (fused)", "tab:blue", "o"), "bp": ("BP (autograd)", "tab:orange", "s")}
+    styles = {"ff": ("FF (fused)", "tab:blue", "o"), "ff-labeled": ("FF, labeled first layer", "tab:green", "^"),
+              "bp": ("BP (autograd)", "tab:orange", "s")}
     for algo, (label, color, marker) in styles.items():
         rs = sorted((r for r in net["rows"] if r["algo"] == algo), key=lambda r: r["depth"])
         if not rs:
@@ -111,14 +114,12 @@ def write_plot(path: str, result: dict) -> None:
         depths = [r["depth"] for r in rs]
         ax_t.plot(depths, [r["samples_per_s"] for r in rs], marker=marker, color=color, label=label)
         ax_m.plot(depths, [_mib(r["peak_alloc_bytes"]) for r in rs], marker=marker, color=color,
-                  label=f"{label}: peak (allocator)")
-        if all(r["peak_rss_bytes"] is not None for r in rs):
-            ax_m.plot(depths, [_mib(r["peak_rss_bytes"]) for r in rs], ls=":", marker=marker, mfc="none",
-                      color=color, alpha=0.8, label=f"{label}: peak RSS")
-        ax_m.plot(depths, [_mib(r["persistent_bytes"]) for r in rs], ls="--", color=color, alpha=0.6,
-                  label=f"{label}: params + optimizer state" + (" + grads" if algo == "bp" else ""))
+                  label=f"{label}: peak")
+        if algo != "ff-labeled":  # same parameters and optimizer state as "ff"
+            ax_m.plot(depths, [_mib(r["persistent_bytes"]) for r in rs], ls="--", color=color, alpha=0.6,
+                      label=f"{label}: params + optimizer state" + (" + grads" if algo == "bp" else ""))
     r0 = net["rows"][0]
-    for ax, ylabel in ((ax_t, "real samples / s"), (ax_m, "training memory above baseline (MiB)")):
+    for ax, ylabel in ((ax_t, "real samples / s"), (ax_m, "MiB above the process before the model")):
         ax.set_xlabel(f"depth (layers of width {r0['width']})")
         ax.set_ylabel(ylabel)
         ax.set_xticks(sorted({r["depth"] for r in net["rows"]}))
@@ -127,7 +128,7 @@ def write_plot(path: str, result: dict) -> None:
     ax_t.set_ylim(bottom=0)
     ax_m.set_ylim(bottom=0)
     ax_t.set_title(f"training throughput, batch {r0['batch']}")
-    ax_m.set_title("peak training memory")
+    ax_m.set_title("peak training memory (allocator level)")
     s = result["settings"]
     fig.suptitle(f"ffkernels bench, {s['device']} {s['dtype']}: {describe(result['machine'])}", fontsize=9)
     fig.tight_layout()
