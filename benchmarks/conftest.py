@@ -4,7 +4,8 @@
     pytest benchmarks/ --benchmark-only --ff-device cuda --ff-dtype bfloat16
     pytest benchmarks/ --benchmark-only --ff-shapes 64x784x500 --ff-depths 2 --ff-width 500
 
-Groups put FF (fused, reference), BP and the floor of the same shape (or depth) side by side.
+Groups put FF (fused, labeled first layer, reference), BP and the floor of the same shape (or FF, FF with
+the labeled first layer and BP of the same depth) side by side. Memory is measured by ``ffkernels bench``.
 """
 import pytest
 import torch
@@ -46,7 +47,7 @@ def pytest_generate_tests(metafunc):
         requested = config.getoption("--ff-backends")
         backends, _ = fused_backends(device, dtype, requested.split(",") if requested else None)
         params = [(shape, case) for shape in parse_shapes(config.getoption("--ff-shapes"))
-                  for case in layer_cases(backends)]
+                  for case in layer_cases(backends) if case.applies_to(shape)]
         metafunc.parametrize("layer_case", params, ids=[f"{s}-{c.name}" for s, c in params])
     if "net_case" in metafunc.fixturenames:
         depths = [int(d) for d in config.getoption("--ff-depths").split(",") if d.strip()]
