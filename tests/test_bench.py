@@ -25,20 +25,21 @@ def restore_threads():
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One `ffkernels bench --quick` run (1 thread, one depth: two fresh worker processes) with --json and --plot."""
+    """One `ffkernels bench --quick` run (1 thread, one depth: three fresh worker processes) with --json,
+    --plot and --markdown."""
     n = torch.get_num_threads()
     out = tmp_path_factory.mktemp("bench")
-    js, png = out / "bench.json", out / "bench.png"
+    js, png, md = out / "bench.json", out / "bench.png", out / "bench.md"
     try:
         main(["bench", "--quick", "--device", "cpu", "--threads", "1", "--depths", "2", "--no-progress",
-              "--json", str(js), "--plot", str(png)])
+              "--json", str(js), "--plot", str(png), "--markdown", str(md)])
     finally:
         torch.set_num_threads(n)
-    return json.loads(js.read_text()), png
+    return json.loads(js.read_text()), png, md
 
 
 def test_quick_json_records_machine_and_settings(quick_run):
-    result, _ = quick_run
+    result = quick_run[0]
     assert result["schema"] == "ffkernels-bench/1"
     m = result["machine"]
     for key in ("cpu_model", "cpu_count", "torch_threads", "torch", "triton", "gpu_name", "backends", "date"):
@@ -51,7 +52,7 @@ def test_quick_json_records_machine_and_settings(quick_run):
 
 
 def test_quick_runs_every_layer_case(quick_run):
-    result, _ = quick_run
+    result = quick_run[0]
     layer = result["layer"]
     fused = [f"fused-{b}" for b in layer["backends"]]
     labeled = [f"labeled-{b}" for b in layer["backends"] if has_labeled_step(b)]
@@ -72,7 +73,7 @@ def test_quick_runs_every_layer_case(quick_run):
 
 
 def test_quick_runs_every_network_config(quick_run):
-    result, _ = quick_run
+    result = quick_run[0]
     net = result["network"]
     assert "profiler" in net["memory_method"]["alloc"] and "RSS" in net["memory_method"]["rss"]
     assert {(r["algo"], r["depth"]) for r in net["rows"]} == {("ff", 2), ("ff-labeled", 2), ("bp", 2)}
@@ -87,9 +88,24 @@ def test_quick_runs_every_network_config(quick_run):
 
 
 def test_quick_plot_is_a_png(quick_run):
-    _, png = quick_run
-    data = png.read_bytes()
+    data = quick_run[1].read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+
+
+def test_markdown_tables_and_rerendering_from_json(quick_run, tmp_path, capsys):
+    result, _, md = quick_run
+    text = md.read_text()
+    assert "| case | median ms |" in text and "| reference |" in text and "| floor |" in text
+    assert "| depth | algo |" in text and f"`{result['settings']['command']}`" in text
+    js = tmp_path / "r.json"
+    js.write_text(json.dumps(result))
+    again = tmp_path / "again.md"
+    main(["bench", "--from-json", str(js), "--markdown", str(again)])  # measures nothing
+    assert again.read_text() == text
+    assert "ffkernels bench on cpu" in capsys.readouterr().out
+    js.write_text("{}")
+    with pytest.raises(SystemExit, match="not a result"):
+        main(["bench", "--from-json", str(js)])
 
 
 def test_shape_parsing():

@@ -4,10 +4,12 @@ FF-vs-BP training throughput and peak memory as depth grows. Prints tables; ``--
     ffkernels bench                                  # CPU (or the GPU when there is one), fp32
     ffkernels bench --device cuda --dtype bfloat16 --json gpu.json --plot gpu.png
     ffkernels bench --quick                          # tiny shapes, few repeats (a smoke run)
+    ffkernels bench --json cpu.json --markdown cpu.md --plot cpu.png
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 
@@ -19,6 +21,8 @@ from .cases import DEFAULT_SHAPES, QUICK_SHAPES, fused_backends, parse_shapes
 from .layer import bench_layers
 from .machine import machine_info
 from .network import DTYPES, bench_network
+
+SCHEMA = "ffkernels-bench/1"
 
 # option -> (default, --quick default); None in args means "not given"
 DEFAULTS = {
@@ -85,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-network", action="store_true", help="skip the whole-network FF-vs-BP benchmark")
     p.add_argument("--json", default=None, metavar="FILE", help="write every result and the machine record here")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of throughput and memory vs depth")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="write the tables as Markdown (for docs)")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="measure nothing: print (and --markdown/--plot) the results saved in FILE by --json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -133,7 +140,7 @@ def _run(args) -> dict:
     s = _settings(args)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     timing = {"warmup": s["warmup"], "repeats": s["repeats"], "min_time": s["min_time"]}
-    result = {"schema": "ffkernels-bench/1", "machine": machine_info(device), "settings": s,
+    result = {"schema": SCHEMA, "machine": machine_info(device), "settings": s,
               "layer": None, "network": None}
     if not args.no_layer:
         requested = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
@@ -148,19 +155,30 @@ def _run(args) -> dict:
     return result
 
 
+def _load(path: str) -> dict:
+    with open(path) as f:
+        result = json.load(f)
+    if not isinstance(result, dict) or result.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a result of `ffkernels bench --json` (schema {SCHEMA!r})")
+    return result
+
+
 def run(args) -> dict:
     try:
-        result = _run(args)
+        result = _load(args.from_json) if args.from_json else _run(args)
     except (ValueError, BackendUnavailableError) as e:
         msg = str(e)
         raise SystemExit(msg if msg.startswith("ffkernels") else f"ffkernels bench: {msg}") from e
     print(report.text_report(result), flush=True)
-    if args.json:
+    if args.json and not args.from_json:
         report.write_json(args.json, result)
         print(f"wrote {args.json}")
     if args.plot:
         report.write_plot(args.plot, result)
         print(f"wrote {args.plot}")
+    if args.markdown:
+        report.write_markdown(args.markdown, result)
+        print(f"wrote {args.markdown}")
     return result
 
 

@@ -1,4 +1,5 @@
-"""The benchmark's outputs: tables for people, JSON for machines, a PNG plot (throughput and memory vs depth)."""
+"""The benchmark's outputs: tables for people (plain text, or Markdown), JSON for machines, a PNG plot
+(throughput and memory vs depth)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,11 @@ def _fmt(v, spec: str, none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
-def _table(header: list, rows: list) -> str:
+def _table(header: list, rows: list, markdown: bool = False) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(map(str, r)) + " |" for r in [header, *rows]]
+        lines.insert(1, "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
+        return "\n".join(lines)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [header, *rows]]
@@ -21,7 +26,11 @@ def _table(header: list, rows: list) -> str:
     return "\n".join(lines)
 
 
-def layer_table(rows: list) -> str:
+def _block(title: str, table: str, markdown: bool) -> str:
+    return f"{title}\n\n{table}" if markdown else f"{title}\n{table}"
+
+
+def layer_table(rows: list, markdown: bool = False) -> str:
     """One block per shape: every case's time and its ratios to the floor, the reference and BP."""
     header = ["case", "median ms", "min-max ms", "samples/s", "x floor", "speed-up vs ref", "FF/BP per sample",
               "FF/BP-dx per sample"]
@@ -36,7 +45,7 @@ def layer_table(rows: list) -> str:
                  _fmt(r["ratio_to_floor"], ".2f"), _fmt(r["speedup_over_reference"], ".2f"),
                  _fmt(r["ff_bp_ratio_per_sample"], ".2f"), _fmt(r["ff_bp_dx_ratio_per_sample"], ".2f")]
                 for r in rs]
-        blocks.append(title + "\n" + _table(header, body))
+        blocks.append(_block(title, _table(header, body, markdown), markdown))
     return "\n\n".join(blocks)
 
 
@@ -44,7 +53,7 @@ def _mib(v):
     return None if v is None else v / MiB
 
 
-def network_table(net: dict) -> str:
+def network_table(net: dict, markdown: bool = False) -> str:
     """FF vs BP per depth: time, samples/s, memory (persistent, allocator peak, RSS peak); growth per layer."""
     rows = net["rows"]
     ratio = {(p["algo"], p["depth"]): p["ff_bp_ratio_per_sample"] for p in net["summary"]["per_depth"]}
@@ -61,30 +70,43 @@ def network_table(net: dict) -> str:
     title = (f"whole network: {r0['in_features']} inputs, depth x {r0['width']}-wide layers, batch {r0['batch']} "
              "real samples\n(ff: supervised, label in the input; ff-labeled: the same, the first layer's GEMMs "
              "shared by pos and neg; bp: same MLP + linear head, cross-entropy)")
-    lines = [title, _table(header, body), "memory growth per added layer (least-squares slope over depth):"]
+    if markdown:
+        title = title.replace("\n", " ")
+    lines = [_block(title, _table(header, body, markdown), markdown), "",
+             "memory growth per added layer (least-squares slope over depth):"]
     for key, label in (("persistent_bytes", "persistent"), ("peak_alloc_bytes", "peak alloc"),
                        ("peak_rss_bytes", "peak RSS")):
         g = net["summary"]["bytes_per_added_layer"][key]
         if any(v is not None for v in g.values()):
-            lines.append(f"  {label:>10}: " + ", ".join(f"{a.upper()} {_fmt(_mib(v), '.1f')} MiB" for a, v in g.items()))
-    lines.append(f"peak alloc: {net['memory_method']['alloc']}")
+            lines.append(("- " if markdown else "  ") + f"{label:>10}: "
+                         + ", ".join(f"{a.upper()} {_fmt(_mib(v), '.1f')} MiB" for a, v in g.items()))
+    notes = [f"peak alloc: {net['memory_method']['alloc']}"]
     if net["memory_method"]["rss"]:
-        lines.append(f"peak RSS: {net['memory_method']['rss']}")
-    lines.append("persistent: parameters + optimizer state (+ gradients for BP) kept between steps")
+        notes.append(f"peak RSS: {net['memory_method']['rss']}")
+    notes.append("persistent: parameters + optimizer state (+ gradients for BP) kept between steps")
+    lines += ([""] + [f"- {n}" for n in notes]) if markdown else notes
     return "\n".join(lines)
 
 
-def text_report(result: dict) -> str:
+def text_report(result: dict, markdown: bool = False) -> str:
+    """Every table of ``result``, as plain text (the terminal) or Markdown (docs)."""
     s = result["settings"]
     parts = [f"ffkernels bench on {s['device']} ({s['dtype']}): {describe(result['machine'])}",
              f"timing: median of {s['repeats']} repeats after {s['warmup']} warm-up calls"
              f"{', min ' + str(s['min_time']) + ' s per repeat' if s['min_time'] else ''}"]
+    if markdown:
+        parts.append(f"command: `{s['command']}`")
     if result["layer"] is not None:
-        parts.append(layer_table(result["layer"]["rows"]))
+        parts.append(layer_table(result["layer"]["rows"], markdown))
         parts += [f"skipped fused backend {b!r}: {why}" for b, why in result["layer"]["skipped"]]
     if result["network"] is not None:
-        parts.append(network_table(result["network"]))
+        parts.append(network_table(result["network"], markdown))
     return "\n\n".join(parts)
+
+
+def write_markdown(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        f.write(text_report(result, markdown=True) + "\n")
 
 
 def write_json(path: str, result: dict) -> None:
