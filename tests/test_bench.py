@@ -9,8 +9,8 @@ import torch
 from ffkernels import BackendUnavailableError, available_backends
 from ffkernels.bench import memory
 from ffkernels.bench.cases import QUICK_SHAPES, LayerShape, fused_backends, has_labeled_step, parse_shapes
-from ffkernels.bench.network import NetConfig, measure_config, summarize
-from ffkernels.bench.timing import measure
+from ffkernels.bench.network import NetConfig, measure_memory, summarize, time_configs
+from ffkernels.bench.timing import measure, measure_many
 from ffkernels.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -143,6 +143,20 @@ def test_measure_calls_warmup_plus_repeats_times_number():
             measure(lambda: None, "cpu", **bad)
 
 
+def test_measure_many_interleaves_the_repeats():
+    calls = []
+    times = measure_many({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu", warmup=1,
+                         repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then repeat r of every step in turn
+    assert set(times) == {"a", "b"} and all(t.repeats == 3 for t in times.values())
+
+
+def test_time_configs_needs_configs_that_differ_only_in_algo():
+    with pytest.raises(ValueError, match="differ only in algo"):
+        time_configs([NetConfig("ff", 1, 8, 4, in_features=12), NetConfig("bp", 2, 8, 4, in_features=12)],
+                     warmup=0, repeats=1, min_time=0)
+
+
 @pytest.mark.skipif(memory.rss_unavailable_reason() is not None, reason="needs Linux /proc peak-RSS reset")
 def test_peak_rss_sees_an_allocation():
     meter = memory.PeakRSS()
@@ -165,9 +179,9 @@ def test_cpu_allocator_peak_counts_live_tensors():
 def test_persistent_memory_accounting(restore_threads):
     k, w, depth = 12, 8, 2
     n_params = (k * w + w) + (depth - 1) * (w * w + w)
-    ff = measure_config(NetConfig("ff", depth, w, 4, in_features=k, warmup=0, repeats=1))
+    ff = measure_memory(NetConfig("ff", depth, w, 4, in_features=k))
     assert ff["persistent_bytes"] == 3 * 4 * n_params  # fp32 weights + Adam's two states
-    bp = measure_config(NetConfig("bp", depth, w, 4, in_features=k, warmup=0, repeats=1))
+    bp = measure_memory(NetConfig("bp", depth, w, 4, in_features=k))
     n_tensors = 2 * (depth + 1)  # weight and bias of every layer and of the 10-class head
     # + grads, + the head, + torch.optim.Adam's fp32 "step" scalar per parameter tensor
     assert bp["persistent_bytes"] == 4 * 4 * (n_params + w * 10 + 10) + 4 * n_tensors

@@ -1,6 +1,7 @@
 """The layer benchmark: every case on every shape, and the ratios between them.
 
-Ratios use median times. Every case processes the same B real samples per call (FF as B positive +
+The cases of a shape are timed together, their repeats interleaved (timing.measure_many), so load
+that drifts during the run slows them alike. Ratios use median times. Every case processes the same B real samples per call (FF as B positive +
 B negative rows, BP as B rows), so ``ff_bp_ratio_per_sample`` = (t_FF / B) / (t_BP / B).
 ``ratio_to_floor`` is always to the 2B-row floor of the FF step on the pair (the labeled first-layer
 step, with B-row GEMMs, can go below 1).
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from .cases import FLOOR, REFERENCE, LayerShape, layer_cases
 from .progress import progress_bar
-from .timing import Timing, measure
+from .timing import Timing, measure_many
 
 
 def _ratio(a: float, b: float):
@@ -47,12 +48,13 @@ def bench_layers(shapes, device, dtype, backends, *, warmup: int, repeats: int, 
     rows = []
     with progress_bar(total=sum(len(cs) for _, cs in plan), desc="layer steps", enabled=progress) as bar:
         for shape, shape_cases in plan:
-            times = {}
+            steps = {}
             for case in shape_cases:
-                bar.set_postfix_str(f"{shape} {case.name}")
-                step = case.build(shape, device, dtype)
-                times[case.name] = measure(step, device, warmup=warmup, repeats=repeats, min_time=min_time)
-                del step
-                bar.update()
+                bar.set_postfix_str(f"{shape} building {case.name}")
+                steps[case.name] = case.build(shape, device, dtype)
+            bar.set_postfix_str(f"{shape} timing")
+            times = measure_many(steps, device, warmup=warmup, repeats=repeats, min_time=min_time)
+            del steps
+            bar.update(len(shape_cases))
             rows.extend(derive(shape, shape_cases, times))
     return rows

@@ -19,22 +19,24 @@ from typing import Callable
 
 import torch
 
-CUDA_ALLOC = ("CUDA allocator peak: torch.cuda.max_memory_allocated() minus memory_allocated() just before the "
-              "model is built (tensor bytes; no CUDA context, no allocator reserve)")
+CUDA_ALLOC = ("CUDA allocator peak over building the model and {steps} training steps: "
+              "torch.cuda.max_memory_allocated() minus memory_allocated() just before the model is built "
+              "(tensor bytes; no CUDA context, no allocator reserve)")
 CPU_ALLOC = ("CPU allocator peak: torch.profiler(profile_memory=True) around building the model and "
-             "{steps} steps; maximum of the running sum of allocations minus frees (tensor bytes)")
-CPU_RSS = ("peak RSS of a fresh subprocess per configuration: VmHWM (reset via /proc/self/clear_refs just before "
-           "the model is built) minus the RSS at that moment (includes allocator slack and library buffers)")
+             "{steps} training steps; maximum of the running sum of allocations minus frees (tensor bytes)")
+CPU_RSS = ("peak RSS of a fresh subprocess per configuration over building the model and {steps} training steps: "
+           "VmHWM (reset via /proc/self/clear_refs just before the model is built) minus the RSS at that moment "
+           "(includes allocator slack and library buffers)")
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
 
 
-def methods(device, alloc_steps: int) -> dict:
+def methods(device, steps: int) -> dict:
     """{"alloc": how the allocator-level peak is measured, "rss": how the RSS peak is (None on CUDA)}."""
     if torch.device(device).type == "cuda":
-        return {"alloc": CUDA_ALLOC, "rss": None}
-    return {"alloc": CPU_ALLOC.format(steps=alloc_steps), "rss": CPU_RSS}
+        return {"alloc": CUDA_ALLOC.format(steps=steps), "rss": None}
+    return {"alloc": CPU_ALLOC.format(steps=steps), "rss": CPU_RSS.format(steps=steps)}
 
 
 def _status_bytes(field: str) -> int:

@@ -12,8 +12,9 @@
 Peak memory is measured above what the process held just before the model was built (the data batch
 is already there), so it counts parameters, optimizer state, gradients and every temporary of
 training: at the allocator level on both devices, and as peak RSS on the CPU (memory.py says how).
-On the CPU each configuration runs in a fresh subprocess (``python -m ffkernels.bench.network_worker``)
-so that it owns its RSS high-water mark.
+On the CPU the memory of each configuration is measured in a fresh subprocess
+(``python -m ffkernels.bench.network_worker``) so that it owns its RSS high-water mark. Timing runs in
+this process, the three algorithms of a depth together with interleaved repeats.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ..labels import ff_pair, wrong_labels
 from ..layers import FFNet
 from . import memory
 from .progress import progress_bar
-from .timing import measure
+from .timing import measure_many
 
 ALGOS = ("ff", "ff-labeled", "bp")
 FF_ALGOS = ("ff", "ff-labeled")
@@ -41,7 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class NetConfig:
-    """One whole-network measurement (plain values only: it travels to the worker as JSON)."""
+    """One network to train (plain values only: it travels to the memory worker as JSON)."""
 
     algo: str
     depth: int
@@ -52,9 +53,6 @@ class NetConfig:
     device: str = "cpu"
     dtype: str = "float32"
     backend: str = "auto"
-    warmup: int = 2
-    repeats: int = 5
-    min_time: float = 0.0
     threads: Optional[int] = None
 
     def __post_init__(self):
@@ -122,32 +120,35 @@ def build_step(cfg: NetConfig):
     return _build(cfg, *make_batch(cfg))[0]
 
 
-ALLOC_STEPS = 3  # steps profiled for the CPU allocator-level peak (the first one creates the optimizer state)
+MEMORY_STEPS = 3  # steps of each memory measurement (the first one creates the optimizer state)
 
 
-def measure_config(cfg: NetConfig) -> dict:
-    """Time one configuration and measure its peak memory, in this process.
+def _warm_runtime(cfg: NetConfig, x, y) -> None:
+    """Two steps of a tiny model of the same kind: the lazy imports, library buffers and threads a first step
+    starts (autograd engine, torch.optim, BLAS) are the runtime's memory, not the measured model's."""
+    tiny_step = _build(replace(cfg, depth=1, width=8), x, y)[0]
+    tiny_step(), tiny_step()
 
-    ``peak_alloc_bytes``: allocator-level peak (tensor bytes); ``peak_rss_bytes``: process-level peak (CPU only,
-    meaningful in a fresh process); ``persistent_bytes``: what the model keeps between steps (tensor bytes).
+
+def measure_memory(cfg: NetConfig) -> dict:
+    """Peak training memory of one configuration, in this process, above what it held before the model:
+
+    ``peak_alloc_bytes`` at the allocator level (tensor bytes), ``peak_rss_bytes`` the process's peak RSS
+    (CPU only; meaningful in a fresh process, see measure_memory_isolated), and ``persistent_bytes`` what the
+    model keeps between steps. Each over building the model and MEMORY_STEPS training steps.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     x, y = make_batch(cfg)
-    # two steps of a tiny model of the same kind first: the lazy imports, library buffers and threads a
-    # first step starts (autograd engine, torch.optim, BLAS) are the runtime's, not this model's memory
-    tiny_step = _build(replace(cfg, depth=1, width=8), x, y)[0]
-    tiny_step(), tiny_step()
-    del tiny_step
+    _warm_runtime(cfg, x, y)
     meter = memory.CudaPeak(device) if device.type == "cuda" else memory.PeakRSS()
     meter.start()
-    step, persistent, backend = _build(cfg, x, y)
-    t = measure(step, device, warmup=cfg.warmup, repeats=cfg.repeats, min_time=cfg.min_time)
+    step, persistent, _ = _build(cfg, x, y)
+    for _ in range(MEMORY_STEPS):
+        step()
     peak = meter.peak_bytes()
-    result = {**asdict(cfg), "backend": backend, "threads": torch.get_num_threads(), "time": t.to_dict(),
-              "samples_per_s": cfg.batch / t.median_s, "ms_per_sample": t.median_s * 1e3 / cfg.batch,
-              "persistent_bytes": persistent()}
+    result = {"persistent_bytes": persistent()}
     if device.type == "cuda":
         return {**result, "peak_alloc_bytes": peak, "peak_rss_bytes": None}
     del step, persistent
@@ -155,9 +156,22 @@ def measure_config(cfg: NetConfig) -> dict:
 
     def build_and_train():
         fresh = _build(cfg, x, y)[0]
-        for _ in range(ALLOC_STEPS):
+        for _ in range(MEMORY_STEPS):
             fresh()
     return {**result, "peak_alloc_bytes": memory.cpu_allocator_peak(build_and_train), "peak_rss_bytes": peak}
+
+
+def time_configs(configs: list, *, warmup: int, repeats: int, min_time: float) -> dict:
+    """{algo: (Timing, backend)} for configurations that differ only in ``algo``, on one shared batch, their
+    repeats interleaved (timing.measure_many) so that load drifting during the run slows them alike."""
+    cfg0 = configs[0]
+    if any(replace(c, algo=cfg0.algo) != cfg0 for c in configs):
+        raise ValueError("ffkernels bench: time_configs takes configurations that differ only in algo")
+    x, y = make_batch(cfg0)
+    built = {c.algo: _build(c, x, y) for c in configs}
+    times = measure_many({algo: b[0] for algo, b in built.items()}, cfg0.device, warmup=warmup, repeats=repeats,
+                         min_time=min_time)
+    return {algo: (times[algo], built[algo][2]) for algo in built}
 
 
 def _package_root() -> str:
@@ -166,8 +180,8 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(ffkernels.__file__)))
 
 
-def measure_config_isolated(cfg: NetConfig, timeout: float = 3600) -> dict:
-    """``measure_config`` in a fresh Python process running this same ffkernels."""
+def measure_memory_isolated(cfg: NetConfig, timeout: float = 3600) -> dict:
+    """``measure_memory`` in a fresh Python process running this same ffkernels."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", "ffkernels.bench.network_worker", json.dumps(asdict(cfg))],
@@ -215,25 +229,31 @@ def _ratio(a, b):
 
 def bench_network(depths, *, width: int, batch: int, in_features: int, device, dtype: str, backend: str = "auto",
                   warmup: int, repeats: int, min_time: float, threads=None, progress: bool = True) -> dict:
-    """FF and BP at every depth: {"memory_method": {"alloc", "rss"}, "rows", "summary"}.
-
-    On the CPU every configuration runs in a fresh subprocess (it owns its RSS high-water mark).
-    """
+    """FF, FF with the labeled first layer, and BP at every depth: {"memory_method": {"alloc", "rss"}, "rows",
+    "summary"}. Per depth the three are timed together in this process (interleaved repeats); then the memory of
+    each is measured alone: on the CPU in a fresh subprocess (it owns its RSS high-water mark)."""
     device = torch.device(device)
     isolate = device.type == "cpu"
     if isolate and memory.rss_unavailable_reason():
         raise RuntimeError(f"ffkernels bench: cannot measure CPU memory: {memory.rss_unavailable_reason()} "
                            "(run without the network part: --no-network)")
-    configs = [NetConfig(algo=a, depth=d, width=width, batch=batch, in_features=in_features, device=str(device),
-                         dtype=dtype, backend=backend, warmup=warmup, repeats=repeats, min_time=min_time,
-                         threads=threads) for d in depths for a in ALGOS]
     rows = []
-    with progress_bar(total=len(configs), desc="networks", enabled=progress) as bar:
-        for cfg in configs:
-            bar.set_postfix_str(f"{cfg.algo} depth {cfg.depth}")
-            rows.append(measure_config_isolated(cfg) if isolate else measure_config(cfg))
+    with progress_bar(total=len(depths) * (1 + len(ALGOS)), desc="networks", enabled=progress) as bar:
+        for depth in depths:
+            configs = [NetConfig(algo=a, depth=depth, width=width, batch=batch, in_features=in_features,
+                                 device=str(device), dtype=dtype, backend=backend, threads=threads) for a in ALGOS]
+            bar.set_postfix_str(f"depth {depth}: timing")
+            timed = time_configs(configs, warmup=warmup, repeats=repeats, min_time=min_time)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             bar.update()
-    return {"memory_method": memory.methods(device, ALLOC_STEPS), "rows": rows, "summary": summarize(rows)}
+            for cfg in configs:
+                bar.set_postfix_str(f"depth {depth}: memory of {cfg.algo}")
+                mem = measure_memory_isolated(cfg) if isolate else measure_memory(cfg)
+                t, used_backend = timed[cfg.algo]
+                rows.append({**asdict(cfg), "backend": used_backend, "threads": torch.get_num_threads(),
+                             "time": t.to_dict(), "samples_per_s": cfg.batch / t.median_s,
+                             "ms_per_sample": t.median_s * 1e3 / cfg.batch, **mem})
+                bar.update()
+    return {"memory_method": memory.methods(device, MEMORY_STEPS), "rows": rows, "summary": summarize(rows)}

@@ -27,7 +27,7 @@ def _table(header: list, rows: list, markdown: bool = False) -> str:
 
 
 def _block(title: str, table: str, markdown: bool) -> str:
-    return f"{title}\n\n{table}" if markdown else f"{title}\n{table}"
+    return f"**{title}**\n\n{table}" if markdown else f"{title}\n{table}"
 
 
 def layer_table(rows: list, markdown: bool = False) -> str:
@@ -98,7 +98,8 @@ def text_report(result: dict, markdown: bool = False) -> str:
         parts.append(f"command: `{s['command']}`")
     if result["layer"] is not None:
         parts.append(layer_table(result["layer"]["rows"], markdown))
-        parts += [f"skipped fused backend {b!r}: {why}" for b, why in result["layer"]["skipped"]]
+        parts += [("- " if markdown else "") + f"skipped fused backend {b!r}: {why}"
+                  for b, why in result["layer"]["skipped"]]
     if result["network"] is not None:
         parts.append(network_table(result["network"], markdown))
     return "\n\n".join(parts)

@@ -1,8 +1,10 @@
-"""Timing a step function: warm-up, then repeats; median and spread.
+"""Timing step functions: warm-up, then repeats; median and spread.
 
 Each repeat times ``number`` back-to-back calls and reports the time per call. ``number`` is chosen
 once, after the warm-up, so that one repeat lasts at least ``min_time`` seconds (like ``timeit``):
 short steps are not drowned in timer and launch noise, long steps run once per repeat.
+``measure_many`` interleaves the repeats of several steps (repeat 1 of each, then repeat 2 of each,
+...), so that a machine whose load drifts slows them alike and their ratios stay meaningful.
 On CUDA the time is taken with CUDA events around the calls and the device is synchronized before
 reading it; on the CPU with ``time.perf_counter``.
 """
@@ -69,18 +71,29 @@ def _run_once(fn: Callable[[], object], number: int, device: torch.device) -> fl
     return (time.perf_counter() - t0) / number
 
 
+def measure_many(fns: dict, device, *, warmup: int = 3, repeats: int = 10, min_time: float = 0.0) -> dict:
+    """{name: Timing} for every step in ``fns`` ({name: no-argument callable}), their repeats interleaved."""
+    _check_counts(warmup, repeats, min_time)
+    device = torch.device(device)
+    numbers = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        synchronize(device)
+        numbers[name] = 1
+        if min_time > 0:
+            one = _run_once(fn, 1, device)
+            numbers[name] = max(1, math.ceil(min_time / max(one, 1e-9)))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_run_once(fn, numbers[name], device))
+    clock = "cuda-event" if device.type == "cuda" else "perf_counter"
+    return {name: Timing(median_s=statistics.median(ts), min_s=min(ts), max_s=max(ts), repeats=repeats,
+                         number=numbers[name], clock=clock) for name, ts in times.items()}
+
+
 def measure(fn: Callable[[], object], device, *, warmup: int = 3, repeats: int = 10,
             min_time: float = 0.0) -> Timing:
     """Time ``fn()`` on ``device``: ``warmup`` untimed calls, then ``repeats`` timed repeats."""
-    _check_counts(warmup, repeats, min_time)
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    number = 1
-    if min_time > 0:
-        one = _run_once(fn, 1, device)
-        number = max(1, math.ceil(min_time / max(one, 1e-9)))
-    times = [_run_once(fn, number, device) for _ in range(repeats)]
-    return Timing(median_s=statistics.median(times), min_s=min(times), max_s=max(times), repeats=repeats,
-                  number=number, clock="cuda-event" if device.type == "cuda" else "perf_counter")
+    return measure_many({"step": fn}, device, warmup=warmup, repeats=repeats, min_time=min_time)["step"]
