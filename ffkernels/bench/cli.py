@@ -156,21 +156,19 @@ def _run(args) -> dict:
 
 
 def _load(path: str) -> dict:
-    with open(path) as f:
-        result = json.load(f)
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from e
     if not isinstance(result, dict) or result.get("schema") != SCHEMA:
         raise ValueError(f"{path} is not a result of `ffkernels bench --json` (schema {SCHEMA!r})")
     return result
 
 
-def run(args) -> dict:
-    try:
-        result = _load(args.from_json) if args.from_json else _run(args)
-    except (ValueError, BackendUnavailableError) as e:
-        msg = str(e)
-        raise SystemExit(msg if msg.startswith("ffkernels") else f"ffkernels bench: {msg}") from e
+def _report(args, result: dict) -> None:
     print(report.text_report(result), flush=True)
-    if args.json and not args.from_json:
+    if args.json:
         report.write_json(args.json, result)
         print(f"wrote {args.json}")
     if args.plot:
@@ -179,6 +177,15 @@ def run(args) -> dict:
     if args.markdown:
         report.write_markdown(args.markdown, result)
         print(f"wrote {args.markdown}")
+
+
+def run(args) -> dict:
+    try:
+        result = _load(args.from_json) if args.from_json else _run(args)
+        _report(args, result)
+    except (ValueError, BackendUnavailableError) as e:
+        msg = str(e)
+        raise SystemExit(msg if msg.startswith("ffkernels") else f"ffkernels bench: {msg}") from e
     return result
 
 

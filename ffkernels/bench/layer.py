@@ -1,8 +1,9 @@
 """The layer benchmark: every case on every shape, and the ratios between them.
 
 The cases of a shape are timed together, their repeats interleaved (timing.measure_many), so load
-that drifts during the run slows them alike. Ratios use median times. Every case processes the same B real samples per call (FF as B positive +
-B negative rows, BP as B rows), so ``ff_bp_ratio_per_sample`` = (t_FF / B) / (t_BP / B).
+that drifts during the run slows them alike. Ratios use median times. Every case processes the same
+B real samples per call (FF as B positive + B negative rows, BP as B rows), so
+``ff_bp_ratio_per_sample`` = (t_FF / B) / (t_BP / B).
 ``ratio_to_floor`` is always to the 2B-row floor of the FF step on the pair (the labeled first-layer
 step, with B-row GEMMs, can go below 1).
 """

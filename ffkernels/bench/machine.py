@@ -64,7 +64,8 @@ def machine_info(device) -> dict:
 
 def describe(info: dict) -> str:
     """One line for people: CPU, threads and (when used) the GPU."""
-    line = f"{info['cpu_model']} ({info['cpu_capability']}), {info['torch_threads']} torch threads"
+    n = info["torch_threads"]
+    line = f"{info['cpu_model']} ({info['cpu_capability']}), {n} torch thread{'' if n == 1 else 's'}"
     if info.get("gpu_name"):
         line += f", GPU {info['gpu_name']}"
     line += f"; torch {info['torch']}"
