@@ -1,0 +1,259 @@
+"""Whole-network training, FF vs BP, as depth grows: samples/s and peak training memory.
+
+- ``ff``: supervised Forward-Forward with the label written into the input. One step =
+  ``labels.ff_pair`` (positives carry the true label, negatives a wrong one) + ``FFNet.ff_step``
+  (every layer's fused step in one sweep). B real samples = B positive + B negative rows.
+- ``ff-labeled``: the same training, one step = ``labels.wrong_labels`` + ``FFNet.ff_step_labeled``:
+  the first layer shares its GEMMs between pos and neg (B rows, not 2B) where the backend can.
+- ``bp``: the same MLP (``reference.BPMLP``: normalization, Linear, ReLU per layer) with a linear head,
+  cross-entropy and Adam (``reference.make_bp_optimizer``: foreach on CPU, fused on CUDA), one
+  ``reference.bp_step`` on the same B samples.
+
+Peak memory is measured above what the process held just before the model was built (the data batch
+is already there), so it counts parameters, optimizer state, gradients and every temporary of
+training: at the allocator level on both devices, and as peak RSS on the CPU (memory.py says how).
+On the CPU the memory of each configuration is measured in a fresh subprocess
+(``python -m ffkernels.bench.network_worker``) so that it owns its RSS high-water mark. Timing runs in
+this process, the three algorithms of a depth together with interleaved repeats.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+
+from .. import reference as ref
+from ..labels import ff_pair, wrong_labels
+from ..layers import FFNet
+from . import memory
+from .progress import progress_bar
+from .timing import measure_many
+
+ALGOS = ("ff", "ff-labeled", "bp")
+FF_ALGOS = ("ff", "ff-labeled")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """One network to train (plain values only: it travels to the memory worker as JSON)."""
+
+    algo: str
+    depth: int
+    width: int
+    batch: int
+    in_features: int = 784
+    num_classes: int = 10
+    device: str = "cpu"
+    dtype: str = "float32"
+    backend: str = "auto"
+    threads: Optional[int] = None
+
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise ValueError(f"ffkernels bench: algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ffkernels bench: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for nm in ("depth", "width", "batch", "in_features"):
+            v = getattr(self, nm)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ffkernels bench: {nm} must be a positive int, got {v!r}")
+        if self.in_features < self.num_classes:
+            raise ValueError(f"ffkernels bench: in_features ({self.in_features}) must hold the {self.num_classes} "
+                             "label slots FF writes into the input")
+
+    @property
+    def dims(self) -> list:
+        return [self.in_features] + [self.width] * self.depth
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _build(cfg: NetConfig, x: torch.Tensor, y: torch.Tensor):
+    """(step, persistent_bytes, backend): the training step and what its model keeps between steps."""
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    if cfg.algo in FF_ALGOS:
+        net = FFNet(cfg.dims, backend=cfg.backend, device=device, dtype=dtype)
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def step():
+            if cfg.algo == "ff-labeled":
+                return net.ff_step_labeled(x, y, wrong_labels(y, cfg.num_classes, gen), cfg.num_classes).losses
+            x_pos, x_neg = ff_pair(x, y, cfg.num_classes, generator=gen)
+            return net.ff_step(x_pos, x_neg).losses
+
+        def persistent():  # parameters + optimizer state (FFLinear buffers)
+            return _tensor_bytes(list(net.parameters()) + list(net.buffers()))
+        return step, persistent, net.backend
+
+    model = ref.BPMLP(cfg.dims, cfg.num_classes, device=device, dtype=dtype)
+    optimizer = ref.make_bp_optimizer(model)
+
+    def step():
+        return ref.bp_step(model, optimizer, x, y)
+
+    def persistent():  # parameters + their .grad + optimizer state
+        params = list(model.parameters())
+        state = [v for s in optimizer.state.values() for v in s.values()]
+        return _tensor_bytes(params + [p.grad for p in params] + state)
+    return step, persistent, "autograd"
+
+
+def make_batch(cfg: NetConfig):
+    """(x, y): a fixed random batch of ``cfg.batch`` inputs in [0, 1) and labels."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(cfg.batch, cfg.in_features, generator=gen).to(cfg.device, DTYPES[cfg.dtype])
+    y = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=gen).to(cfg.device)
+    return x, y
+
+
+def build_step(cfg: NetConfig):
+    """The training step of ``cfg`` on its own fixed batch (a no-argument callable)."""
+    return _build(cfg, *make_batch(cfg))[0]
+
+
+MEMORY_STEPS = 3  # steps of each memory measurement (the first one creates the optimizer state)
+
+
+def _warm_runtime(cfg: NetConfig, x, y) -> None:
+    """Two steps of a tiny model of the same kind: the lazy imports, library buffers and threads a first step
+    starts (autograd engine, torch.optim, BLAS) are the runtime's memory, not the measured model's."""
+    tiny_step = _build(replace(cfg, depth=1, width=8), x, y)[0]
+    tiny_step(), tiny_step()
+
+
+def measure_memory(cfg: NetConfig) -> dict:
+    """Peak training memory of one configuration, in this process, above what it held before the model:
+
+    ``peak_alloc_bytes`` at the allocator level (tensor bytes), ``peak_rss_bytes`` the process's peak RSS
+    (CPU only; meaningful in a fresh process, see measure_memory_isolated), and ``persistent_bytes`` what the
+    model keeps between steps. Each over building the model and MEMORY_STEPS training steps.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    x, y = make_batch(cfg)
+    _warm_runtime(cfg, x, y)
+    meter = memory.CudaPeak(device) if device.type == "cuda" else memory.PeakRSS()
+    meter.start()
+    step, persistent, _ = _build(cfg, x, y)
+    for _ in range(MEMORY_STEPS):
+        step()
+    peak = meter.peak_bytes()
+    result = {"persistent_bytes": persistent()}
+    if device.type == "cuda":
+        return {**result, "peak_alloc_bytes": peak, "peak_rss_bytes": None}
+    del step, persistent
+    gc.collect()
+
+    def build_and_train():
+        fresh = _build(cfg, x, y)[0]
+        for _ in range(MEMORY_STEPS):
+            fresh()
+    return {**result, "peak_alloc_bytes": memory.cpu_allocator_peak(build_and_train), "peak_rss_bytes": peak}
+
+
+def time_configs(configs: list, *, warmup: int, repeats: int, min_time: float) -> dict:
+    """{algo: (Timing, backend)} for configurations that differ only in ``algo``, on one shared batch, their
+    repeats interleaved (timing.measure_many) so that load drifting during the run slows them alike."""
+    cfg0 = configs[0]
+    if any(replace(c, algo=cfg0.algo) != cfg0 for c in configs):
+        raise ValueError("ffkernels bench: time_configs takes configurations that differ only in algo")
+    x, y = make_batch(cfg0)
+    built = {c.algo: _build(c, x, y) for c in configs}
+    times = measure_many({algo: b[0] for algo, b in built.items()}, cfg0.device, warmup=warmup, repeats=repeats,
+                         min_time=min_time)
+    return {algo: (times[algo], built[algo][2]) for algo in built}
+
+
+def _package_root() -> str:
+    import ffkernels
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(ffkernels.__file__)))
+
+
+def measure_memory_isolated(cfg: NetConfig, timeout: float = 3600) -> dict:
+    """``measure_memory`` in a fresh Python process running this same ffkernels."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "ffkernels.bench.network_worker", json.dumps(asdict(cfg))],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"ffkernels bench: the worker for {cfg} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def _linear_slope(xs, ys):
+    """Least-squares slope of ys over xs (None with fewer than two distinct xs)."""
+    if len(set(xs)) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+
+
+def summarize(rows: list) -> dict:
+    """Per depth, each FF variant against BP: time per real sample and peak memory (allocator) ratios;
+    memory growth per added layer (least-squares slope over depth) for each algorithm and measure."""
+    by = {(r["algo"], r["depth"]): r for r in rows}
+    per_depth = []
+    for d in sorted({r["depth"] for r in rows}):
+        bp = by.get(("bp", d))
+        for algo in FF_ALGOS:
+            ff = by.get((algo, d))
+            if ff and bp:
+                per_depth.append({"depth": d, "algo": algo,
+                                  "ff_bp_ratio_per_sample": ff["ms_per_sample"] / bp["ms_per_sample"],
+                                  "ff_bp_peak_alloc_ratio": _ratio(ff["peak_alloc_bytes"], bp["peak_alloc_bytes"])})
+    growth = {}
+    for key in ("peak_alloc_bytes", "peak_rss_bytes", "persistent_bytes"):
+        growth[key] = {}
+        for algo in sorted({r["algo"] for r in rows}, key=ALGOS.index):
+            pts = [(r["depth"], r[key]) for r in rows if r["algo"] == algo and r[key] is not None]
+            growth[key][algo] = _linear_slope([p[0] for p in pts], [p[1] for p in pts]) if pts else None
+    return {"per_depth": per_depth, "bytes_per_added_layer": growth}
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def bench_network(depths, *, width: int, batch: int, in_features: int, device, dtype: str, backend: str = "auto",
+                  warmup: int, repeats: int, min_time: float, threads=None, progress: bool = True) -> dict:
+    """FF, FF with the labeled first layer, and BP at every depth: {"memory_method": {"alloc", "rss"}, "rows",
+    "summary"}. Per depth the three are timed together in this process (interleaved repeats); then the memory of
+    each is measured alone: on the CPU in a fresh subprocess (it owns its RSS high-water mark)."""
+    device = torch.device(device)
+    isolate = device.type == "cpu"
+    if isolate and memory.rss_unavailable_reason():
+        raise RuntimeError(f"ffkernels bench: cannot measure CPU memory: {memory.rss_unavailable_reason()} "
+                           "(run without the network part: --no-network)")
+    rows = []
+    with progress_bar(total=len(depths) * (1 + len(ALGOS)), desc="networks", enabled=progress) as bar:
+        for depth in depths:
+            configs = [NetConfig(algo=a, depth=depth, width=width, batch=batch, in_features=in_features,
+                                 device=str(device), dtype=dtype, backend=backend, threads=threads) for a in ALGOS]
+            bar.set_postfix_str(f"depth {depth}: timing")
+            timed = time_configs(configs, warmup=warmup, repeats=repeats, min_time=min_time)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            bar.update()
+            for cfg in configs:
+                bar.set_postfix_str(f"depth {depth}: memory of {cfg.algo}")
+                mem = measure_memory_isolated(cfg) if isolate else measure_memory(cfg)
+                t, used_backend = timed[cfg.algo]
+                rows.append({**asdict(cfg), "backend": used_backend, "threads": torch.get_num_threads(),
+                             "time": t.to_dict(), "samples_per_s": cfg.batch / t.median_s,
+                             "ms_per_sample": t.median_s * 1e3 / cfg.batch, **mem})
+                bar.update()
+    return {"memory_method": memory.methods(device, MEMORY_STEPS), "rows": rows, "summary": summarize(rows)}
