@@ -101,10 +101,7 @@ GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos,
     if (has_bias) r.grad_bias = z.sum(0);
   });
   r.loss = at::scalar_tensor(sum_in_order(pair_loss), x.options());
-  r.h_pos = h_pos;
-  r.h_neg = h_neg;
-  r.g_pos = g_pos;
-  r.g_neg = g_neg;
+  std::tie(r.h_pos, r.h_neg, r.g_pos, r.g_neg) = std::tie(h_pos, h_neg, g_pos, g_neg);
   return r;
 }
 

@@ -388,24 +388,28 @@ def test_opcheck(bias, opt):
                                                   *cfg.optim_args()))
 
 
-@interpreter
-def test_torch_compile_fullgraph_matches_eager():
-    cfg, x_pos, x_neg, w, b, sw, sb = _op_args(True, "adam-wd")
-
+def _compiled_step_matches_eager(cfg, tensors, compile_kw):
+    """torch.compile(fullgraph) of an ff_step call gives the eager outputs and the same in-place update;
+    returns (compiled outputs + args, eager outputs + args)."""
     def train(x_pos, x_neg, w, b, s1w, s2w, s1b, s2b):
         out = torch.ops.ffkernels_triton.ff_step(x_pos, x_neg, w, b, s1w, s2w, s1b, s2b, 1, *cfg.loss_args(),
                                                  *cfg.optim_args())
         return out[0] * 2.0, out[1].sum(-1)
 
-    eager_args = [t.clone() for t in (x_pos, x_neg, w, b, *sw, *sb)]
+    eager_args = [t.clone() for t in tensors]
     compiled_args = [t.clone() for t in eager_args]
     expected = train(*eager_args)
-    got = torch.compile(train, backend="aot_eager", fullgraph=True)(*compiled_args)
+    got = torch.compile(train, fullgraph=True, **compile_kw)(*compiled_args)
+    assert not torch.equal(compiled_args[2], tensors[2])  # the in-place update happened in the compiled graph
+    return list(got) + compiled_args, list(expected) + eager_args
+
+
+@interpreter
+def test_torch_compile_fullgraph_matches_eager():
+    cfg, x_pos, x_neg, w, b, sw, sb = _op_args(True, "adam-wd")
+    got, expected = _compiled_step_matches_eager(cfg, (x_pos, x_neg, w, b, *sw, *sb), {"backend": "aot_eager"})
     for a, e in zip(got, expected):
         assert torch.equal(a, e)
-    for a, e in zip(compiled_args, eager_args):  # the in-place update happened in the compiled graph too
-        assert torch.equal(a, e)
-    assert not torch.equal(compiled_args[2], w)
 
 
 # ---- bad input gets a clear error --------------------------------------------------------------------------------
@@ -597,14 +601,6 @@ def test_gpu_torch_compile_inductor_matches_eager():
     x_pos, x_neg = make_batch(32, 80, seed=81, device="cuda")
     sw, sb = list(zero_states(w, cfg)), list(zero_states(b, cfg))
 
-    def train(x_pos, x_neg, w, b, s1w, s2w, s1b, s2b):
-        out = torch.ops.ffkernels_triton.ff_step(x_pos, x_neg, w, b, s1w, s2w, s1b, s2b, 1, *cfg.loss_args(),
-                                                 *cfg.optim_args())
-        return out[0] * 2.0, out[1].sum(-1)
-
-    eager_args = [t.clone() for t in (x_pos, x_neg, w, b, *sw, *sb)]
-    compiled_args = [t.clone() for t in eager_args]
-    expected = train(*eager_args)
-    got = torch.compile(train, fullgraph=True)(*compiled_args)
-    for a, e in zip(list(got) + compiled_args, list(expected) + eager_args):
+    got, expected = _compiled_step_matches_eager(cfg, (x_pos, x_neg, w, b, *sw, *sb), {})
+    for a, e in zip(got, expected):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)

@@ -158,10 +158,7 @@ GradResult ff_grad_cuda(const at::Tensor& x_pos, const at::Tensor& x_neg, const 
     if (has_bias) r.grad_bias = z.sum(0);
   });
   r.loss = loss;
-  r.h_pos = h_pos;
-  r.h_neg = h_neg;
-  r.g_pos = g_pos;
-  r.g_neg = g_neg;
+  std::tie(r.h_pos, r.h_neg, r.g_pos, r.g_neg) = std::tie(h_pos, h_neg, g_pos, g_neg);
   return r;
 }
 

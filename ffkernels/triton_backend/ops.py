@@ -16,6 +16,7 @@ from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from ..config import FFConfig
+from ..functional import check_ff_inputs
 from . import settings
 from .forward_kernel import ff_forward_kernel, launch_forward
 from .loss_kernel import launch_loss
@@ -53,30 +54,13 @@ def _check_device_and_dtype(weight: Tensor) -> None:
 def _check_inputs(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor], in_place: bool):
     """Checks the FF inputs; returns contiguous x_pos, x_neg, weight, bias (weight and bias must already be
     contiguous when they are updated ``in_place``)."""
-    for nm, x in (("x_pos", x_pos), ("x_neg", x_neg)):
-        if x.dim() != 2:
-            raise ValueError(f"ffkernels: {nm} must be 2-D (B, in_features), got shape {tuple(x.shape)}")
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(f"ffkernels: weight must be a non-empty 2-D (out_features, in_features) tensor, got shape "
                          f"{tuple(weight.shape)}")
-    if x_pos.shape[0] != x_neg.shape[0]:
-        raise ValueError(f"ffkernels: x_pos and x_neg must have the same batch size, got {x_pos.shape[0]} and "
-                         f"{x_neg.shape[0]}")
-    if x_pos.shape[0] == 0:
-        raise ValueError("ffkernels: the batch is empty (B = 0)")
-    if x_pos.shape[1] != weight.shape[1] or x_neg.shape[1] != weight.shape[1]:
-        raise ValueError(f"ffkernels: in_features mismatch: weight is {tuple(weight.shape)} but x_pos is "
-                         f"{tuple(x_pos.shape)} and x_neg is {tuple(x_neg.shape)}")
+    check_ff_inputs(x_pos, x_neg, weight, bias)  # shapes, devices and dtypes agree
     _check_device_and_dtype(weight)
-    for nm, x in (("x_pos", x_pos), ("x_neg", x_neg)):
-        if x.device != weight.device:
-            raise ValueError(f"ffkernels: {nm} is on {x.device} but weight is on {weight.device}")
-        if x.dtype != weight.dtype:
-            raise TypeError(f"ffkernels: {nm} has dtype {_name(x.dtype)} but weight is {_name(weight.dtype)}")
     _check_param(weight, weight, "weight", in_place)
     if bias is not None:
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"ffkernels: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         _check_param(weight, bias, "bias", in_place)
         bias = bias.contiguous()
     return x_pos.contiguous(), x_neg.contiguous(), weight.contiguous(), bias
