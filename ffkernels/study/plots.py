@@ -100,6 +100,7 @@ def plot_tsne(store: StudyStore, dataset: str, pretext: str) -> "str | None":
     n_layers = max(m[2].shape[0] for m in maps.values())
     fig, axes = _figure(len(maps), n_layers, 2.8, 2.8)
     cmap = "tab10"
+    n_classes = max(10, max(int(m[1].max()) + 1 for m in maps.values()))
     for row, (a, (seed, labels, coords)) in enumerate(maps.items()):
         for layer in range(n_layers):
             ax = axes[row][layer]
@@ -108,9 +109,10 @@ def plot_tsne(store: StudyStore, dataset: str, pretext: str) -> "str | None":
             if layer >= coords.shape[0]:
                 ax.set_visible(False)
                 continue
-            ax.scatter(coords[layer, :, 0], coords[layer, :, 1], c=labels, cmap=cmap, s=3, vmin=0,
-                       vmax=max(9, int(labels.max())))
+            points = ax.scatter(coords[layer, :, 0], coords[layer, :, 1], c=labels, cmap=cmap, s=3, vmin=-0.5,
+                                vmax=n_classes - 0.5)  # class k sits mid-way in its colour band
             ax.set_title(f"{ALGO_NAMES[a]} layer {layer + 1} (seed {seed})", fontsize="small")
+    fig.colorbar(points, ax=[ax for row in axes for ax in row], ticks=range(n_classes), shrink=0.8, label="class")
     fig.suptitle(f"{dataset} / {pretext}: t-SNE of test features, coloured by class")
     path = os.path.join(store.out, f"tsne_{dataset}_{pretext}.png")
     fig.savefig(path, dpi=110)
