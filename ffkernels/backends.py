@@ -45,9 +45,8 @@ class ReferenceBackend:
     def update(self, weight, bias, grad_w, grad_b, st_w, st_b, step, cfg: FFConfig, loss=None) -> None:
         if loss is not None and not _finite(loss):
             return
-        params, grads, states = [weight], [grad_w], [st_w]
-        if bias is not None:
-            params.append(bias), grads.append(grad_b), states.append(st_b)
+        triples = [(weight, grad_w, st_w)] + ([(bias, grad_b, st_b)] if bias is not None else [])
+        params, grads, states = (list(t) for t in zip(*triples))
         ref.optimizer_update(params, grads, states, step, cfg)
 
     def step(self, x_pos, x_neg, weight, bias, st_w, st_b, step, cfg: FFConfig) -> FFStepOutput:

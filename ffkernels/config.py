@@ -68,7 +68,7 @@ class FFConfig:
     @staticmethod
     def default_threshold(goodness: str, out_features: int) -> float:
         """threshold=None means: out_features for "sum" goodness, 1.0 for "mean"."""
-        return float(out_features) if goodness == "sum" else 1.0
+        return float(out_features) if _choice("goodness", goodness, GOODNESS) == "sum" else 1.0
 
     def replace(self, **kw) -> "FFConfig":
         return replace(self, **kw)

@@ -46,8 +46,6 @@ class FFLinear(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        if goodness not in ("sum", "mean"):  # checked before it decides the threshold default
-            FFConfig(goodness=goodness)
         if threshold is None:
             threshold = FFConfig.default_threshold(goodness, out_features)
         self.config = FFConfig(goodness=goodness, threshold=threshold, loss=loss, symba_alpha=symba_alpha,
