@@ -4,6 +4,11 @@ from typing import NamedTuple
 import torch
 
 
+def dtype_name(dtype) -> str:
+    """'float32' for torch.float32: how error messages name a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 class FFStepOutput(NamedTuple):
     """What one FF layer step returns; everything computed with the weights *before* the update."""
 

@@ -17,7 +17,7 @@ import torch
 
 from . import _ext
 from . import reference as ref
-from ._types import BackendUnavailableError, FFGradOutput, FFStepOutput
+from ._types import BackendUnavailableError, FFGradOutput, FFStepOutput, dtype_name
 from .config import FFConfig
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
@@ -190,8 +190,8 @@ def available_backends() -> list:
 def _dtype_reason(backend, dtype):
     if dtype is None or backend.dtypes is None or dtype in backend.dtypes:
         return None
-    names = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
-    return f"backend {backend.name!r} supports {names}, got {str(dtype).replace('torch.', '')}"
+    names = ", ".join(dtype_name(d) for d in backend.dtypes)
+    return f"backend {backend.name!r} supports {names}, got {dtype_name(dtype)}"
 
 
 def resolve_backend(requested: str, device, dtype=None) -> str:

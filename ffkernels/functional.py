@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ._types import FFGradOutput, FFStepOutput
+from ._types import FFGradOutput, FFStepOutput, dtype_name as _name
 from .backends import get_backend, resolve_backend
 from .config import FFConfig
-
-
-def _name(t) -> str:
-    return str(t).replace("torch.", "")
 
 
 def check_ff_inputs(x_pos, x_neg, weight: torch.Tensor, bias=None) -> None:

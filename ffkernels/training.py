@@ -28,7 +28,8 @@ class History:
         return {"epochs": [e.__dict__ for e in self.epochs]}
 
 
-def _progress(iterable, enabled: bool, **kw):
+def progress_iter(iterable, enabled: bool, **kw):
+    """``iterable`` wrapped in a tqdm progress bar when ``enabled``."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
@@ -63,7 +64,7 @@ def train_ff_epoch(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: in
     batches = perm.split(batch_size)
     sums = torch.zeros(len(net.layers), dtype=torch.float64)
     t0 = time.perf_counter()
-    bar = _progress(batches, progress, desc=desc, leave=False, unit="batch")
+    bar = progress_iter(batches, progress, desc=desc, leave=False, unit="batch")
     labeled = getattr(net, "ff_step_labeled", None) if shared_first_layer else None
     for i, idx in enumerate(bar):
         if labeled is not None:
@@ -104,7 +105,7 @@ def train_bp_epoch(model: BPMLP, optimizer: torch.optim.Optimizer, x: torch.Tens
     batches = perm.split(batch_size)
     total = torch.zeros((), dtype=torch.float64)
     t0 = time.perf_counter()
-    bar = _progress(batches, progress, desc=desc, leave=False, unit="batch")
+    bar = progress_iter(batches, progress, desc=desc, leave=False, unit="batch")
     for i, idx in enumerate(bar):
         loss = bp_step(model, optimizer, x[idx].to(p.device, p.dtype, non_blocking=True),
                        y[idx].to(p.device, non_blocking=True))

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..data import load_dataset
 from ..labels import ff_pair
 from ..train import build_net, describe, epoch_line, finish
-from ..training import EpochStats, History, _progress, accuracy, train_ff_epoch
+from ..training import EpochStats, History, accuracy, progress_iter, train_ff_epoch
 from .data_parallel import DataParallelFF, shard
 from .pipeline import PipelineFF
 from .process_group import communication, init_from_env
@@ -81,8 +81,8 @@ class PipelineTrainer:
         batches = None
         if self.pipe.is_first:  # only stage 0 reads the data
             w = self.net.layers[0].weight
-            batches = _progress(_ff_batches(ds, batch_size, gen, w.device, w.dtype), progress, desc=desc,
-                                leave=False, unit="batch", total=-(-len(ds.y_train) // batch_size))
+            batches = progress_iter(_ff_batches(ds, batch_size, gen, w.device, w.dtype), progress, desc=desc,
+                                    leave=False, unit="batch", total=-(-len(ds.y_train) // batch_size))
         t0 = time.perf_counter()
         losses = self.pipe.run(batches)
         with communication("waiting for every stage to finish the epoch"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .._types import dtype_name
 from ..layers import FFNet
 from .process_group import communication, global_rank
 
@@ -11,7 +12,7 @@ from .process_group import communication, global_rank
 def describe_net(net: FFNet) -> list:
     """What must agree between ranks for them to train the same FFNet: shapes, dtype, options."""
     return [{"in": l.in_features, "out": l.out_features, "bias": l.bias is not None,
-             "dtype": str(l.weight.dtype).replace("torch.", ""), "config": l.config.to_dict()} for l in net.layers]
+             "dtype": dtype_name(l.weight.dtype), "config": l.config.to_dict()} for l in net.layers]
 
 
 def check_same_net(net: FFNet, group=None) -> None:

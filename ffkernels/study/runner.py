@@ -16,7 +16,7 @@ import torch
 from ..data import Dataset, load_dataset, subsample
 from ..layers import FFNet
 from ..reference import BPMLP, make_bp_optimizer
-from ..training import accuracy, bp_accuracy, train_bp_epoch, train_ff_epoch
+from ..training import accuracy, bp_accuracy, progress_iter, train_bp_epoch, train_ff_epoch
 from .config import StudyConfig
 from .embedding import tsne_2d, tsne_points
 from .features import bp_features, ff_features
@@ -37,14 +37,6 @@ def derived_seed(*parts: int) -> int:
 
 def _generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(*parts))
-
-
-def _progress(iterable, enabled: bool, **kw):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
 
 
 # ---- transfer ------------------------------------------------------------------------------------------
@@ -111,7 +103,7 @@ def run_one(ds: Dataset, task: PretextTask, algo: str, seed: int, cfg: StudyConf
     # loss: every epoch (FF: one value per layer; BP: the cross-entropy); pretext accuracy: every eval_every epochs
     curves = {"epoch": [], "loss": [], "eval_epoch": [], "pretext_accuracy": []}
     train_seconds = 0.0
-    epochs = _progress(range(1, cfg.epochs + 1), progress, desc=f"{ds.name}/{task.name}/{algo}/seed{seed}",
+    epochs = progress_iter(range(1, cfg.epochs + 1), progress, desc=f"{ds.name}/{task.name}/{algo}/seed{seed}",
                        leave=False, unit="epoch")
     for epoch in epochs:
         x_ep, y_ep = make_pretext_data(task, ds.x_train, ds.y_train, ds.image_shape, _generator(seed, epoch, 0))
@@ -173,7 +165,7 @@ def run_study(out: str, datasets, pretexts, algos, seeds, cfg: StudyConfig, *, d
     log(f"ffkernels study: {len(plan)} runs planned in {out!r}"
         + (f", {done} already finished there (skipped)" if done else "")
         + f"; config {cfg.fingerprint()}")
-    bar = _progress(todo, progress and bool(todo), desc="study", unit="run")
+    bar = progress_iter(todo, progress and bool(todo), desc="study", unit="run")
     loaded = {}
     for key in bar:
         name, pretext, algo, seed = key

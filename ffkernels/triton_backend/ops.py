@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
+from .._types import dtype_name as _name
 from ..config import FFConfig
 from ..functional import check_ff_inputs
 from . import settings
@@ -26,10 +27,6 @@ from .weight_grad_kernel import launch_weight_grad
 
 NAMESPACE = "ffkernels_triton"
 TRACEABLE = isinstance(ff_forward_kernel, JITFunction)  # False under TRITON_INTERPRET=1
-
-
-def _name(t) -> str:
-    return str(t).replace("torch.", "")
 
 
 # ---- argument checks (messages name the problem; the kernels assume all of this) -------------------------
