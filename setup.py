@@ -68,7 +68,27 @@ def extension_modules():
                               extra_link_args=["-fopenmp"])
         why = "FFKERNELS_CUDA=0" if mode in ("0", "off") else "no CUDA toolkit found"
         log(f"building ffkernels._C: CPU kernels only ({why}; MAX_JOBS={os.environ['MAX_JOBS']})")
-    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": persistent_build_ext(ce.BuildExtension, with_cuda).with_options(use_ninja=True)}
+
+
+def persistent_build_ext(base, with_cuda: bool):
+    """build_ext whose object files stay in build/ between installs, so ninja recompiles only what changed.
+
+    pip gives every `pip install -e` a fresh temporary build folder, which makes ninja rebuild the whole
+    extension (minutes with CUDA). The folder is keyed by Python, torch and CUDA-or-not, so switching
+    any of them cannot reuse an incompatible object; ninja itself rebuilds an object whose command line
+    (flags, archs) changed."""
+    import torch
+
+    tag = (f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-"
+           f"{'cuda' if with_cuda else 'cpu'}")
+
+    class BuildExt(base):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(HERE, "build", f"temp-{tag}")
+
+    return BuildExt
 
 
 ext_modules, cmdclass = extension_modules()
