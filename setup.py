@@ -37,7 +37,7 @@ def extension_modules():
     if mode in ("1", "on") and cuda_home is None:
         sys.exit("FFKERNELS_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the folder holding "
                  "bin/nvcc and lib64/libcudart.so")
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     if cuda_home is not None and not cuda_sources:
         log(f"CUDA toolkit found at {cuda_home}, but this tree has no CUDA kernels (csrc/cuda/*.cu)")
         cuda_home = None

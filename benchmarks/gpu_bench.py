@@ -30,7 +30,8 @@ from torch import nn
 
 import ffkernels
 from ffkernels import functional
-from ffkernels import reference as ref
+from ffkernels import bp
+from ffkernels.backends import reference as ref
 from ffkernels.backends import BACKENDS
 from ffkernels.config import FFConfig
 
@@ -197,11 +198,11 @@ def bench_memory(depth, dtype_name, args) -> dict:
         row["errors"]["ff"] = _error(e)
     torch.cuda.empty_cache()
     try:
-        model = ref.BPMLP(dims, num_classes=10, device="cuda", dtype=dtype)
-        opt = ref.make_bp_optimizer(model, lr=3e-3)
+        model = bp.BPMLP(dims, num_classes=10, device="cuda", dtype=dtype)
+        opt = bp.make_bp_optimizer(model, lr=3e-3)
         x = torch.cat([x_pos, x_neg])
         y = torch.randint(0, 10, (2 * B,), device="cuda")
-        row["bp_peak_mb"] = peak_memory_mb(lambda: ref.bp_step(model, opt, x, y))
+        row["bp_peak_mb"] = peak_memory_mb(lambda: bp.bp_step(model, opt, x, y))
         del model, opt
     except Exception as e:  # noqa: BLE001
         row["errors"]["bp"] = _error(e)

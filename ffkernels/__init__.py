@@ -5,18 +5,12 @@
     out = layer.ff_step(x_pos, x_neg)              # one fused FF step: loss, h, g, in-place update
     net = ffkernels.FFNet([784, 2000, 2000])       # greedy layer-local training in one sweep
 """
-from . import _ext
 from ._types import BackendUnavailableError, FFGradOutput, FFStepOutput, NonFiniteLossError
 from .backends import available_backends, resolve_backend
 from .config import FFConfig
 from .functional import ff_grad, ff_step, ff_update
 from .labels import embed_label, embed_neutral, ff_pair, wrong_labels
 from .layers import FFLinear, FFNet, FFNetStepOutput
-
-if _ext.loaded():
-    from . import _fake
-
-    _fake.register()
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property, lru_cache
 
 NORMS = ("rms", "l2", "none")
 GOODNESS = ("sum", "mean")
@@ -27,9 +28,15 @@ def _number(name: str, value, lo: float, lo_inclusive: bool = True, hi: float = 
     return v
 
 
+# The keys of FFConfig.op_options, in the order they are written; python_api/ff_api.cpp parses the same keys.
+OP_OPTION_KEYS = ("norm", "norm_eps", "goodness", "threshold", "loss", "symba_alpha", "optimizer", "lr", "beta1",
+                  "beta2", "eps", "momentum", "weight_decay")
+_CHOICE_KEYS = ("norm", "goodness", "loss", "optimizer")
+
+
 @dataclass(frozen=True)
 class FFConfig:
-    """Everything that defines an FF layer's local loss and its optimizer (see shared/DESIGN.md)."""
+    """Everything that defines an FF layer's local loss and its optimizer (see docs/design.md)."""
 
     goodness: str = "sum"
     threshold: float = 1.0
@@ -78,12 +85,45 @@ class FFConfig:
         d["betas"] = list(self.betas)
         return d
 
-    # argument lists of the compiled ops (python_api/ff_api.cpp), in schema order
-    def loss_args(self) -> tuple:
-        return (self.norm, self.norm_eps, self.goodness, self.threshold, self.loss, self.symba_alpha)
+    @cached_property
+    def op_options(self) -> str:
+        """The ``options`` argument of the registered ops: every option as ``key=value``, ``;``-separated.
 
-    def optim_args(self) -> tuple:
-        return (self.optimizer, self.lr, self.betas[0], self.betas[1], self.eps, self.momentum, self.weight_decay)
+        One string crosses the op boundary instead of a dozen positional scalars; floats are written with
+        ``repr`` (shortest exact round trip), and every op parses all keys (python_api/ff_api.cpp, and
+        ``from_op_options`` for the Triton ops), so a key added here and not there fails loudly.
+        """
+        values = {k: getattr(self, k) for k in OP_OPTION_KEYS if hasattr(self, k)}
+        values["beta1"], values["beta2"] = self.betas
+        return ";".join(f"{k}={values[k]!r}" if isinstance(values[k], float) else f"{k}={values[k]}"
+                        for k in OP_OPTION_KEYS)
+
+    @staticmethod
+    @lru_cache(maxsize=64)
+    def from_op_options(options: str) -> "FFConfig":
+        """The FFConfig an ``options`` string describes; ValueError naming a missing, unknown or bad key."""
+        if not isinstance(options, str):
+            raise TypeError(f"ffkernels: options must be a str (FFConfig.op_options), got {type(options).__name__}")
+        values = {}
+        for item in options.split(";"):
+            key, sep, value = item.partition("=")
+            if not sep or key not in OP_OPTION_KEYS:
+                raise ValueError(f"ffkernels: unknown option {key!r} in options {options!r}; expected the keys "
+                                 f"{', '.join(OP_OPTION_KEYS)} (see FFConfig.op_options)")
+            if key in values:
+                raise ValueError(f"ffkernels: option {key!r} is given twice in options {options!r}")
+            values[key] = value
+        missing = [k for k in OP_OPTION_KEYS if k not in values]
+        if missing:
+            raise ValueError(f"ffkernels: options {options!r} lack {', '.join(missing)} (see FFConfig.op_options)")
+        for key in values:
+            if key not in _CHOICE_KEYS:
+                try:
+                    values[key] = float(values[key])
+                except ValueError:
+                    raise ValueError(f"ffkernels: option {key} must be a number, got {values[key]!r}") from None
+        betas = (values.pop("beta1"), values.pop("beta2"))
+        return FFConfig(betas=betas, **values)
 
     @property
     def state_names(self) -> tuple:

@@ -7,8 +7,9 @@ import platform
 
 import torch
 
-from . import __version__, _ext
+from . import __version__
 from .backends import BACKEND_NAMES, BACKENDS
+from .backends import compiled as _ext
 
 
 def collect() -> dict:

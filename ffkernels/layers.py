@@ -7,19 +7,14 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from . import reference as ref
 from ._types import FFGradOutput, FFStepOutput, NonFiniteLossError
 from .backends import BACKEND_NAMES, get_backend, resolve_backend
+from .backends import reference as ref
+from .backends.contract import check_ff_inputs, state_dtype
 from .config import FFConfig
-from .functional import check_ff_inputs
 from .labels import embed_label
 
 _STATE_VERSION = 1
-
-
-def _state_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """Optimizer state is fp32, or fp64 for fp64 parameters."""
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 class FFLinear(nn.Module):
@@ -77,7 +72,7 @@ class FFLinear(nn.Module):
             del self._buffers[name]
         for s in self.config.state_names:
             for pname, p in self._params():
-                self.register_buffer(f"{s}_{pname}", torch.zeros_like(p, dtype=_state_dtype(p.dtype)))
+                self.register_buffer(f"{s}_{pname}", torch.zeros_like(p, dtype=state_dtype(p.dtype)))
 
     def reset_optimizer_state(self) -> None:
         """Zero the optimizer state and the step count (a fresh optimizer)."""
@@ -253,7 +248,7 @@ class FFLinear(nn.Module):
         super()._apply(fn, recurse)
         for n, buf in saved.items():
             p = self.weight
-            self._buffers[n] = buf.to(device=p.device, dtype=_state_dtype(p.dtype))
+            self._buffers[n] = buf.to(device=p.device, dtype=state_dtype(p.dtype))
         return self
 
 

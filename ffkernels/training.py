@@ -8,7 +8,7 @@ import torch
 
 from .labels import ff_pair, wrong_labels
 from .layers import FFNet
-from .reference import BPMLP, bp_step
+from .bp import BPMLP, bp_step
 
 
 @dataclass

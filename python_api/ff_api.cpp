@@ -1,5 +1,6 @@
-// The thin binding layer: op schemas, argument checks with messages that name the problem, and
-// dispatch to the kernels in csrc/ per device. No math here.
+// The thin binding layer: op schemas, option parsing, argument checks with messages that name the problem,
+// and the CPU registration. Each device's kernels are registered from their own file (CPU here, CUDA in
+// csrc/cuda/ff_register_cuda.cpp) through register_ops<...> (ff_ops.h). No math here.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -7,38 +8,48 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <map>
 #include <string>
 
-#include "../csrc/ff_kernels.h"
+#include "ff_ops.h"
 
 namespace ffk {
 namespace {
 
-using at::Tensor;
-using c10::optional;
+// ---- options: one string, FFConfig.op_options (ffkernels/config.py) -------------------------------------
 
-// ---- options -------------------------------------------------------------------------------------
+// The keys of FFConfig.op_options (ffkernels/config.py OP_OPTION_KEYS); every op takes all of them.
+constexpr const char* kOptionKeys[] = {"norm",      "norm_eps", "goodness", "threshold", "loss",
+                                       "symba_alpha", "optimizer", "lr",      "beta1",     "beta2",
+                                       "eps",       "momentum", "weight_decay"};
 
-Norm parse_norm(c10::string_view s) {
+std::string option_keys_text() {
+  std::string s;
+  for (const char* k : kOptionKeys) s += (s.empty() ? "" : ", ") + std::string(k);
+  return s;
+}
+
+Norm parse_norm(const std::string& s) {
   if (s == "rms") return Norm::RMS;
   if (s == "l2") return Norm::L2;
   if (s == "none") return Norm::None;
   TORCH_CHECK_VALUE(false, "ffkernels: unknown norm '", s, "'; expected one of 'rms', 'l2', 'none'");
 }
 
-Goodness parse_goodness(c10::string_view s) {
+Goodness parse_goodness(const std::string& s) {
   if (s == "sum") return Goodness::Sum;
   if (s == "mean") return Goodness::Mean;
   TORCH_CHECK_VALUE(false, "ffkernels: unknown goodness '", s, "'; expected one of 'sum', 'mean'");
 }
 
-Loss parse_loss(c10::string_view s) {
+Loss parse_loss(const std::string& s) {
   if (s == "hinton") return Loss::Hinton;
   if (s == "symba") return Loss::Symba;
   TORCH_CHECK_VALUE(false, "ffkernels: unknown loss '", s, "'; expected one of 'hinton', 'symba'");
 }
 
-Optim parse_optimizer(c10::string_view s) {
+Optim parse_optimizer(const std::string& s) {
   if (s == "adam") return Optim::Adam;
   if (s == "sgd") return Optim::SGD;
   TORCH_CHECK_VALUE(false, "ffkernels: unknown optimizer '", s, "'; expected one of 'adam', 'sgd'");
@@ -50,63 +61,89 @@ void check_number(double v, const char* name, double lo, bool lo_inclusive, doub
                     std::isfinite(hi) ? " and < " + std::to_string(hi) : std::string(), ", got ", v);
 }
 
-LossOptions loss_options(c10::string_view norm, double norm_eps, c10::string_view goodness, double threshold,
-                         c10::string_view loss, double symba_alpha) {
-  LossOptions o;
-  o.norm = parse_norm(norm);
-  o.goodness = parse_goodness(goodness);
-  o.loss = parse_loss(loss);
-  check_number(norm_eps, "norm_eps", 0.0, true);
-  TORCH_CHECK_VALUE(std::isfinite(threshold), "ffkernels: threshold must be finite, got ", threshold);
-  check_number(symba_alpha, "symba_alpha", 0.0, false);
-  o.norm_eps = norm_eps;
-  o.threshold = threshold;
-  o.symba_alpha = symba_alpha;
+struct OpOptions {
+  LossOptions loss;
+  OptimOptions optim;
+};
+
+// Parses and checks the options string once per call: every key must be there, once, and nothing else.
+OpOptions parse_options(c10::string_view text) {
+  const std::string all(text);
+  std::map<std::string, std::string> kv;
+  size_t pos = 0;
+  while (pos <= all.size()) {
+    const size_t end = std::min(all.find(';', pos), all.size());
+    const std::string item = all.substr(pos, end - pos);
+    const size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq);
+    bool known = false;
+    for (const char* k : kOptionKeys) known = known || key == k;
+    TORCH_CHECK_VALUE(eq != std::string::npos && known, "ffkernels: unknown option '", key, "' in options '", all,
+                      "'; expected the keys ", option_keys_text(), " (see FFConfig.op_options)");
+    TORCH_CHECK_VALUE(kv.emplace(key, item.substr(eq + 1)).second, "ffkernels: option '", key,
+                      "' is given twice in options '", all, "'");
+    pos = end + 1;
+  }
+  std::string missing;
+  for (const char* k : kOptionKeys)
+    if (!kv.count(k)) missing += (missing.empty() ? "" : ", ") + std::string(k);
+  TORCH_CHECK_VALUE(missing.empty(), "ffkernels: options '", all, "' lack ", missing, " (see FFConfig.op_options)");
+  auto number = [&](const char* key) {
+    const std::string& v = kv[key];
+    char* stop = nullptr;
+    const double d = std::strtod(v.c_str(), &stop);
+    TORCH_CHECK_VALUE(!v.empty() && stop == v.c_str() + v.size(), "ffkernels: option ", key,
+                      " must be a number, got '", v, "'");
+    return d;
+  };
+  OpOptions o;
+  o.loss.norm = parse_norm(kv["norm"]);
+  o.loss.goodness = parse_goodness(kv["goodness"]);
+  o.loss.loss = parse_loss(kv["loss"]);
+  o.loss.norm_eps = number("norm_eps");
+  o.loss.threshold = number("threshold");
+  o.loss.symba_alpha = number("symba_alpha");
+  check_number(o.loss.norm_eps, "norm_eps", 0.0, true);
+  TORCH_CHECK_VALUE(std::isfinite(o.loss.threshold), "ffkernels: threshold must be finite, got ", o.loss.threshold);
+  check_number(o.loss.symba_alpha, "symba_alpha", 0.0, false);
+  OptimOptions& q = o.optim;
+  q.optimizer = parse_optimizer(kv["optimizer"]);
+  q.lr = number("lr");
+  q.beta1 = number("beta1");
+  q.beta2 = number("beta2");
+  q.eps = number("eps");
+  q.momentum = number("momentum");
+  q.weight_decay = number("weight_decay");
+  check_number(q.lr, "lr", 0.0, true);
+  check_number(q.beta1, "beta1", 0.0, true, 1.0);
+  check_number(q.beta2, "beta2", 0.0, true, 1.0);
+  check_number(q.eps, "eps", 0.0, true);
+  check_number(q.momentum, "momentum", 0.0, true);
+  check_number(q.weight_decay, "weight_decay", 0.0, true);
   return o;
 }
 
-OptimOptions optim_options(int64_t step, c10::string_view optimizer, double lr, double beta1, double beta2,
-                           double eps, double momentum, double weight_decay) {
-  OptimOptions o;
-  o.optimizer = parse_optimizer(optimizer);
+OptimOptions optim_for_step(const OpOptions& o, int64_t step) {
   TORCH_CHECK_VALUE(step >= 1, "ffkernels: step must be >= 1 (the 1-based number of this update), got ", step);
-  check_number(lr, "lr", 0.0, true);
-  check_number(beta1, "beta1", 0.0, true, 1.0);
-  check_number(beta2, "beta2", 0.0, true, 1.0);
-  check_number(eps, "eps", 0.0, true);
-  check_number(momentum, "momentum", 0.0, true);
-  check_number(weight_decay, "weight_decay", 0.0, true);
-  o.step = step;
-  o.lr = lr;
-  o.beta1 = beta1;
-  o.beta2 = beta2;
-  o.eps = eps;
-  o.momentum = momentum;
-  o.weight_decay = weight_decay;
-  return o;
+  OptimOptions q = o.optim;
+  q.step = step;
+  return q;
 }
 
 // ---- tensors -------------------------------------------------------------------------------------
 
-bool dtype_supported(const Tensor& t) {
+bool dtype_supported(const DeviceKernels& k, const Tensor& t) {
   const auto st = t.scalar_type();
-  if (t.is_cpu()) return st == at::kFloat || st == at::kDouble;
-  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
+  return st == at::kFloat || st == at::kDouble || (k.half_precision && (st == at::kHalf || st == at::kBFloat16));
+}
+
+void check_weight_dtype(const DeviceKernels& k, const Tensor& weight) {
+  TORCH_CHECK_TYPE(dtype_supported(k, weight), "ffkernels: unsupported dtype ", weight.scalar_type(), " on ",
+                   weight.device(), " (", k.device, " kernels take float32, float64",
+                   k.half_precision ? ", float16, bfloat16)" : ")");
 }
 
 at::ScalarType state_dtype(at::ScalarType param) { return param == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_device_supported(const Tensor& t) {
-  if (t.is_cpu()) return;
-#ifdef FF_WITH_CUDA
-  if (t.is_cuda()) return;
-  TORCH_CHECK(false, "ffkernels: tensors on ", t.device(), " are not supported; use CPU or CUDA tensors");
-#else
-  TORCH_CHECK(false, "ffkernels: tensors on ", t.device(),
-              " are not supported by this build of ffkernels._C (built without CUDA); use CPU tensors, "
-              "backend='triton' or backend='reference', or rebuild with a CUDA toolkit (FFKERNELS_CUDA=1)");
-#endif
-}
 
 void check_same_device(const Tensor& ref, const Tensor& t, const char* ref_name, const char* name) {
   TORCH_CHECK(t.device() == ref.device(), "ffkernels: ", name, " is on ", t.device(), " but ", ref_name,
@@ -121,8 +158,8 @@ void check_param(const Tensor& weight, const Tensor& p, const char* name) {
 }
 
 // Checks the FF inputs and returns contiguous x_pos, x_neg.
-std::pair<Tensor, Tensor> check_inputs(const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight,
-                                       const optional<Tensor>& bias) {
+std::pair<Tensor, Tensor> check_inputs(const DeviceKernels& k, const Tensor& x_pos, const Tensor& x_neg,
+                                       const Tensor& weight, const optional<Tensor>& bias) {
   TORCH_CHECK_VALUE(x_pos.dim() == 2, "ffkernels: x_pos must be 2-D (B, in_features), got shape ", x_pos.sizes());
   TORCH_CHECK_VALUE(x_neg.dim() == 2, "ffkernels: x_neg must be 2-D (B, in_features), got shape ", x_neg.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2, "ffkernels: weight must be 2-D (out_features, in_features), got shape ",
@@ -135,11 +172,9 @@ std::pair<Tensor, Tensor> check_inputs(const Tensor& x_pos, const Tensor& x_neg,
                     " and x_neg is ", x_neg.sizes());
   TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(1) >= 1, "ffkernels: weight must be non-empty, got shape ",
                     weight.sizes());
-  check_device_supported(weight);
   check_same_device(weight, x_pos, "weight", "x_pos");
   check_same_device(weight, x_neg, "weight", "x_neg");
-  TORCH_CHECK_TYPE(dtype_supported(weight), "ffkernels: unsupported dtype ", weight.scalar_type(), " on ",
-                   weight.device(), " (CPU: float32, float64; CUDA: also float16, bfloat16)");
+  check_weight_dtype(k, weight);
   TORCH_CHECK_TYPE(x_pos.scalar_type() == weight.scalar_type() && x_neg.scalar_type() == weight.scalar_type(),
                    "ffkernels: dtype mismatch: weight is ", weight.scalar_type(), ", x_pos ", x_pos.scalar_type(),
                    ", x_neg ", x_neg.scalar_type());
@@ -193,79 +228,22 @@ Tensor checked_grad(const Tensor& param, const Tensor& grad, const std::string& 
 }
 
 
-// ---- dispatch ------------------------------------------------------------------------------------
-
-GradResult grad_kernel(const Tensor& xp, const Tensor& xn, const Tensor& w, const Tensor& b, const LossOptions& o) {
-#ifdef FF_WITH_CUDA
-  if (w.is_cuda()) return ff_grad_cuda(xp, xn, w, b, o);
-#endif
-  return ff_grad_cpu(xp, xn, w, b, o);
-}
-
-void update_kernel(const ParamState& ps, const Tensor& loss, const OptimOptions& o) {
-#ifdef FF_WITH_CUDA
-  if (ps.param.is_cuda()) return ff_update_cuda(ps, loss, o);
-#endif
-  ff_update_cpu(ps, loss, o);
-}
-
-GradResult run_grad(const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight, const optional<Tensor>& bias,
-                    const LossOptions& lo) {
-  auto [xp, xn] = check_inputs(x_pos, x_neg, weight, bias);
-  c10::DeviceGuard guard(weight.device());
-  return grad_kernel(xp, xn, weight, bias.has_value() ? *bias : Tensor(), lo);
-}
+// ---- composing the ops from one device's kernels -----------------------------------------------------
 
 // The bias' gradient is returned as an empty tensor when there is no bias (schemas cannot return None).
 Tensor bias_grad_or_empty(const GradResult& r, const Tensor& like) {
   return r.grad_bias.defined() ? r.grad_bias : at::empty({0}, like.options());
 }
 
-// ---- ops -----------------------------------------------------------------------------------------
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ff_grad(
-    const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight, const optional<Tensor>& bias,
-    c10::string_view norm, double norm_eps, c10::string_view goodness, double threshold, c10::string_view loss,
-    double symba_alpha) {
-  const LossOptions lo = loss_options(norm, norm_eps, goodness, threshold, loss, symba_alpha);
-  GradResult r = run_grad(x_pos, x_neg, weight, bias, lo);
+GradTuple grad_tuple(const GradResult& r, const Tensor& weight) {
   return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg, r.grad_weight, bias_grad_or_empty(r, weight)};
-}
-
-void ff_update(const Tensor& weight, const optional<Tensor>& bias, const Tensor& grad_weight,
-               const optional<Tensor>& grad_bias, const Tensor& state1_weight, const Tensor& state2_weight,
-               const optional<Tensor>& state1_bias, const optional<Tensor>& state2_bias, const optional<Tensor>& loss,
-               int64_t step, c10::string_view optimizer, double lr, double beta1, double beta2, double eps,
-               double momentum, double weight_decay) {
-  const OptimOptions oo = optim_options(step, optimizer, lr, beta1, beta2, eps, momentum, weight_decay);
-  check_device_supported(weight);
-  TORCH_CHECK_TYPE(dtype_supported(weight), "ffkernels: unsupported dtype ", weight.scalar_type(), " on ",
-                   weight.device());
-  TORCH_CHECK(weight.is_contiguous(), "ffkernels: weight must be contiguous (it is updated in place)");
-  ParamState pw = param_state(weight, state1_weight, state2_weight, oo, "weight");
-  pw.grad = checked_grad(weight, grad_weight, "weight");
-  ParamState pb;
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(grad_bias.has_value(), "ffkernels: bias given without grad_bias");
-    check_param(weight, *bias, "bias");
-    pb = param_state(*bias, state1_bias, state2_bias, oo, "bias");
-    pb.grad = checked_grad(*bias, *grad_bias, "bias");
-  }
-  Tensor guard_loss;
-  if (loss.has_value()) {
-    TORCH_CHECK_VALUE(loss->numel() == 1, "ffkernels: loss must hold one number, got shape ", loss->sizes());
-    check_same_device(weight, *loss, "weight", "loss");
-    guard_loss = *loss;
-  }
-  c10::DeviceGuard guard(weight.device());
-  update_kernel(pw, guard_loss, oo);
-  if (bias.has_value()) update_kernel(pb, guard_loss, oo);
 }
 
 // Checks the optimizer state of weight (and bias) before any work, so that a bad call changes nothing.
 std::pair<ParamState, ParamState> checked_states(const Tensor& weight, const optional<Tensor>& bias,
-                                                 const Tensor& s1w, const Tensor& s2w, const optional<Tensor>& s1b,
-                                                 const optional<Tensor>& s2b, const OptimOptions& oo) {
+                                                 const optional<Tensor>& s1w, const optional<Tensor>& s2w,
+                                                 const optional<Tensor>& s1b, const optional<Tensor>& s2b,
+                                                 const OptimOptions& oo) {
   ParamState pw = param_state(weight, s1w, s2w, oo, "weight");
   ParamState pb;
   if (bias.has_value()) pb = param_state(*bias, s1b, s2b, oo, "bias");
@@ -273,40 +251,21 @@ std::pair<ParamState, ParamState> checked_states(const Tensor& weight, const opt
 }
 
 // The update half of a fused step: skipped on the device when the loss is not finite.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> update_from(GradResult r, ParamState pw, ParamState pb,
-                                                                const OptimOptions& oo) {
+StepTuple update_from(const DeviceKernels& k, GradResult r, ParamState pw, ParamState pb, const OptimOptions& oo) {
   pw.grad = r.grad_weight;
-  update_kernel(pw, r.loss, oo);
+  k.update(pw, r.loss, oo);
   if (pb.param.defined()) {
     pb.grad = r.grad_bias;
-    update_kernel(pb, r.loss, oo);
+    k.update(pb, r.loss, oo);
   }
   return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ff_step(
-    const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight, const optional<Tensor>& bias,
-    const Tensor& state1_weight, const Tensor& state2_weight, const optional<Tensor>& state1_bias,
-    const optional<Tensor>& state2_bias, int64_t step, c10::string_view norm, double norm_eps,
-    c10::string_view goodness, double threshold, c10::string_view loss, double symba_alpha,
-    c10::string_view optimizer, double lr, double beta1, double beta2, double eps, double momentum,
-    double weight_decay) {
-  const LossOptions lo = loss_options(norm, norm_eps, goodness, threshold, loss, symba_alpha);
-  const OptimOptions oo = optim_options(step, optimizer, lr, beta1, beta2, eps, momentum, weight_decay);
-  auto [xp, xn] = check_inputs(x_pos, x_neg, weight, bias);
-  auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
-  c10::DeviceGuard guard(weight.device());
-  return update_from(grad_kernel(xp, xn, weight, bias.has_value() ? *bias : Tensor(), lo), pw, pb, oo);
-}
-
-// ---- the supervised first layer: x with labels written in, no explicit pos/neg pair -----------------
-
-// Checks x and the labels; returns contiguous x and int64 labels.
-std::tuple<Tensor, Tensor, Tensor> check_labeled(const Tensor& x, const Tensor& label_pos, const Tensor& label_neg,
-                                                 int64_t num_classes, double label_value, const Tensor& weight,
-                                                 const optional<Tensor>& bias) {
-  check_inputs(x, x, weight, bias);
-  TORCH_CHECK(x.is_cpu(), "ffkernels: the labeled first-layer step has a CPU kernel only; got x on ", x.device());
+// Checks x and the labels of the supervised first layer; returns contiguous x and int64 labels.
+std::tuple<Tensor, Tensor, Tensor> check_labeled(const DeviceKernels& k, const Tensor& x, const Tensor& label_pos,
+                                                 const Tensor& label_neg, int64_t num_classes, double label_value,
+                                                 const Tensor& weight, const optional<Tensor>& bias) {
+  check_inputs(k, x, x, weight, bias);
   TORCH_CHECK_VALUE(num_classes >= 2 && num_classes <= x.size(1), "ffkernels: num_classes must be in [2, ",
                     x.size(1), "] (the labels are written into the first num_classes features), got ", num_classes);
   TORCH_CHECK_VALUE(std::isfinite(label_value), "ffkernels: label_value must be finite, got ", label_value);
@@ -328,85 +287,116 @@ std::tuple<Tensor, Tensor, Tensor> check_labeled(const Tensor& x, const Tensor& 
   return {x.contiguous(), labels[0], labels[1]};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ff_grad_labeled(
-    const Tensor& x, const Tensor& label_pos, const Tensor& label_neg, int64_t num_classes, double label_value,
-    const Tensor& weight, const optional<Tensor>& bias, c10::string_view norm, double norm_eps,
-    c10::string_view goodness, double threshold, c10::string_view loss, double symba_alpha) {
-  const LossOptions lo = loss_options(norm, norm_eps, goodness, threshold, loss, symba_alpha);
-  auto [xc, lp, ln] = check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias);
-  GradResult r = ff_grad_labeled_cpu(xc, lp, ln, num_classes, label_value, weight,
-                                     bias.has_value() ? *bias : Tensor(), lo);
-  return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg, r.grad_weight, bias_grad_or_empty(r, weight)};
+}  // namespace
+
+// ---- the ops (ff_ops.h) --------------------------------------------------------------------------------
+
+GradTuple ff_grad_op(const DeviceKernels& k, const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight,
+                     const OptT& bias, c10::string_view options) {
+  const OpOptions o = parse_options(options);
+  auto [xp, xn] = check_inputs(k, x_pos, x_neg, weight, bias);
+  c10::DeviceGuard guard(weight.device());
+  return grad_tuple(k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), o.loss), weight);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ff_step_labeled(
-    const Tensor& x, const Tensor& label_pos, const Tensor& label_neg, int64_t num_classes, double label_value,
-    const Tensor& weight, const optional<Tensor>& bias, const Tensor& state1_weight, const Tensor& state2_weight,
-    const optional<Tensor>& state1_bias, const optional<Tensor>& state2_bias, int64_t step, c10::string_view norm,
-    double norm_eps, c10::string_view goodness, double threshold, c10::string_view loss, double symba_alpha,
-    c10::string_view optimizer, double lr, double beta1, double beta2, double eps, double momentum,
-    double weight_decay) {
-  const LossOptions lo = loss_options(norm, norm_eps, goodness, threshold, loss, symba_alpha);
-  const OptimOptions oo = optim_options(step, optimizer, lr, beta1, beta2, eps, momentum, weight_decay);
-  auto [xc, lp, ln] = check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias);
+void ff_update_op(const DeviceKernels& k, const Tensor& weight, const OptT& bias, const Tensor& grad_weight,
+                  const OptT& grad_bias, const OptT& state1_weight, const OptT& state2_weight, const OptT& state1_bias,
+                  const OptT& state2_bias, const OptT& loss, int64_t step, c10::string_view options) {
+  const OptimOptions oo = optim_for_step(parse_options(options), step);
+  TORCH_CHECK_VALUE(weight.dim() == 2, "ffkernels: weight must be 2-D (out_features, in_features), got shape ",
+                    weight.sizes());
+  check_weight_dtype(k, weight);
+  TORCH_CHECK(weight.is_contiguous(), "ffkernels: weight must be contiguous (it is updated in place)");
+  TORCH_CHECK_VALUE(bias.has_value() == grad_bias.has_value(),
+                    "ffkernels: grad_bias must be given exactly when there is a bias");
+  if (bias.has_value()) check_param(weight, *bias, "bias");
   auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
-  return update_from(ff_grad_labeled_cpu(xc, lp, ln, num_classes, label_value, weight,
-                                         bias.has_value() ? *bias : Tensor(), lo),
+  pw.grad = checked_grad(weight, grad_weight, "weight");
+  if (bias.has_value()) pb.grad = checked_grad(*bias, *grad_bias, "bias");
+  Tensor guard_loss;
+  if (loss.has_value()) {
+    TORCH_CHECK_VALUE(loss->numel() == 1, "ffkernels: loss must hold one number, got shape ", loss->sizes());
+    check_same_device(weight, *loss, "weight", "loss");
+    guard_loss = *loss;
+  }
+  c10::DeviceGuard guard(weight.device());
+  k.update(pw, guard_loss, oo);
+  if (bias.has_value()) k.update(pb, guard_loss, oo);
+}
+
+StepTuple ff_step_op(const DeviceKernels& k, const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight,
+                     const OptT& bias, const OptT& state1_weight, const OptT& state2_weight, const OptT& state1_bias,
+                     const OptT& state2_bias, int64_t step, c10::string_view options) {
+  const OpOptions o = parse_options(options);
+  const OptimOptions oo = optim_for_step(o, step);
+  auto [xp, xn] = check_inputs(k, x_pos, x_neg, weight, bias);
+  auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
+  c10::DeviceGuard guard(weight.device());
+  return update_from(k, k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), o.loss), pw, pb, oo);
+}
+
+GradTuple ff_grad_labeled_op(const DeviceKernels& k, const Tensor& x, const Tensor& label_pos, const Tensor& label_neg,
+                             int64_t num_classes, double label_value, const Tensor& weight, const OptT& bias,
+                             c10::string_view options) {
+  const OpOptions o = parse_options(options);
+  auto [xc, lp, ln] = check_labeled(k, x, label_pos, label_neg, num_classes, label_value, weight, bias);
+  c10::DeviceGuard guard(weight.device());
+  return grad_tuple(k.grad_labeled(xc, lp, ln, num_classes, label_value, weight, bias.has_value() ? *bias : Tensor(),
+                                   o.loss),
+                    weight);
+}
+
+StepTuple ff_step_labeled_op(const DeviceKernels& k, const Tensor& x, const Tensor& label_pos, const Tensor& label_neg,
+                             int64_t num_classes, double label_value, const Tensor& weight, const OptT& bias,
+                             const OptT& state1_weight, const OptT& state2_weight, const OptT& state1_bias,
+                             const OptT& state2_bias, int64_t step, c10::string_view options) {
+  const OpOptions o = parse_options(options);
+  const OptimOptions oo = optim_for_step(o, step);
+  auto [xc, lp, ln] = check_labeled(k, x, label_pos, label_neg, num_classes, label_value, weight, bias);
+  auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
+  c10::DeviceGuard guard(weight.device());
+  return update_from(k,
+                     k.grad_labeled(xc, lp, ln, num_classes, label_value, weight,
+                                    bias.has_value() ? *bias : Tensor(), o.loss),
                      pw, pb, oo);
 }
 
+namespace {
+constexpr DeviceKernels kCpuKernels{"CPU", /*half_precision=*/false, &ff_grad_cpu, &ff_update_cpu,
+                                    &ff_grad_labeled_cpu};
 }  // namespace
+
 }  // namespace ffk
 
+// The schemas: docs/design.md, "The ops". `options` is FFConfig.op_options; unused state slots are None.
 TORCH_LIBRARY(ffkernels, m) {
   m.def(
-      "ff_grad(Tensor x_pos, Tensor x_neg, Tensor weight, Tensor? bias, str norm, float norm_eps, str goodness, "
-      "float threshold, str loss, float symba_alpha) "
+      "ff_grad(Tensor x_pos, Tensor x_neg, Tensor weight, Tensor? bias, str options) "
       "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg, Tensor grad_weight, "
       "Tensor grad_bias)");
   m.def(
       "ff_update(Tensor(a!) weight, Tensor(b!)? bias, Tensor grad_weight, Tensor? grad_bias, "
-      "Tensor(c!) state1_weight, Tensor(d!) state2_weight, Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, "
-      "Tensor? loss, int step, str optimizer, float lr, float beta1, float beta2, float eps, float momentum, "
-      "float weight_decay) -> ()");
+      "Tensor(c!)? state1_weight, Tensor(d!)? state2_weight, Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, "
+      "Tensor? loss, int step, str options) -> ()");
   m.def(
-      "ff_step(Tensor x_pos, Tensor x_neg, Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!) state1_weight, "
-      "Tensor(d!) state2_weight, Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, int step, str norm, "
-      "float norm_eps, str goodness, float threshold, str loss, float symba_alpha, str optimizer, float lr, "
-      "float beta1, float beta2, float eps, float momentum, float weight_decay) "
+      "ff_step(Tensor x_pos, Tensor x_neg, Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!)? state1_weight, "
+      "Tensor(d!)? state2_weight, Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, int step, str options) "
       "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg)");
-  // supervised first layer (CPU): x_pos/x_neg = x with label_pos/label_neg one-hot (times label_value)
-  // in features [0, num_classes)
+  // supervised first layer: x_pos/x_neg = x with label_pos/label_neg one-hot (times label_value) in features
+  // [0, num_classes)
   m.def(
       "ff_grad_labeled(Tensor x, Tensor label_pos, Tensor label_neg, int num_classes, float label_value, "
-      "Tensor weight, Tensor? bias, str norm, float norm_eps, str goodness, float threshold, str loss, "
-      "float symba_alpha) "
+      "Tensor weight, Tensor? bias, str options) "
       "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg, Tensor grad_weight, "
       "Tensor grad_bias)");
   m.def(
       "ff_step_labeled(Tensor x, Tensor label_pos, Tensor label_neg, int num_classes, float label_value, "
-      "Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!) state1_weight, Tensor(d!) state2_weight, "
-      "Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, int step, str norm, float norm_eps, str goodness, "
-      "float threshold, str loss, float symba_alpha, str optimizer, float lr, float beta1, float beta2, "
-      "float eps, float momentum, float weight_decay) "
+      "Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!)? state1_weight, Tensor(d!)? state2_weight, "
+      "Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, int step, str options) "
       "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg)");
 }
 
-TORCH_LIBRARY_IMPL(ffkernels, CPU, m) {
-  m.impl("ff_grad", &ffk::ff_grad);
-  m.impl("ff_update", &ffk::ff_update);
-  m.impl("ff_step", &ffk::ff_step);
-  m.impl("ff_grad_labeled", &ffk::ff_grad_labeled);
-  m.impl("ff_step_labeled", &ffk::ff_step_labeled);
-}
-
-#ifdef FF_WITH_CUDA
-TORCH_LIBRARY_IMPL(ffkernels, CUDA, m) {
-  m.impl("ff_grad", &ffk::ff_grad);
-  m.impl("ff_update", &ffk::ff_update);
-  m.impl("ff_step", &ffk::ff_step);
-}
-#endif
+TORCH_LIBRARY_IMPL(ffkernels, CPU, m) { ffk::register_ops<ffk::kCpuKernels>(m); }
 
 // The Python module ffkernels._C: loading it registers the ops above; it also says how it was built.
 #ifndef FF_CUDA_ARCHS

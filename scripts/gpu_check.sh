@@ -31,7 +31,7 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 say "1/3 ffkernels._C with CUDA kernels"
-if ! "$PYTHON" -c "import sys, ffkernels._ext as e; sys.exit(0 if e.built_with_cuda() else 1)" 2>/dev/null; then
+if ! "$PYTHON" -c "import sys, ffkernels.backends.compiled as e; sys.exit(0 if e.built_with_cuda() else 1)" 2>/dev/null; then
   archs="${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
   jobs="${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}"
   echo "building in place: FFKERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST=$archs MAX_JOBS=$jobs (log: $OUT/build.log)"
@@ -45,7 +45,7 @@ if ! "$PYTHON" -c "import sys, ffkernels._ext as e; sys.exit(0 if e.built_with_c
   echo "built in $(( $(date +%s) - start )) s"
 fi
 "$PYTHON" -c "
-import torch, ffkernels, ffkernels._ext as e
+import torch, ffkernels, ffkernels.backends.compiled as e
 print('ffkernels', ffkernels.__file__)
 print('built with CUDA:', e.built_with_cuda(), '| archs:', e.cuda_archs(), '| backends:', ffkernels.available_backends())
 print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)

@@ -28,9 +28,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import reference as ref
 from .._types import BackendUnavailableError
 from ..backends import BACKENDS, available_backends, resolve_backend
+from ..backends import reference as ref
+from .. import bp
 from ..config import FFConfig
 from ..labels import wrong_labels
 from ..layers import FFLinear
@@ -134,7 +135,7 @@ def _build_bp(input_grad: bool):
     def build(shape: LayerShape, device, dtype):
         cfg = FFConfig()  # FFLinear's default normalization, so both layers normalize alike
         linear = nn.Linear(shape.in_features, shape.out_features, device=device, dtype=dtype)
-        optimizer = ref.make_bp_optimizer(linear)
+        optimizer = bp.make_bp_optimizer(linear)
         x = _ff_inputs(shape, device, dtype)[0].requires_grad_(input_grad)
 
         def step():

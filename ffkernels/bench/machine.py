@@ -8,7 +8,8 @@ import platform
 
 import torch
 
-from .. import __version__, _ext
+from .. import __version__
+from ..backends import compiled as _ext
 from ..backends import available_backends
 
 

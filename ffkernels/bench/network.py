@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .. import reference as ref
+from .. import bp
 from ..labels import ff_pair, wrong_labels
 from ..layers import FFNet
 from . import memory
@@ -94,11 +94,11 @@ def _build(cfg: NetConfig, x: torch.Tensor, y: torch.Tensor):
             return _tensor_bytes(list(net.parameters()) + list(net.buffers()))
         return step, persistent, net.backend
 
-    model = ref.BPMLP(cfg.dims, cfg.num_classes, device=device, dtype=dtype)
-    optimizer = ref.make_bp_optimizer(model)
+    model = bp.BPMLP(cfg.dims, cfg.num_classes, device=device, dtype=dtype)
+    optimizer = bp.make_bp_optimizer(model)
 
     def step():
-        return ref.bp_step(model, optimizer, x, y)
+        return bp.bp_step(model, optimizer, x, y)
 
     def persistent():  # parameters + their .grad + optimizer state
         params = list(model.parameters())

@@ -10,7 +10,7 @@ import torch
 
 from ..labels import embed_neutral
 from ..layers import FFNet
-from ..reference import BPMLP
+from ..bp import BPMLP
 
 FEATURE_BATCH = 1000
 

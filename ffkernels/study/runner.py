@@ -15,7 +15,7 @@ import torch
 
 from ..data import Dataset, load_dataset, subsample
 from ..layers import FFNet
-from ..reference import BPMLP, make_bp_optimizer
+from ..bp import BPMLP, make_bp_optimizer
 from ..training import accuracy, bp_accuracy, progress_iter, train_bp_epoch, train_ff_epoch
 from .config import StudyConfig
 from .embedding import tsne_2d, tsne_points

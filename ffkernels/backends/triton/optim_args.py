@@ -24,9 +24,10 @@ def _scalars(step_size=0.0, one_minus_beta1=0.0, beta2=0.0, one_minus_beta2=0.0,
 NO_UPDATE = OptimArgs(OPTIM_CODES["none"], False, _scalars())
 
 
-def optim_args(step: int, optimizer: str, lr: float, beta1: float, beta2: float, eps: float, momentum: float,
-               weight_decay: float) -> OptimArgs:
-    """Arguments for update number ``step`` (1-based)."""
+def optim_args(step: int, cfg) -> OptimArgs:
+    """Arguments for update number ``step`` (1-based) with the optimizer options of FFConfig ``cfg``."""
+    optimizer, lr, (beta1, beta2), eps = cfg.optimizer, cfg.lr, cfg.betas, cfg.eps
+    momentum, weight_decay = cfg.momentum, cfg.weight_decay
     if optimizer == "adam":
         bias_correction1 = 1 - beta1 ** step  # torch.optim.Adam's expressions, in Python floats
         bias_correction2 = 1 - beta2 ** step

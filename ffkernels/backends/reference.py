@@ -1,7 +1,7 @@
-"""The pure-PyTorch reference: Forward-Forward with autograd and ``torch.optim``, and the BP baseline.
+"""The ``reference`` backend: Forward-Forward with autograd and ``torch.optim``, on any device and dtype.
 
 This is the oracle every backend is checked against, written as plainly as possible from the math in
-shared/DESIGN.md. It builds autograd graphs and is not fast: it is meant to be obviously right.
+docs/design.md. It builds autograd graphs and is not fast: it is meant to be obviously right.
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._types import FFGradOutput, FFStepOutput, NonFiniteLossError
-from .config import FFConfig
+from .._types import FFGradOutput, FFStepOutput, NonFiniteLossError
+from ..config import FFConfig
 
 
 def normalize(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -127,47 +127,29 @@ class FFLayerRef(nn.Module):
         return self.optimizer.state.get(param, {})
 
 
-class BPMLP(nn.Module):
-    """The backprop baseline: the same MLP as an FFNet (normalize, Linear, ReLU per layer) + a linear head.
+class ReferenceBackend:
+    """grad / update / step of docs/design.md with autograd + torch.optim: the oracle as a backend."""
 
-    Trained end to end with cross-entropy and ``torch.optim.Adam``.
-    """
+    name = "reference"
+    dtypes = None  # any floating dtype
 
-    def __init__(self, dims, num_classes: int, norm: str = "rms", norm_eps: float = 1e-8, bias: bool = True,
-                 device=None, dtype=None):
-        super().__init__()
-        if len(dims) < 2:
-            raise ValueError(f"ffkernels: dims needs at least an input and one layer width, got {list(dims)}")
-        kw = {"device": device, "dtype": dtype}
-        self.norm, self.norm_eps = norm, norm_eps
-        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias, **kw) for a, b in zip(dims[:-1], dims[1:]))
-        self.head = nn.Linear(dims[-1], num_classes, **kw)
+    def unavailable_reason(self):
+        return None
 
-    def features(self, x) -> list:
-        feats = []
-        for layer in self.layers:
-            x = layer_forward(x, layer.weight, layer.bias, self.norm, self.norm_eps)
-            feats.append(x)
-        return feats
+    def device_reason(self, device: torch.device):
+        return None
 
-    def forward(self, x):
-        return self.head(self.features(x)[-1])
+    def grad(self, x_pos, x_neg, weight, bias, cfg: FFConfig) -> FFGradOutput:
+        return ff_grad(x_pos, x_neg, weight, bias, cfg)
 
+    def update(self, weight, bias, grad_w, grad_b, st_w, st_b, step, cfg: FFConfig, loss=None) -> None:
+        if loss is not None and not bool(torch.isfinite(loss).all()):
+            return
+        triples = [(weight, grad_w, st_w)] + ([(bias, grad_b, st_b)] if bias is not None else [])
+        params, grads, states = (list(t) for t in zip(*triples))
+        optimizer_update(params, grads, states, step, cfg)
 
-def make_bp_optimizer(model: nn.Module, lr: float = 1e-3, **kw) -> torch.optim.Adam:
-    """Adam over the BP model, using the fastest implementation torch offers on the model's device."""
-    dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        kw.setdefault("fused", True)
-    else:
-        kw.setdefault("foreach", True)
-    return torch.optim.Adam(model.parameters(), lr=lr, **kw)
-
-
-def bp_step(model: BPMLP, optimizer: torch.optim.Optimizer, x, y) -> torch.Tensor:
-    """One backprop training step with cross-entropy; returns the (detached) loss."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    def step(self, x_pos, x_neg, weight, bias, st_w, st_b, step, cfg: FFConfig) -> FFStepOutput:
+        g = self.grad(x_pos, x_neg, weight, bias, cfg)
+        self.update(weight, bias, g.grad_weight, g.grad_bias, st_w, st_b, step, cfg, loss=g.loss)
+        return FFStepOutput(*g[:5])

@@ -5,11 +5,13 @@
     weight_grad_kernel.py  kernel 3: dW/db GEMM over the batch; writes them, or applies Adam/SGD in its epilogue
     update_kernel.py       kernel 4: the optimizer from given gradients (ff_update)
     ff_math.py             the FF math of csrc/ff_math.h as Triton device functions
-    ops.py                 torch.ops.ffkernels_triton.{ff_grad, ff_update, ff_step}
-    backend.py             TritonBackend, used by ffkernels.backends
+    optim_args.py          the optimizer's kernel arguments, computed on the host
+    ops.py                 torch.ops.ffkernels_triton.{ff_grad, ff_update, ff_step} and their fakes
+    settings.py            fp32 dot precision, tile sizes, interpreter detection
+    backend.py             TritonBackend (availability, lazy op registration), used by ffkernels.backends
 
-Runs on CUDA GPUs, and on the CPU under the Triton interpreter (TRITON_INTERPRET=1 set before this
-package is imported). See docs/triton.md.
+Runs on CUDA GPUs, and on the CPU under the Triton interpreter (TRITON_INTERPRET=1 set before triton is
+imported). Importing this package does not import triton. See docs/triton.md.
 """
 from .backend import TritonBackend
 from .settings import get_fp32_precision, set_fp32_precision

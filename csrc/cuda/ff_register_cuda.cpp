@@ -1,0 +1,14 @@
+// Registers the CUDA kernels of the ffkernels ops for the CUDA dispatch key (the schemas, option parsing
+// and argument checks are python_api/ff_api.cpp's; this file only says which kernels run on CUDA tensors).
+#include "../../python_api/ff_ops.h"
+
+namespace ffk {
+namespace {
+
+constexpr DeviceKernels kCudaKernels{"CUDA", /*half_precision=*/true, &ff_grad_cuda, &ff_update_cuda,
+                                     /*grad_labeled=*/nullptr};
+
+}  // namespace
+}  // namespace ffk
+
+TORCH_LIBRARY_IMPL(ffkernels, CUDA, m) { ffk::register_ops<ffk::kCudaKernels>(m); }
