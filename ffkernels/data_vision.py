@@ -19,7 +19,7 @@ import pickle
 
 import numpy as np
 
-from .data import Dataset, DatasetNotFoundError, default_data_root, from_arrays
+from .dataset import Dataset, DatasetNotFoundError, default_data_root, from_arrays
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
