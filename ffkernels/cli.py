@@ -7,7 +7,7 @@ import sys
 
 # subcommand -> (module with add_arguments(parser) and run(args), one-line help)
 COMMANDS = {
-    "train": ("ffkernels.train", "supervised FF training of an FFNet on an offline dataset"),
+    "train": ("ffkernels.train_cli", "supervised FF training of an FFNet on an offline dataset"),
     "study": ("ffkernels.study.cli", "FF vs BP self-supervised study: pretext training, linear-probe transfer"),
     "demo": ("ffkernels.study.demo", "a short FF-vs-BP study on the embedded MNIST subset"),
     "bench": ("ffkernels.bench.cli", "FF throughput and memory vs BP, against the GEMM floor"),

@@ -1,15 +1,18 @@
-"""``ffkernels train``: supervised Forward-Forward training of an FFNet on an offline dataset."""
+"""``ffkernels train``: supervised Forward-Forward training of an FFNet on an offline dataset.
+
+The options and the single-process run live here; ``--distributed data|pipeline`` hands the parsed options to
+distributed.cli. What both kinds of run share (the net, the printed lines, --save and --json) is in train_common.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
 
 from .data import LOADERS, load_dataset
-from .layers import FFNet
+from .train_common import build_net, describe, epoch_line, finish
 from .training import History, accuracy, train_ff_epoch
 
 
@@ -47,40 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--distributed pipeline: split every batch into this many micro-batches (default 1)")
     p.add_argument("--dist-timeout", type=float, default=300.0,
                    help="--distributed: seconds after which a stuck collective or transfer fails (default 300)")
-
-
-def build_net(args, in_features: int) -> FFNet:
-    return FFNet([in_features, *args.hidden], goodness=args.goodness, threshold=args.threshold, loss=args.loss,
-                 norm=args.norm, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                 weight_decay=args.weight_decay, backend=args.backend, device=args.device)
-
-
-def describe(ds, args, backend: str, device, extra: str = "") -> str:
-    return (f"ffkernels train: {ds}\n  net {ds.in_features}-{'-'.join(map(str, args.hidden))}, backend "
-            f"{backend!r} on {device} ({torch.get_num_threads()} threads){extra}, {args.epochs} epochs, "
-            f"batch {args.batch_size}")
-
-
-def epoch_line(st) -> str:
-    acc = f"test acc {st.test_accuracy:.2%}" if st.test_accuracy is not None else ""
-    return (f"epoch {st.epoch:3d}  loss {' '.join(f'{v:.4f}' for v in st.loss)}  {st.samples_per_s:8.0f} samples/s  "
-            f"{acc}")
-
-
-def finish(args, result: dict, state_dict) -> dict:
-    """Print the summary and write --save (the FFNet state_dict) and --json."""
-    if result["epochs"]:
-        print(f"done: test accuracy {result['test_accuracy']:.2%} after {args.epochs} epochs in "
-              f"{result['wall_seconds']:.1f} s (backend {result['backend']!r})")
-    else:
-        print("done: no epochs run")
-    if args.save:
-        torch.save(state_dict, args.save)
-        print(f"saved {args.save}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
 
 
 def run(args) -> dict:
