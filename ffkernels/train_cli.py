@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from .cli_options import HelpFormatter, add_ff_loss_options, add_ff_optimizer_options, add_run_options
 from .data import LOADERS, load_dataset
 from .train_common import build_net, describe, epoch_line, finish
 from .training import History, accuracy, train_ff_epoch
@@ -20,25 +21,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist5k", choices=sorted(LOADERS), help="dataset (default: mnist5k, embedded)")
     p.add_argument("--data-root", default=None, help="folder of downloaded datasets (torchvision ones)")
     p.add_argument("--hidden", type=int, nargs="+", default=[1000, 1000, 1000], help="layer widths")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--goodness", default="sum", choices=["sum", "mean"])
-    p.add_argument("--threshold", type=float, default=None, help="default: width for sum goodness, 1 for mean")
-    p.add_argument("--loss", default="hinton", choices=["hinton", "symba"])
-    p.add_argument("--norm", default="rms", choices=["rms", "l2", "none"])
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--backend", default="auto", help="auto, cpu, cuda, triton or reference")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate the test split every N epochs")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=100, help="real samples (positive-negative pairs) per step")
+    add_ff_optimizer_options(p)
+    add_ff_loss_options(p)
+    add_run_options(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batches")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate the test split every N epochs and after the last")
     p.add_argument("--save", default=None, help="write the trained FFNet state_dict here")
     p.add_argument("--resume", default=None, help="start from a saved state_dict (optimizer state included)")
     p.add_argument("--json", default=None, help="write the per-epoch history as JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--first-layer", default="shared", choices=["shared", "pair"],
                    help="shared (default): the first layer computes what a positive and its negative share once "
                         "(FFNet.ff_step_labeled, B-row GEMMs); pair: build explicit x_pos/x_neg (2B rows). Same "
@@ -47,9 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train over the processes started by torchrun: 'data' (each rank a shard of every batch) or "
                         "'pipeline' (each rank a stage of consecutive layers); see docs/distributed.md")
     p.add_argument("--micro-batches", type=int, default=None,
-                   help="--distributed pipeline: split every batch into this many micro-batches (default 1)")
+                   help="--distributed pipeline: split every batch into this many micro-batches (default: 1)")
     p.add_argument("--dist-timeout", type=float, default=300.0,
-                   help="--distributed: seconds after which a stuck collective or transfer fails (default 300)")
+                   help="--distributed: seconds after which a stuck collective or transfer fails")
 
 
 def run(args) -> dict:
@@ -88,7 +81,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ffkernels train", description=__doc__)
+    p = argparse.ArgumentParser(prog="ffkernels train", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(p)
     run(p.parse_args(argv))
 
