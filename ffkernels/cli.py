@@ -5,9 +5,11 @@ import argparse
 import importlib
 import sys
 
+from .cli_options import HelpFormatter
+
 # subcommand -> (module with add_arguments(parser) and run(args), one-line help)
 COMMANDS = {
-    "train": ("ffkernels.train", "supervised FF training of an FFNet on an offline dataset"),
+    "train": ("ffkernels.train_cli", "supervised FF training of an FFNet on an offline dataset"),
     "study": ("ffkernels.study.cli", "FF vs BP self-supervised study: pretext training, linear-probe transfer"),
     "demo": ("ffkernels.study.demo", "a short FF-vs-BP study on the embedded MNIST subset"),
     "bench": ("ffkernels.bench.cli", "FF throughput and memory vs BP, against the GEMM floor"),
@@ -21,7 +23,7 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (modname, help_) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
+        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         if argv[:1] == [name]:  # import only the module of the command being run
             modules[name] = importlib.import_module(modname)
             modules[name].add_arguments(sp)

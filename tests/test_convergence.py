@@ -5,7 +5,7 @@ import torch
 
 from ffkernels import FFNet
 from ffkernels.data import load_digits
-from ffkernels.train import main as train_main
+from ffkernels.train_cli import main as train_main
 from ffkernels.training import accuracy, train_ff_epoch
 
 

@@ -154,16 +154,16 @@ def test_shard_and_micro_batch_sizes():
 
 
 def test_distributed_training_needs_torchrun_environment(monkeypatch):
-    from ffkernels import train
+    from ffkernels import train_cli
     from ffkernels.distributed import init_from_env
 
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="needs the environment variable RANK, which torchrun sets"):
         init_from_env()
     with pytest.raises(SystemExit, match="start one process per rank with torchrun"):
-        train.main(["--distributed", "pipeline"])
+        train_cli.main(["--distributed", "pipeline"])
     with pytest.raises(SystemExit, match="--micro-batches only applies to --distributed pipeline"):
-        train.main(["--micro-batches", "2"])
+        train_cli.main(["--micro-batches", "2"])
 
 
 def test_wrappers_need_a_process_group():
@@ -378,27 +378,27 @@ CLI_COMMON = ["--dataset", "digits", "--hidden", "24", "24", "24", "--batch-size
 
 def _cli_train_then_resume(rank, world, ports, mode, out_dir, extra):
     """``ffkernels train --distributed MODE`` (one epoch, --save), then a second run resuming from it."""
-    from ffkernels import train
+    from ffkernels import train_cli
 
     argv = CLI_COMMON + ["--distributed", mode, "--dist-timeout", "30", *extra]
     os.environ["MASTER_PORT"] = str(ports[0])
-    train.main(argv + ["--save", f"{out_dir}/first.pt", "--json", f"{out_dir}/first.json"])
+    train_cli.main(argv + ["--save", f"{out_dir}/first.pt", "--json", f"{out_dir}/first.json"])
     os.environ["MASTER_PORT"] = str(ports[1])
-    train.main(argv + ["--resume", f"{out_dir}/first.pt", "--save", f"{out_dir}/second.pt"])
+    train_cli.main(argv + ["--resume", f"{out_dir}/first.pt", "--save", f"{out_dir}/second.pt"])
 
 
 @pytest.fixture(scope="module")
 def one_process_runs(tmp_path_factory):
     """The same two runs with single-process ``ffkernels train`` (one thread, as each rank; explicit pos/neg
     pairs in the first layer, as the distributed modes build them)."""
-    from ffkernels import train
+    from ffkernels import train_cli
 
     out = tmp_path_factory.mktemp("one-process")
     threads = torch.get_num_threads()
     try:
         pair = CLI_COMMON + ["--first-layer", "pair"]
-        train.main(pair + ["--save", f"{out}/first.pt"])
-        train.main(pair + ["--resume", f"{out}/first.pt", "--save", f"{out}/second.pt"])
+        train_cli.main(pair + ["--save", f"{out}/first.pt"])
+        train_cli.main(pair + ["--resume", f"{out}/first.pt", "--save", f"{out}/second.pt"])
     finally:
         torch.set_num_threads(threads)
     return {k: torch.load(out / f"{k}.pt") for k in ("first", "second")}

@@ -16,6 +16,8 @@ import sys
 import torch
 
 from .._types import BackendUnavailableError
+from ..backends import BACKEND_NAMES
+from ..cli_options import HelpFormatter
 from . import report
 from .cases import DEFAULT_SHAPES, QUICK_SHAPES, fused_backends, parse_shapes
 from .layer import bench_layers
@@ -62,8 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to run (default: cuda when a GPU is present, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and input dtype")
     p.add_argument("--backends", default=None,
-                   help="comma-separated fused backends to measure (default: every built one that runs on the "
-                        "device and dtype)")
+                   help=f"comma-separated fused backends to measure, some of "
+                        f"{', '.join(b for b in BACKEND_NAMES if b != 'reference')} (default: every built one that "
+                        "runs on the device and dtype; the reference step is always measured)")
     p.add_argument("--shapes", default=None,
                    help=f"layer shapes BxKxN (B real samples = rows of x_pos = rows of x_neg, K -> N), "
                         f"comma-separated (default: {DEFAULTS['shapes'][0]})")
@@ -191,7 +194,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ffkernels bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_arguments(p)
     run(p.parse_args(argv))
 

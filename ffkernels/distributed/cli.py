@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..data import load_dataset
 from ..labels import ff_pair
-from ..train import build_net, describe, epoch_line, finish
+from ..train_common import build_net, describe, epoch_line, finish
 from ..training import EpochStats, History, accuracy, progress_iter, train_ff_epoch
 from .data_parallel import DataParallelFF, shard
 from .pipeline import PipelineFF

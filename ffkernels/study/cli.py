@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..cli_options import HelpFormatter, add_ff_loss_options, add_run_options
 from ..data import LOADERS, DatasetNotFoundError
 from .config import StudyConfig
 from .pretext import PRETEXTS
@@ -33,12 +34,9 @@ def _expand(values, choices, what):
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
-    p.add_argument("--backend", default="auto", help="FF backend: auto, cpu, cuda, triton or reference")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    add_run_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="discard the results of a study with another config in --out (otherwise refused)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,30 +45,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"one or more of {', '.join(LOADERS)}, or all (default: mnist5k, embedded)")
     p.add_argument("--pretext", nargs="+", default=["rotation"], metavar="TASK",
                    help=f"one or more of {', '.join(PRETEXTS)}, or all (default: rotation)")
-    p.add_argument("--algo", default="both", choices=["ff", "bp", "both"], help="default: both")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (mean ± std over them)")
+    p.add_argument("--algo", default="both", choices=[*ALGOS, "both"], help="FF, BP or both")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds; tables show mean ± std over them")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+seeds-1")
     p.add_argument("--out", default="ffkernels-study", help="output folder (results.json, report.md, plots)")
     p.add_argument("--data-root", default=None, help="folder of on-disk datasets (default $FFKERNELS_DATA or "
                                                      "~/.cache/ffkernels/data)")
     p.add_argument("--download", action="store_true", help="download missing on-disk datasets with torchvision")
     p.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), help="layer widths (default: 4 x 2000)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=d.ff_lr, help="FF learning rate (Adam, per layer; default: %(default)s)")
-    p.add_argument("--bp-lr", type=float, default=d.bp_lr, help="BP learning rate (Adam; default: %(default)s)")
-    p.add_argument("--goodness", default=d.goodness, choices=["sum", "mean"], help="FF goodness (default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="default: width for sum, 1 for mean")
-    p.add_argument("--loss", default=d.loss, choices=["hinton", "symba"], help="FF loss (default: %(default)s)")
-    p.add_argument("--norm", default=d.norm, choices=["rms", "l2", "none"],
-                   help="normalization before each layer, FF and BP (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="pretext training epochs")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    p.add_argument("--lr", type=float, default=d.ff_lr, help="FF learning rate, Adam per layer")
+    p.add_argument("--bp-lr", type=float, default=d.bp_lr, help="BP learning rate, Adam")
+    add_ff_loss_options(p, norm_help="normalization before each layer, FF and BP")
     p.add_argument("--probe-steps", type=int, default=d.probe_steps,
-                   help="L-BFGS iterations of the linear probe (default: %(default)s)")
+                   help="L-BFGS iterations of the linear probe")
     p.add_argument("--probe-weight-decay", type=float, default=d.probe_weight_decay,
-                   help="L2 penalty of the linear probe (default: %(default)s)")
-    p.add_argument("--knn-k", type=int, default=d.knn_k, help="neighbours of the k-NN metric (default: %(default)s)")
+                   help="L2 penalty of the linear probe")
+    p.add_argument("--knn-k", type=int, default=d.knn_k, help="neighbours of the k-NN metric")
     p.add_argument("--tsne-points", type=int, default=d.tsne_points,
-                   help="test points per t-SNE map (0: none; default: %(default)s)")
+                   help="test points per t-SNE map, 0 for none")
     p.add_argument("--max-train", type=int, default=None, help="use at most this many training inputs")
     p.add_argument("--max-test", type=int, default=None, help="use at most this many test inputs")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="pretext test accuracy every N epochs")
@@ -122,7 +116,7 @@ def run(args):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ffkernels study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_arguments(p)
     run(p.parse_args(argv))
 

@@ -6,10 +6,11 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from ..config import GOODNESS, LOSSES, NORMS
+from ..config import GOODNESS, LOSSES, NORMS, FFConfig
 
 STUDY_FORMAT_VERSION = 1
 PAPER_HIDDEN = (2000, 2000, 2000, 2000)
+_FF = FFConfig()  # the FF-layer settings default to the layer's own defaults
 
 
 @dataclass(frozen=True)
@@ -20,12 +21,12 @@ class StudyConfig:
     hidden: tuple = PAPER_HIDDEN
     epochs: int = 20
     batch_size: int = 100
-    ff_lr: float = 3e-3           # Adam, every FF layer (FFLinear's default)
+    ff_lr: float = _FF.lr         # Adam, every FF layer
     bp_lr: float = 1e-3           # Adam over the whole BP network (reference.make_bp_optimizer's default)
-    goodness: str = "sum"
+    goodness: str = _FF.goodness
     threshold: Optional[float] = None   # None: FFLinear's default (the width for "sum", 1 for "mean")
-    loss: str = "hinton"
-    norm: str = "rms"             # the normalization before every layer, FF and BP alike
+    loss: str = _FF.loss
+    norm: str = _FF.norm          # the normalization before every layer, FF and BP alike
     probe_steps: int = 100
     probe_weight_decay: float = 1e-3
     knn_k: int = 10

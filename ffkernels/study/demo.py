@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli_options import HelpFormatter
 from .cli import add_device_arguments, execute
 from .config import StudyConfig
 
@@ -14,7 +15,7 @@ DEMO_CONFIG = StudyConfig(hidden=(500, 500, 500), epochs=10, tsne_points=500, ev
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="ffkernels-demo", help="output folder (results.json, report.md, plots)")
-    p.add_argument("--epochs", type=int, default=DEMO_CONFIG.epochs)
+    p.add_argument("--epochs", type=int, default=DEMO_CONFIG.epochs, help="training epochs per run")
     add_device_arguments(p)
 
 
@@ -28,7 +29,7 @@ def run(args):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ffkernels demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="ffkernels demo", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(p)
     run(p.parse_args(argv))
 

@@ -1,15 +1,19 @@
-"""``ffkernels train``: supervised Forward-Forward training of an FFNet on an offline dataset."""
+"""``ffkernels train``: supervised Forward-Forward training of an FFNet on an offline dataset.
+
+The options and the single-process run live here; ``--distributed data|pipeline`` hands the parsed options to
+distributed.cli. What both kinds of run share (the net, the printed lines, --save and --json) is in train_common.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
 
+from .cli_options import HelpFormatter, add_ff_loss_options, add_ff_optimizer_options, add_run_options
 from .data import LOADERS, load_dataset
-from .layers import FFNet
+from .train_common import build_net, describe, epoch_line, finish
 from .training import History, accuracy, train_ff_epoch
 
 
@@ -17,25 +21,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist5k", choices=sorted(LOADERS), help="dataset (default: mnist5k, embedded)")
     p.add_argument("--data-root", default=None, help="folder of downloaded datasets (torchvision ones)")
     p.add_argument("--hidden", type=int, nargs="+", default=[1000, 1000, 1000], help="layer widths")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--goodness", default="sum", choices=["sum", "mean"])
-    p.add_argument("--threshold", type=float, default=None, help="default: width for sum goodness, 1 for mean")
-    p.add_argument("--loss", default="hinton", choices=["hinton", "symba"])
-    p.add_argument("--norm", default="rms", choices=["rms", "l2", "none"])
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--backend", default="auto", help="auto, cpu, cuda, triton or reference")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate the test split every N epochs")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=100, help="real samples (positive-negative pairs) per step")
+    add_ff_optimizer_options(p)
+    add_ff_loss_options(p)
+    add_run_options(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batches")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate the test split every N epochs and after the last")
     p.add_argument("--save", default=None, help="write the trained FFNet state_dict here")
     p.add_argument("--resume", default=None, help="start from a saved state_dict (optimizer state included)")
     p.add_argument("--json", default=None, help="write the per-epoch history as JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--first-layer", default="shared", choices=["shared", "pair"],
                    help="shared (default): the first layer computes what a positive and its negative share once "
                         "(FFNet.ff_step_labeled, B-row GEMMs); pair: build explicit x_pos/x_neg (2B rows). Same "
@@ -44,43 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train over the processes started by torchrun: 'data' (each rank a shard of every batch) or "
                         "'pipeline' (each rank a stage of consecutive layers); see docs/distributed.md")
     p.add_argument("--micro-batches", type=int, default=None,
-                   help="--distributed pipeline: split every batch into this many micro-batches (default 1)")
+                   help="--distributed pipeline: split every batch into this many micro-batches (default: 1)")
     p.add_argument("--dist-timeout", type=float, default=300.0,
-                   help="--distributed: seconds after which a stuck collective or transfer fails (default 300)")
-
-
-def build_net(args, in_features: int) -> FFNet:
-    return FFNet([in_features, *args.hidden], goodness=args.goodness, threshold=args.threshold, loss=args.loss,
-                 norm=args.norm, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                 weight_decay=args.weight_decay, backend=args.backend, device=args.device)
-
-
-def describe(ds, args, backend: str, device, extra: str = "") -> str:
-    return (f"ffkernels train: {ds}\n  net {ds.in_features}-{'-'.join(map(str, args.hidden))}, backend "
-            f"{backend!r} on {device} ({torch.get_num_threads()} threads){extra}, {args.epochs} epochs, "
-            f"batch {args.batch_size}")
-
-
-def epoch_line(st) -> str:
-    acc = f"test acc {st.test_accuracy:.2%}" if st.test_accuracy is not None else ""
-    return (f"epoch {st.epoch:3d}  loss {' '.join(f'{v:.4f}' for v in st.loss)}  {st.samples_per_s:8.0f} samples/s  "
-            f"{acc}")
-
-
-def finish(args, result: dict, state_dict) -> dict:
-    """Print the summary and write --save (the FFNet state_dict) and --json."""
-    if result["epochs"]:
-        print(f"done: test accuracy {result['test_accuracy']:.2%} after {args.epochs} epochs in "
-              f"{result['wall_seconds']:.1f} s (backend {result['backend']!r})")
-    else:
-        print("done: no epochs run")
-    if args.save:
-        torch.save(state_dict, args.save)
-        print(f"saved {args.save}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+                   help="--distributed: seconds after which a stuck collective or transfer fails")
 
 
 def run(args) -> dict:
@@ -119,7 +81,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ffkernels train", description=__doc__)
+    p = argparse.ArgumentParser(prog="ffkernels train", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(p)
     run(p.parse_args(argv))
 

@@ -1,0 +1,61 @@
+"""Command-line options the ``ffkernels`` commands share, with their choices and defaults taken from the library:
+config.py for the FF-layer options (choices and FFConfig() defaults), the backend registry for --backend. Plus the
+help formatter every command uses, so ``-h`` shows each option's default."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .backends import BACKEND_NAMES
+from .config import GOODNESS, LOSSES, NORMS, OPTIMIZERS, FFConfig
+
+FF_DEFAULTS = FFConfig()
+BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written; each option's default appended to its help as "(default: ...)", unless the help
+    already speaks of its default, the default is None (nothing given) or the option is a flag."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is argparse.SUPPRESS or action.nargs == 0
+                or not action.option_strings):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_ff_loss_options(p: argparse.ArgumentParser, norm_help: str = "normalization of each layer's input") -> None:
+    """--goodness, --threshold, --loss, --norm: what an FF layer computes its local loss from."""
+    d = FF_DEFAULTS
+    p.add_argument("--goodness", default=d.goodness, choices=GOODNESS,
+                   help="FF goodness: sum or mean of the squared activations")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="goodness threshold (default: the layer width for sum goodness, 1 for mean)")
+    p.add_argument("--loss", default=d.loss, choices=LOSSES, help="FF loss")
+    p.add_argument("--norm", default=d.norm, choices=NORMS, help=norm_help)
+
+
+def add_ff_optimizer_options(p: argparse.ArgumentParser) -> None:
+    """--optimizer, --lr, --momentum, --weight-decay: the fused update of every FF layer."""
+    d = FF_DEFAULTS
+    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="per-layer optimizer")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """--backend, --device, --threads, --no-progress: where and how a command runs."""
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="FF backend; auto: the fastest one that runs on --device")
+    p.add_argument("--device", default=default_device(), help="torch device")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
