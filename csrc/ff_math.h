@@ -3,7 +3,7 @@
 // Everything here is a small inline function on scalars, usable from host C++ (the CPU kernels) and
 // from CUDA device code (FF_HD expands to __host__ __device__ there). The kernels only decide how to
 // walk memory; what is computed per element or per row lives here. The formulas are those of
-// shared/DESIGN.md ("The math"); ffkernels/reference.py is the autograd oracle they are checked against.
+// docs/design.md ("The math"); ffkernels/backends/reference.py is the autograd oracle they are checked against.
 #pragma once
 
 #include <cmath>
@@ -21,6 +21,12 @@ enum class Norm : int { None = 0, L2 = 1, RMS = 2 };
 enum class Goodness : int { Sum = 0, Mean = 1 };
 enum class Loss : int { Hinton = 0, Symba = 1 };
 enum class Optim : int { Adam = 0, SGD = 1 };
+// Each option's names, indexed by its enum value: the binding parses options by these (ffkernels/config.py lists
+// the same names for Python), so a new variant is declared here once, beside its enum.
+constexpr const char* kNormNames[] = {"none", "l2", "rms"};
+constexpr const char* kGoodnessNames[] = {"sum", "mean"};
+constexpr const char* kLossNames[] = {"hinton", "symba"};
+constexpr const char* kOptimNames[] = {"adam", "sgd"};
 
 // ---- numerically stable scalar helpers -------------------------------------------------------------
 

@@ -30,29 +30,15 @@ std::string option_keys_text() {
   return s;
 }
 
-Norm parse_norm(const std::string& s) {
-  if (s == "rms") return Norm::RMS;
-  if (s == "l2") return Norm::L2;
-  if (s == "none") return Norm::None;
-  TORCH_CHECK_VALUE(false, "ffkernels: unknown norm '", s, "'; expected one of 'rms', 'l2', 'none'");
-}
-
-Goodness parse_goodness(const std::string& s) {
-  if (s == "sum") return Goodness::Sum;
-  if (s == "mean") return Goodness::Mean;
-  TORCH_CHECK_VALUE(false, "ffkernels: unknown goodness '", s, "'; expected one of 'sum', 'mean'");
-}
-
-Loss parse_loss(const std::string& s) {
-  if (s == "hinton") return Loss::Hinton;
-  if (s == "symba") return Loss::Symba;
-  TORCH_CHECK_VALUE(false, "ffkernels: unknown loss '", s, "'; expected one of 'hinton', 'symba'");
-}
-
-Optim parse_optimizer(const std::string& s) {
-  if (s == "adam") return Optim::Adam;
-  if (s == "sgd") return Optim::SGD;
-  TORCH_CHECK_VALUE(false, "ffkernels: unknown optimizer '", s, "'; expected one of 'adam', 'sgd'");
+// An option's enum value from its name (the names beside the enums in csrc/ff_math.h).
+template <typename E, size_t N>
+E parse_choice(const std::string& value, const char* const (&names)[N], const char* option) {
+  std::string expected;
+  for (size_t i = 0; i < N; ++i) {
+    if (value == names[i]) return static_cast<E>(i);
+    expected += (i ? ", '" : "'") + std::string(names[i]) + "'";
+  }
+  TORCH_CHECK_VALUE(false, "ffkernels: unknown ", option, " '", value, "'; expected one of ", expected);
 }
 
 void check_number(double v, const char* name, double lo, bool lo_inclusive, double hi = INFINITY) {
@@ -97,9 +83,9 @@ OpOptions parse_options(c10::string_view text) {
     return d;
   };
   OpOptions o;
-  o.loss.norm = parse_norm(kv["norm"]);
-  o.loss.goodness = parse_goodness(kv["goodness"]);
-  o.loss.loss = parse_loss(kv["loss"]);
+  o.loss.norm = parse_choice<Norm>(kv["norm"], kNormNames, "norm");
+  o.loss.goodness = parse_choice<Goodness>(kv["goodness"], kGoodnessNames, "goodness");
+  o.loss.loss = parse_choice<Loss>(kv["loss"], kLossNames, "loss");
   o.loss.norm_eps = number("norm_eps");
   o.loss.threshold = number("threshold");
   o.loss.symba_alpha = number("symba_alpha");
@@ -107,7 +93,7 @@ OpOptions parse_options(c10::string_view text) {
   TORCH_CHECK_VALUE(std::isfinite(o.loss.threshold), "ffkernels: threshold must be finite, got ", o.loss.threshold);
   check_number(o.loss.symba_alpha, "symba_alpha", 0.0, false);
   OptimOptions& q = o.optim;
-  q.optimizer = parse_optimizer(kv["optimizer"]);
+  q.optimizer = parse_choice<Optim>(kv["optimizer"], kOptimNames, "optimizer");
   q.lr = number("lr");
   q.beta1 = number("beta1");
   q.beta2 = number("beta2");
