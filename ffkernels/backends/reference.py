@@ -68,7 +68,7 @@ def ff_grad(x_pos, x_neg, weight, bias, cfg: FFConfig) -> FFGradOutput:
 
 
 def make_optimizer(params, cfg: FFConfig) -> torch.optim.Optimizer:
-    """The torch.optim optimizer the DESIGN names for this configuration."""
+    """The torch.optim optimizer docs/design.md names for this configuration."""
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                 foreach=False)

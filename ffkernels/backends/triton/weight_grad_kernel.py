@@ -1,6 +1,6 @@
 """Kernel 3: the weight-gradient GEMM, reduced over the 2B rows, with the optimizer in its epilogue.
 
-dW = sum_i (c_i h_i)^T x_hat_i and db = sum_i c_i h_i (shared/DESIGN.md). Program (n, k) owns the
+dW = sum_i (c_i h_i)^T x_hat_i and db = sum_i c_i h_i (docs/design.md). Program (n, k) owns the
 (BN, BK) tile of W at rows [n*BN, ...) and columns [k*BK, ...) and reduces over all 2B rows of
 pos||neg: the prologue of each step forms dL/dz = c * h and x_hat = x / d for a block of rows (both
 rounded to the parameter dtype, as autograd forms them), the dot accumulates in fp32. Programs with
