@@ -25,17 +25,17 @@ class OpBackend:
     def ops(self):
         return getattr(torch.ops, self.namespace)
 
-    def grad(self, x_pos, x_neg, weight, bias, cfg: FFConfig) -> FFGradOutput:
-        r = self.ops.ff_grad(x_pos, x_neg, weight, bias, cfg.op_options)
+    def grad(self, x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None) -> FFGradOutput:
+        r = self.ops.ff_grad(x_pos, x_neg, weight, bias, peer_mean, cfg.op_options)
         return FFGradOutput(*r[:6], r[6] if bias is not None else None)
 
     def update(self, weight, bias, grad_w, grad_b, st_w, st_b, step, cfg: FFConfig, loss=None) -> None:
         self.ops.ff_update(weight, bias, grad_w, grad_b, *state_slots(st_w), *state_slots(st_b), loss, int(step),
                            cfg.op_options)
 
-    def step(self, x_pos, x_neg, weight, bias, st_w, st_b, step, cfg: FFConfig) -> FFStepOutput:
-        r = self.ops.ff_step(x_pos, x_neg, weight, bias, *state_slots(st_w), *state_slots(st_b), int(step),
-                             cfg.op_options)
+    def step(self, x_pos, x_neg, weight, bias, st_w, st_b, step, cfg: FFConfig, peer_mean=None) -> FFStepOutput:
+        r = self.ops.ff_step(x_pos, x_neg, weight, bias, *state_slots(st_w), *state_slots(st_b), peer_mean,
+                             int(step), cfg.op_options)
         return FFStepOutput(*r)
 
     def _step_labeled(self, x, label_pos, label_neg, num_classes, value, weight, bias, st_w, st_b, step,

@@ -47,24 +47,37 @@ def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, cfg: FFConfig) -> torch.Te
     return softplus(-cfg.symba_alpha * (g_pos - g_neg)).mean()
 
 
-def ff_objective(x_pos, x_neg, weight, bias, cfg: FFConfig) -> FFStepOutput:
-    """Loss, activations and goodness of one FF layer, differentiable w.r.t. weight and bias only."""
+def ff_objective(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None):
+    """Loss, activations and goodness of one FF layer, differentiable w.r.t. weight and bias only.
+
+    With cfg.peer_norm > 0 the loss includes L_peer and ``peer_mean`` (r) is read; returns (out, r')."""
     x_pos, x_neg = x_pos.detach(), x_neg.detach()  # inputs are constants: nothing flows into x
-    h_pos = layer_forward(x_pos, weight, bias, cfg.norm, cfg.norm_eps)
+    z_pos = F.linear(normalize(x_pos, cfg.norm, cfg.norm_eps), weight, bias)
+    h_pos = F.relu(z_pos)
     h_neg = layer_forward(x_neg, weight, bias, cfg.norm, cfg.norm_eps)
     g_pos, g_neg = goodness(h_pos, cfg.goodness), goodness(h_neg, cfg.goodness)
-    return FFStepOutput(ff_loss(g_pos, g_neg, cfg), h_pos, h_neg, g_pos, g_neg)
+    loss = ff_loss(g_pos, g_neg, cfg)
+    r_new = None
+    if cfg.peer_norm > 0:
+        h_st = z_pos - (z_pos - F.relu(z_pos)).detach()
+        m = h_st.mean(0)
+        r_new = cfg.peer_momentum * peer_mean.detach().to(m.dtype) + (1 - cfg.peer_momentum) * m
+        loss = loss + cfg.peer_norm * ((r_new - r_new.mean()) ** 2).mean()
+    return FFStepOutput(loss, h_pos, h_neg, g_pos, g_neg), r_new
 
 
-def ff_grad(x_pos, x_neg, weight, bias, cfg: FFConfig) -> FFGradOutput:
+def ff_grad(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None, return_peer_mean=False):
     """The exact local gradient of the FF loss w.r.t. weight and bias, by autograd."""
     with torch.enable_grad():
         w = weight.detach().requires_grad_(True)
         b = bias.detach().requires_grad_(True) if bias is not None else None
-        out = ff_objective(x_pos, x_neg, w, b, cfg)
+        out, r_new = ff_objective(x_pos, x_neg, w, b, cfg, peer_mean)
         grads = torch.autograd.grad(out.loss, [w] + ([b] if b is not None else []))
-    return FFGradOutput(out.loss.detach(), out.h_pos.detach(), out.h_neg.detach(), out.g_pos.detach(),
-                        out.g_neg.detach(), grads[0], grads[1] if b is not None else None)
+    res = FFGradOutput(out.loss.detach(), out.h_pos.detach(), out.h_neg.detach(), out.g_pos.detach(),
+                       out.g_neg.detach(), grads[0], grads[1] if b is not None else None)
+    if return_peer_mean:
+        return res, (r_new.detach() if r_new is not None else None)
+    return res
 
 
 def make_optimizer(params, cfg: FFConfig) -> torch.optim.Optimizer:
@@ -116,7 +129,7 @@ class FFLayerRef(nn.Module):
 
     def step(self, x_pos, x_neg) -> FFStepOutput:
         self.optimizer.zero_grad(set_to_none=True)
-        out = ff_objective(x_pos, x_neg, self.weight, self.bias, self.cfg)
+        out, _ = ff_objective(x_pos, x_neg, self.weight, self.bias, self.cfg)
         if not torch.isfinite(out.loss):
             raise NonFiniteLossError(f"ffkernels: non-finite FF loss ({out.loss.item()})")
         out.loss.backward()
@@ -139,8 +152,8 @@ class ReferenceBackend:
     def device_reason(self, device: torch.device):
         return None
 
-    def grad(self, x_pos, x_neg, weight, bias, cfg: FFConfig) -> FFGradOutput:
-        return ff_grad(x_pos, x_neg, weight, bias, cfg)
+    def grad(self, x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None) -> FFGradOutput:
+        return ff_grad(x_pos, x_neg, weight, bias, cfg, peer_mean)
 
     def update(self, weight, bias, grad_w, grad_b, st_w, st_b, step, cfg: FFConfig, loss=None) -> None:
         if loss is not None and not bool(torch.isfinite(loss).all()):
@@ -149,7 +162,9 @@ class ReferenceBackend:
         params, grads, states = (list(t) for t in zip(*triples))
         optimizer_update(params, grads, states, step, cfg)
 
-    def step(self, x_pos, x_neg, weight, bias, st_w, st_b, step, cfg: FFConfig) -> FFStepOutput:
-        g = self.grad(x_pos, x_neg, weight, bias, cfg)
+    def step(self, x_pos, x_neg, weight, bias, st_w, st_b, step, cfg: FFConfig, peer_mean=None) -> FFStepOutput:
+        g, r_new = ff_grad(x_pos, x_neg, weight, bias, cfg, peer_mean, return_peer_mean=True)
         self.update(weight, bias, g.grad_weight, g.grad_bias, st_w, st_b, step, cfg, loss=g.loss)
+        if r_new is not None and bool(torch.isfinite(g.loss)):
+            peer_mean.copy_(r_new)
         return FFStepOutput(*g[:5])
