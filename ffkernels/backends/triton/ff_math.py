@@ -104,6 +104,21 @@ def coef_from_dg(dg, s):
     return 2.0 * s * dg
 
 
+# ---- peer normalization (docs/design.md, "The math"): lambda = peer_norm, mu = peer_momentum -------------
+
+@triton.jit
+def peer_running_mean(r, colsum, B, mu, one_minus_mu):
+    """r'_j = mu r_j + (1 - mu) m_j with m_j = (1/B) sum_i h+_ij, the column mean of the positive rows."""
+    return mu * r + one_minus_mu * tl.div_rn(colsum, B * 1.0)
+
+
+@triton.jit
+def peer_dz(r_new, r_bar, v_scale):
+    """v_j = lambda (2/N) (r'_j - rbar') (1 - mu) / B, added to dL/dz+_ij of every positive row i (also where
+    z <= 0); ``v_scale`` = lambda 2 (1 - mu) / (N B), computed on the host in double."""
+    return v_scale * (r_new - r_bar)
+
+
 # ---- optimizers, elementwise in fp32, exactly torch.optim's single-tensor formulas ----------------------
 
 @triton.jit

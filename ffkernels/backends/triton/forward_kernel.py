@@ -6,6 +6,10 @@ per row, so the input normalization (a per-row divisor d, x_hat = x / d) is fold
 z = (x W^T) / d + b, h = relu(z). x_hat is never written. The epilogue stores h and the tile's partial
 goodness sum_j h_j^2 for its rows; the partials of the N-tiles are combined in a fixed order by kernel 2
 (deterministic, no atomics). Program n = 0 also stores d for the weight-gradient kernel.
+
+With peer normalization (PEER, a constexpr: without it none of this is compiled) the positive programs
+(side 0) also store their tile's column sums of h, sum_i h+_ij over their rows, into a (num M-tiles, N)
+buffer: kernel 2 adds the M-tiles in order for the column mean m_j (one column reduction, no atomics).
 """
 import torch
 import triton
@@ -22,8 +26,9 @@ def ff_forward_kernel(
     hp_ptr, hn_ptr,  # out: h_pos, h_neg (B, N)
     ss_part_ptr,  # out: (num N-tiles, 2B) fp32, sum of h^2 over the tile's columns, pos rows then neg rows
     den_ptr,  # out: (2B,) fp32, the row divisor d of pos rows then neg rows
+    colsum_part_ptr,  # out with PEER: (num M-tiles, N) fp32, sum of h over the tile's pos rows; else None
     B, N, K, norm_eps,
-    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, PEER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -71,10 +76,14 @@ def ff_forward_kernel(
     tl.store(ss_part_ptr + pid_n * (2 * B) + row_out, tl.sum(hq * hq, axis=1), mask=row_ok)
     if pid_n == 0:
         tl.store(den_ptr + row_out, d, mask=row_ok)
+    if PEER:
+        if side == 0:  # peer normalization: the column sums of h over this tile's positive rows
+            tl.store(colsum_part_ptr + pid_m * N + cols, tl.sum(hq, axis=0), mask=col_ok)
 
 
-def launch_forward(x_pos, x_neg, weight, bias, norm: str, norm_eps: float):
-    """Run kernel 1. Returns h_pos, h_neg, the partial goodness sums (tiles, 2B) and the row divisors (2B,)."""
+def launch_forward(x_pos, x_neg, weight, bias, norm: str, norm_eps: float, peer: bool = False):
+    """Run kernel 1. Returns h_pos, h_neg, the partial goodness sums (tiles, 2B), the row divisors (2B,) and,
+    with ``peer``, the partial column sums of h_pos (M-tiles, N) (else None)."""
     B, K = x_pos.shape
     N = weight.shape[0]
     tiles = settings.max_tiles(weight.dtype)
@@ -84,10 +93,13 @@ def launch_forward(x_pos, x_neg, weight, bias, norm: str, norm_eps: float):
     n_tiles = triton.cdiv(N, bn)
     ss_part = x_pos.new_empty((n_tiles, 2 * B), dtype=torch.float32)
     den = x_pos.new_empty((2 * B,), dtype=torch.float32)
-    grid = (triton.cdiv(B, bm), n_tiles, 2)
+    m_tiles = triton.cdiv(B, bm)
+    colsum_part = x_pos.new_empty((m_tiles, N), dtype=torch.float32) if peer else None
+    grid = (m_tiles, n_tiles, 2)
     wrap_triton(ff_forward_kernel)[grid](
-        x_pos, x_neg, weight, bias, h_pos, h_neg, ss_part, den,
+        x_pos, x_neg, weight, bias, h_pos, h_neg, ss_part, den, colsum_part,
         B, N, K, norm_eps,
-        NORM=NORM_CODES[norm], HAS_BIAS=bias is not None, INPUT_PRECISION=settings.dot_precision(weight.dtype),
+        NORM=NORM_CODES[norm], HAS_BIAS=bias is not None, PEER=peer,
+        INPUT_PRECISION=settings.dot_precision(weight.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=settings.NUM_WARPS)
-    return h_pos, h_neg, ss_part, den
+    return h_pos, h_neg, ss_part, den, colsum_part

@@ -62,31 +62,62 @@ def _check_all_states(weight, bias, states, cfg: FFConfig) -> None:
         contract.check_states(bias, states[2:], cfg, "bias")
 
 
+def _check_peer_mean(peer_mean: Optional[Tensor], weight: Tensor, cfg: FFConfig, in_place: bool):
+    """The running mean r of peer normalization: required iff cfg.peer_norm > 0 (ignored otherwise), shape (N,),
+    the state dtype, on weight's device; contiguous when it is updated ``in_place``. Returns it contiguous, or
+    None when peer normalization is off."""
+    if cfg.peer_norm == 0.0:
+        return None
+    N = weight.shape[0]
+    if peer_mean is None:
+        raise ValueError(f"ffkernels: peer_norm={cfg.peer_norm!r} needs peer_mean, the running mean of the positive "
+                         f"activations (a ({N},) {_name(contract.state_dtype(weight.dtype))} tensor)")
+    if not isinstance(peer_mean, Tensor) or peer_mean.shape != (N,):
+        shape = tuple(peer_mean.shape) if isinstance(peer_mean, Tensor) else type(peer_mean).__name__
+        raise ValueError(f"ffkernels: peer_mean must have shape ({N},) (one per output feature), got {shape}")
+    if peer_mean.device != weight.device:
+        raise ValueError(f"ffkernels: peer_mean is on {peer_mean.device} but weight is on {weight.device}")
+    if peer_mean.dtype != contract.state_dtype(weight.dtype):
+        raise TypeError(f"ffkernels: peer_mean must be {_name(contract.state_dtype(weight.dtype))} for "
+                        f"{_name(weight.dtype)} weights, got {_name(peer_mean.dtype)}")
+    if in_place and not peer_mean.is_contiguous():
+        raise ValueError("ffkernels: peer_mean must be contiguous (it is updated in place)")
+    return peer_mean.contiguous()
+
+
 # ---- the kernels, in order -----------------------------------------------------------------------------
 
-def _forward(x_pos, x_neg, weight, bias, cfg: FFConfig):
-    """Kernels 1 and 2: loss, h_pos, h_neg, g_pos, g_neg and the row coefficients/divisors for kernel 3."""
-    h_pos, h_neg, ss_part, den = launch_forward(x_pos, x_neg, weight, bias, cfg.norm, cfg.norm_eps)
-    loss, g_pos, g_neg, coef = launch_loss(ss_part, x_pos.shape[0], weight.shape[0], weight.dtype, cfg.goodness,
-                                           cfg.threshold, cfg.loss, cfg.symba_alpha)
-    return loss, h_pos, h_neg, g_pos, g_neg, coef, den
+def _forward(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean: Optional[Tensor]):
+    """Kernels 1 and 2: loss, h_pos, h_neg, g_pos, g_neg, the row coefficients/divisors for kernel 3 and, with
+    peer normalization (``peer_mean`` = r given), (v, r', r) for kernel 3 (else None)."""
+    peer = peer_mean is not None
+    h_pos, h_neg, ss_part, den, colsum_part = launch_forward(x_pos, x_neg, weight, bias, cfg.norm, cfg.norm_eps,
+                                                             peer=peer)
+    loss, g_pos, g_neg, coef, r_new, v = launch_loss(
+        ss_part, x_pos.shape[0], weight.shape[0], weight.dtype, cfg.goodness, cfg.threshold, cfg.loss,
+        cfg.symba_alpha, peer=(colsum_part, peer_mean, cfg.peer_norm, cfg.peer_momentum) if peer else None)
+    return loss, h_pos, h_neg, g_pos, g_neg, coef, den, ((v, r_new, peer_mean) if peer else None)
 
 
 # ---- ffkernels_triton::ff_grad --------------------------------------------------------------------------
 
-def ff_grad(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor], options: str
-            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """loss, h_pos, h_neg, g_pos, g_neg, grad_weight, grad_bias (empty without bias). Nothing is updated."""
+def ff_grad(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor], peer_mean: Optional[Tensor],
+            options: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """loss, h_pos, h_neg, g_pos, g_neg, grad_weight, grad_bias (empty without bias). Nothing is updated (with
+    peer normalization, ``peer_mean`` = r is only read: the loss and gradient include L_peer)."""
     cfg = FFConfig.from_op_options(options)
     x_pos, x_neg, weight, bias = _check_inputs(x_pos, x_neg, weight, bias, in_place=False)
-    loss_t, h_pos, h_neg, g_pos, g_neg, coef, den = _forward(x_pos, x_neg, weight, bias, cfg)
-    grad_w, grad_b = launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss_t, weight, bias, cfg.norm)
+    peer_mean = _check_peer_mean(peer_mean, weight, cfg, in_place=False)
+    loss_t, h_pos, h_neg, g_pos, g_neg, coef, den, peer = _forward(x_pos, x_neg, weight, bias, cfg, peer_mean)
+    grad_w, grad_b = launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss_t, weight, bias, cfg.norm,
+                                        peer=peer)
     return loss_t, h_pos, h_neg, g_pos, g_neg, grad_w, grad_b if grad_b is not None else weight.new_empty(0)
 
 
-def _ff_grad_fake(x_pos, x_neg, weight, bias, options):
-    FFConfig.from_op_options(options)
+def _ff_grad_fake(x_pos, x_neg, weight, bias, peer_mean, options):
+    cfg = FFConfig.from_op_options(options)
     _check_inputs(x_pos, x_neg, weight, bias, in_place=False)
+    _check_peer_mean(peer_mean, weight, cfg, in_place=False)
     return contract.grad_outputs_like(x_pos, weight, bias)
 
 
@@ -129,27 +160,29 @@ def _ff_update_fake(weight, bias, grad_weight, grad_bias, s1w, s2w, s1b, s2b, lo
 
 def ff_step(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor], state1_weight: Optional[Tensor],
             state2_weight: Optional[Tensor], state1_bias: Optional[Tensor], state2_bias: Optional[Tensor],
-            step: int, options: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            peer_mean: Optional[Tensor], step: int, options: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The fused step: loss, h_pos, h_neg, g_pos, g_neg with the weights before the update, which kernel 3
-    applies in place from dW tiles in registers; skipped on the device when the loss is not finite."""
+    applies in place from dW tiles in registers; skipped on the device when the loss is not finite. With peer
+    normalization kernel 3 also commits peer_mean <- r' then (and only then)."""
     states = (state1_weight, state2_weight, state1_bias, state2_bias)
-    x_pos, x_neg, cfg, update = _step_args(x_pos, x_neg, weight, bias, states, step, options)
-    loss_t, h_pos, h_neg, g_pos, g_neg, coef, den = _forward(x_pos, x_neg, weight, bias, cfg)
+    x_pos, x_neg, cfg, update, peer_mean = _step_args(x_pos, x_neg, weight, bias, states, peer_mean, step, options)
+    loss_t, h_pos, h_neg, g_pos, g_neg, coef, den, peer = _forward(x_pos, x_neg, weight, bias, cfg, peer_mean)
     launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss_t, weight, bias, cfg.norm, update=update,
-                       states=states)
+                       states=states, peer=peer)
     return loss_t, h_pos, h_neg, g_pos, g_neg
 
 
-def _step_args(x_pos, x_neg, weight, bias, states, step, options):
+def _step_args(x_pos, x_neg, weight, bias, states, peer_mean, step, options):
     cfg = FFConfig.from_op_options(options)
     contract.check_step(step)
     x_pos, x_neg, _, _ = _check_inputs(x_pos, x_neg, weight, bias, in_place=True)
     _check_all_states(weight, bias, states, cfg)
-    return x_pos, x_neg, cfg, optim_args(step, cfg)
+    peer_mean = _check_peer_mean(peer_mean, weight, cfg, in_place=True)
+    return x_pos, x_neg, cfg, optim_args(step, cfg), peer_mean
 
 
-def _ff_step_fake(x_pos, x_neg, weight, bias, s1w, s2w, s1b, s2b, step, options):
-    _step_args(x_pos, x_neg, weight, bias, (s1w, s2w, s1b, s2b), step, options)
+def _ff_step_fake(x_pos, x_neg, weight, bias, s1w, s2w, s1b, s2b, peer_mean, step, options):
+    _step_args(x_pos, x_neg, weight, bias, (s1w, s2w, s1b, s2b), peer_mean, step, options)
     return contract.step_outputs_like(x_pos, weight)
 
 
@@ -169,4 +202,4 @@ def _register(name: str, fn, mutates_args, fake):
 
 ff_grad_op = _register("ff_grad", ff_grad, (), _ff_grad_fake)
 ff_update_op = _register("ff_update", ff_update, _PARAMS_AND_STATE, _ff_update_fake)
-ff_step_op = _register("ff_step", ff_step, _PARAMS_AND_STATE, _ff_step_fake)
+ff_step_op = _register("ff_step", ff_step, _PARAMS_AND_STATE + ("peer_mean",), _ff_step_fake)

@@ -11,6 +11,12 @@ Epilogue, by ``OPTIM``:
   * OPTIM_ADAM / OPTIM_SGD: apply the optimizer to the W tile (and the b tile) this program owns, in
     place, from the gradient still in registers: dW is never materialized (ff_step). The loss written
     by kernel 2 is read first; if it is not finite the program returns before touching anything.
+
+Peer normalization (PEER, a constexpr: without it none of this is compiled): the prologue of the positive
+rows forms dL/dz = c h + v with kernel 2's per-unit v_j (for every positive row and unit, also where
+h = 0), so dW gains v (x) sum_i x_hat+_i and db gains B v inside the same GEMM -- no extra pass over x.
+With an update, the programs with k = 0 also commit r <- r' for their units after the loss check, so a
+non-finite loss leaves r unchanged too.
 """
 import torch
 import triton
@@ -23,18 +29,24 @@ from .optim_args import NO_UPDATE, OptimArgs
 
 
 @triton.jit
-def _reduce_rows(acc, bacc, x_ptr, h_ptr, coef_ptr, den_ptr, B, N, K, cols, ks,
-                 NORM: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
-    """acc += (c h)^T x_hat and bacc += colsum(c h) over the B rows of one side (pos or neg)."""
+def _reduce_rows(acc, bacc, x_ptr, h_ptr, coef_ptr, den_ptr, v_ptr, B, N, K, cols, ks,
+                 NORM: tl.constexpr, PEER: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+    """acc += (dL/dz)^T x_hat and bacc += colsum(dL/dz) over the B rows of one side (pos or neg), with
+    dL/dz = c h, plus v for every (row, unit) with PEER (the positive side of peer normalization)."""
     col_ok = cols < N
     k_ok = ks < K
+    if PEER:
+        v = tl.load(v_ptr + cols, mask=col_ok, other=0.0)
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         r64 = rows.to(tl.int64)[:, None]
         c = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
         h = tl.load(h_ptr + r64 * N + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        dz = (c[:, None] * h.to(tl.float32)).to(h.dtype)
+        if PEER:
+            dz = tl.where(row_ok[:, None], c[:, None] * h.to(tl.float32) + v[None, :], 0.0).to(h.dtype)
+        else:
+            dz = (c[:, None] * h.to(tl.float32)).to(h.dtype)
         x = tl.load(x_ptr + r64 * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM != NORM_NONE:
             d = tl.load(den_ptr + rows, mask=row_ok, other=1.0)
@@ -48,12 +60,13 @@ def _reduce_rows(acc, bacc, x_ptr, h_ptr, coef_ptr, den_ptr, B, N, K, cols, ks,
 def ff_weight_grad_kernel(
     xp_ptr, xn_ptr, hp_ptr, hn_ptr,  # x_pos, x_neg (B, K); h_pos, h_neg (B, N)
     coef_ptr, den_ptr, loss_ptr,  # from kernels 1 and 2: c and d of the 2B rows (fp32); the loss
+    v_ptr, r_new_ptr, r_ptr,  # with PEER: v and r' (N,) fp32 from kernel 2; r (peer_mean), committed with an update
     w_ptr, b_ptr,  # weight (N, K), bias (N,) or None: updated in place unless OPTIM_NONE
     gw_ptr, gb_ptr,  # out with OPTIM_NONE: grad_weight, grad_bias
     s1w_ptr, s2w_ptr, s1b_ptr, s2b_ptr,  # fp32 optimizer state (adam: exp_avg, exp_avg_sq; sgd: momentum_buffer)
     B, N, K,
     step_size, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, momentum, weight_decay, first,
-    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, OPTIM: tl.constexpr, MOMENTUM: tl.constexpr,
+    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, OPTIM: tl.constexpr, MOMENTUM: tl.constexpr, PEER: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     if OPTIM != OPTIM_NONE:
@@ -66,10 +79,10 @@ def ff_weight_grad_kernel(
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc, bacc = _reduce_rows(acc, bacc, xp_ptr, hp_ptr, coef_ptr, den_ptr, B, N, K, cols, ks,
-                             NORM, INPUT_PRECISION, BLOCK_B)
-    acc, bacc = _reduce_rows(acc, bacc, xn_ptr, hn_ptr, coef_ptr + B, den_ptr + B, B, N, K, cols, ks,
-                             NORM, INPUT_PRECISION, BLOCK_B)
+    acc, bacc = _reduce_rows(acc, bacc, xp_ptr, hp_ptr, coef_ptr, den_ptr, v_ptr, B, N, K, cols, ks,
+                             NORM, PEER, INPUT_PRECISION, BLOCK_B)
+    acc, bacc = _reduce_rows(acc, bacc, xn_ptr, hn_ptr, coef_ptr + B, den_ptr + B, v_ptr, B, N, K, cols, ks,
+                             NORM, False, INPUT_PRECISION, BLOCK_B)
 
     col_ok = cols < N
     w_offs = cols.to(tl.int64)[:, None] * K + ks[None, :]
@@ -90,16 +103,22 @@ def ff_weight_grad_kernel(
                 apply_optimizer(b_ptr, s1b_ptr, s2b_ptr, cols, col_ok, gb.to(tl.float32), step_size,
                                 one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, momentum, weight_decay,
                                 first, OPTIM, MOMENTUM)
+    if PEER:
+        if OPTIM != OPTIM_NONE:
+            if pid_k == 0:  # the loss is finite (checked above): r <- r' for this program's units
+                tl.store(r_ptr + cols, tl.load(r_new_ptr + cols, mask=col_ok, other=0.0), mask=col_ok)
 
 
 def launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight, bias, norm: str,
-                       update: OptimArgs = NO_UPDATE, states=(None, None, None, None)):
+                       update: OptimArgs = NO_UPDATE, states=(None, None, None, None), peer=None):
     """Run kernel 3.
 
     With ``update`` NO_UPDATE: returns (grad_weight, grad_bias or None). Otherwise updates weight, bias
     and ``states`` = (s1 of weight, s2 of weight, s1 of bias, s2 of bias; None where unused) in place,
-    unless ``loss`` is not finite, and returns None.
+    unless ``loss`` is not finite, and returns None. ``peer`` = (v, r', r) with peer normalization: v enters
+    dL/dz of the positive rows; with an update, r <- r' unless the loss is not finite.
     """
+    v, r_new, r = peer if peer is not None else (None, None, None)
     B, K = x_pos.shape
     N = weight.shape[0]
     tiles = settings.max_tiles(weight.dtype)
@@ -110,9 +129,10 @@ def launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight, bias
         grad_bias = torch.empty_like(bias) if bias is not None else None
     grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
     wrap_triton(ff_weight_grad_kernel)[grid](
-        x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight, bias, grad_weight, grad_bias, *states, B, N, K,
-        **update.scalars,
+        x_pos, x_neg, h_pos, h_neg, coef, den, loss, v, r_new, r, weight, bias, grad_weight, grad_bias, *states,
+        B, N, K, **update.scalars,
         NORM=NORM_CODES[norm], HAS_BIAS=bias is not None, OPTIM=update.optim, MOMENTUM=update.momentum_buffer,
+        PEER=peer is not None,
         INPUT_PRECISION=settings.dot_precision(weight.dtype), BLOCK_N=bn, BLOCK_K=bk, BLOCK_B=bb,
         num_warps=settings.NUM_WARPS)
     return (grad_weight, grad_bias) if update.optim == OPTIM_CODES["none"] else None
