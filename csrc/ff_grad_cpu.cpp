@@ -69,7 +69,7 @@ void epilogue(scalar_t* z, const scalar_t* b, scalar_t* h_pos, scalar_t* h_neg, 
 }  // namespace
 
 GradResult ff_grad_cpu(const at::Tensor& x_pos, const at::Tensor& x_neg, const at::Tensor& weight,
-                       const at::Tensor& bias, const LossOptions& opt) {
+                       const at::Tensor& bias, const at::Tensor& peer_mean, const LossOptions& opt) {
   const int64_t B = x_pos.size(0), K = x_pos.size(1), N = weight.size(0);
   const bool has_bias = bias.defined();
   auto xhat = at::empty({2 * B, K}, x_pos.options());

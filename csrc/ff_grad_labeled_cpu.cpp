@@ -40,7 +40,7 @@ void normalize_without_labels(const scalar_t* x, scalar_t* out, acc_t* lv, int64
 
 GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos, const at::Tensor& label_neg,
                                int64_t C, double value, const at::Tensor& weight, const at::Tensor& bias,
-                               const LossOptions& opt) {
+                               const at::Tensor& peer_mean, const LossOptions& opt) {
   const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
   const bool has_bias = bias.defined();
   auto xhat = at::empty({B, K}, x.options());

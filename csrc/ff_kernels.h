@@ -1,9 +1,12 @@
 // Entry points of the fused FF kernels, one set per device. python_api/ checks the arguments and
 // composes them into the registered ops; nothing here validates user input.
 //
-// Shapes: x_pos, x_neg (B, K); weight (N, K); bias (N) or undefined.
+// Shapes: x_pos, x_neg (B, K); weight (N, K); bias (N) or undefined; peer_mean (N), the state dtype (fp32,
+// fp64 for fp64 weights), read only, and used only when opt.peer_norm > 0 (may be undefined otherwise).
 //   forward+grad  -> loss (0-d), h_pos, h_neg (B, N), g_pos, g_neg (B),
-//                    grad_weight (N, K), grad_bias (N) (undefined without bias)
+//                    grad_weight (N, K), grad_bias (N) (undefined without bias),
+//                    peer_mean: the new running mean r' (N), state dtype, when opt.peer_norm > 0, else
+//                    undefined; the binding commits it (peer_mean <- r') only when the loss is finite
 //   update        -> in place on weight/bias and their optimizer state; skipped entirely when
 //                    `loss` is defined and not finite (read on the device, no host sync needed)
 #pragma once
@@ -16,6 +19,7 @@ namespace ffk {
 
 struct GradResult {
   at::Tensor loss, h_pos, h_neg, g_pos, g_neg, grad_weight, grad_bias;
+  at::Tensor peer_mean;  // r' when opt.peer_norm > 0 (not yet committed), else undefined
 };
 
 struct ParamState {
@@ -26,18 +30,18 @@ struct ParamState {
 };
 
 GradResult ff_grad_cpu(const at::Tensor& x_pos, const at::Tensor& x_neg, const at::Tensor& weight,
-                       const at::Tensor& bias, const LossOptions& opt);
+                       const at::Tensor& bias, const at::Tensor& peer_mean, const LossOptions& opt);
 void ff_update_cpu(const ParamState& p, const at::Tensor& loss, const OptimOptions& opt);
 
 // Supervised first layer: x_pos/x_neg are x with labels label_pos/label_neg (int64, (B,)) written one-hot
 // times `value` into features [0, C). Same outputs as ff_grad_cpu on the explicit pair, B-row GEMMs.
 GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos, const at::Tensor& label_neg,
                                int64_t C, double value, const at::Tensor& weight, const at::Tensor& bias,
-                               const LossOptions& opt);
+                               const at::Tensor& peer_mean, const LossOptions& opt);
 
 #ifdef FF_WITH_CUDA
 GradResult ff_grad_cuda(const at::Tensor& x_pos, const at::Tensor& x_neg, const at::Tensor& weight,
-                        const at::Tensor& bias, const LossOptions& opt);
+                        const at::Tensor& bias, const at::Tensor& peer_mean, const LossOptions& opt);
 void ff_update_cuda(const ParamState& p, const at::Tensor& loss, const OptimOptions& opt);
 #endif
 

@@ -120,6 +120,30 @@ FF_HD T coef_from_dg(T dg, T goodness_scale_s) {
   return T(2) * goodness_scale_s * dg;
 }
 
+// ---- peer normalization (docs/design.md, "The math"): lambda = peer_norm, mu = peer_momentum --------------
+// r is a running mean per unit j of the positive rows' activations: with m_j = (1/B) sum_i h+_ij (weights
+// before the update), r'_j = mu r_j + (1 - mu) m_j and rbar' = (1/N) sum_j r'_j. The loss gains
+// L_peer = lambda (1/N) sum_j (rbar' - r'_j)^2, and dL/dz+_ij of every positive row i gains v_j (for every
+// unit, also where z <= 0: straight-through for this term only). Negative rows are unchanged.
+
+template <typename T>
+FF_HD T peer_running_mean(T r, T m, T mu) {
+  return mu * r + (T(1) - mu) * m;
+}
+
+// unit j's term of L_peer
+template <typename T>
+FF_HD T peer_loss_term(T r_new, T r_bar, T lambda, int64_t N) {
+  const T d = r_bar - r_new;
+  return lambda * d * d / T(N);
+}
+
+// v_j = lambda (2/N) (r'_j - rbar') (1 - mu) / B, added to dL/dz+_ij of every positive row i
+template <typename T>
+FF_HD T peer_dz(T r_new, T r_bar, T lambda, T mu, int64_t N, int64_t B) {
+  return lambda * (T(2) / T(N)) * (r_new - r_bar) * ((T(1) - mu) / T(B));
+}
+
 // ---- optimizer updates, one element at a time (fp32 state; double for double params) ----------------
 // Adam exactly as torch.optim.Adam's single-tensor path (coupled L2, bias-corrected, no amsgrad):
 //   g += wd * p; m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2;

@@ -15,6 +15,8 @@ struct LossOptions {
   double threshold = 1.0;
   Loss loss = Loss::Hinton;
   double symba_alpha = 4.0;
+  double peer_norm = 0.0;      // lambda; 0: no peer normalization (nothing of it runs)
+  double peer_momentum = 0.9;  // mu of the running mean r (peer_mean)
 };
 
 struct OptimOptions {

@@ -282,7 +282,7 @@ GradTuple ff_grad_op(const DeviceKernels& k, const Tensor& x_pos, const Tensor& 
   const OpOptions o = parse_options(options);
   auto [xp, xn] = check_inputs(k, x_pos, x_neg, weight, bias);
   c10::DeviceGuard guard(weight.device());
-  return grad_tuple(k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), o.loss), weight);
+  return grad_tuple(k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), Tensor(), o.loss), weight);
 }
 
 void ff_update_op(const DeviceKernels& k, const Tensor& weight, const OptT& bias, const Tensor& grad_weight,
@@ -318,7 +318,7 @@ StepTuple ff_step_op(const DeviceKernels& k, const Tensor& x_pos, const Tensor& 
   auto [xp, xn] = check_inputs(k, x_pos, x_neg, weight, bias);
   auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
   c10::DeviceGuard guard(weight.device());
-  return update_from(k, k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), o.loss), pw, pb, oo);
+  return update_from(k, k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), Tensor(), o.loss), pw, pb, oo);
 }
 
 GradTuple ff_grad_labeled_op(const DeviceKernels& k, const Tensor& x, const Tensor& label_pos, const Tensor& label_neg,
@@ -328,7 +328,7 @@ GradTuple ff_grad_labeled_op(const DeviceKernels& k, const Tensor& x, const Tens
   auto [xc, lp, ln] = check_labeled(k, x, label_pos, label_neg, num_classes, label_value, weight, bias);
   c10::DeviceGuard guard(weight.device());
   return grad_tuple(k.grad_labeled(xc, lp, ln, num_classes, label_value, weight, bias.has_value() ? *bias : Tensor(),
-                                   o.loss),
+                                   Tensor(), o.loss),
                     weight);
 }
 
@@ -343,7 +343,7 @@ StepTuple ff_step_labeled_op(const DeviceKernels& k, const Tensor& x, const Tens
   c10::DeviceGuard guard(weight.device());
   return update_from(k,
                      k.grad_labeled(xc, lp, ln, num_classes, label_value, weight,
-                                    bias.has_value() ? *bias : Tensor(), o.loss),
+                                    bias.has_value() ? *bias : Tensor(), Tensor(), o.loss),
                      pw, pb, oo);
 }
 

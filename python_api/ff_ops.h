@@ -20,10 +20,11 @@ struct DeviceKernels {
   const char* device;   // for messages: "CPU", "CUDA"
   bool half_precision;  // accepts float16/bfloat16 besides float32/float64
   GradResult (*grad)(const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight, const Tensor& bias,
-                     const LossOptions& opt);
+                     const Tensor& peer_mean, const LossOptions& opt);
   void (*update)(const ParamState& p, const Tensor& loss, const OptimOptions& opt);
   GradResult (*grad_labeled)(const Tensor& x, const Tensor& label_pos, const Tensor& label_neg, int64_t C,
-                             double value, const Tensor& weight, const Tensor& bias, const LossOptions& opt);
+                             double value, const Tensor& weight, const Tensor& bias, const Tensor& peer_mean,
+                             const LossOptions& opt);
 };
 
 using GradTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
