@@ -15,6 +15,7 @@ into its three launches. On a GPU (marked ``gpu``) the triton and cuda backends 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,12 +31,12 @@ from ffkernels.config import FFConfig
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CUDA = torch.cuda.is_available()
-HAVE_TRITON = __import__("importlib").util.find_spec("triton") is not None
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 RUN_INTERPRETER = "TRITON_INTERPRET=1 python -m pytest tests/test_peer_norm_gpu_backends.py"
 
 interpreter = pytest.mark.skipif(not (INTERPRET and HAVE_TRITON),
                                  reason=f"Triton interpreter tests: run `{RUN_INTERPRETER}`")
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")]
+gpu_only = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
 
 REF = ReferenceBackend()
 OPTIMIZERS = {
@@ -144,7 +145,8 @@ SHAPES = [(1, 1, 1), (7, 17, 17), (64, 128, 128), (7, 128, 17), (64, 17, 1), (1,
           (64, 128, 17)]  # (B, K, N) with B in {1, 7, 64}, K, N in {1, 17, 128}
 COMBOS = [("rms", "sum", "hinton", "adam"), ("l2", "mean", "symba", "sgd"), ("none", "sum", "symba", "adam-wd"),
           ("rms", "mean", "hinton", "sgd-momentum-wd"), ("l2", "sum", "hinton", "sgd"),
-          ("rms", "sum", "symba", "sgd-momentum-wd"), ("none", "mean", "hinton", "adam"), ("rms", "mean", "symba", "adam")]
+          ("rms", "sum", "symba", "sgd-momentum-wd"), ("none", "mean", "hinton", "adam"),
+          ("rms", "mean", "symba", "adam")]
 PEERS = [(0.5, 0.9), (2.0, 0.5), (0.3, 0.0)]  # (lambda, mu); mu = 0: r' is the batch mean itself
 CASES = [(SHAPES[i], COMBOS[i], PEERS[i % len(PEERS)], i % 3 != 2) for i in range(len(SHAPES))]
 
@@ -315,6 +317,7 @@ def test_triton_peer_mean_argument_checks():
     ops = torch.ops.ffkernels_triton
     BACKENDS["triton"].ops
     cfg, xp, xn, run = _op_args()
+    before = [t.clone() for _, t in run.tensors(cfg)]
     step = lambda r: ops.ff_step(xp, xn, run.w, run.b, *run.st_w, *run.st_b, r, 1, cfg.op_options)  # noqa: E731
     with pytest.raises(ValueError, match="needs peer_mean"):
         ops.ff_grad(xp, xn, run.w, run.b, None, cfg.op_options)
@@ -326,7 +329,6 @@ def test_triton_peer_mean_argument_checks():
         step(torch.zeros(19, dtype=torch.float64))
     with pytest.raises(ValueError, match="peer_mean must be contiguous"):
         step(torch.zeros(38)[::2])
-    before = [t.clone() for _, t in run.tensors(cfg)]
     for (n, t), e in zip(run.tensors(cfg), before):  # the failed calls changed nothing
         assert torch.equal(t, e), n
     # peer_norm = 0: peer_mean is optional and ignored whatever it is
@@ -376,7 +378,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                         GOODNESS=1, LOSS=1, PEER=peer, BLOCK=128, BLOCK_UNITS=128)
         cfgs = [FFConfig(optimizer="adam", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
                 FFConfig(optimizer="sgd", lr=1e-3, momentum=0.9)]
-        for arch, dt, up in ((90, f32, NO_UPDATE), (90, bf16, optim_args(3, cfgs[0])), (80, f32, optim_args(3, cfgs[1]))):
+        for arch, dt, up in ((90, f32, NO_UPDATE), (90, bf16, optim_args(3, cfgs[0])),
+                             (80, f32, optim_args(3, cfgs[1]))):
             grads = dt if up is NO_UPDATE else None
             p = f32 if peer else None
             compile_for(ff_weight_grad_kernel, arch, xp_ptr=dt, xn_ptr=dt, hp_ptr=dt, hn_ptr=dt, coef_ptr=f32,
@@ -431,8 +434,8 @@ def _usable(backend):
                                           ((3, 5, 1100), COMBOS[1], (1.0, 0.5), True)],
                          ids=[case_id(c) for c in CASES] + ["300x9x20", "3x5x1100"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@gpu[0]
-@gpu[1]
+@pytest.mark.gpu
+@gpu_only
 def test_gpu_step_with_peer_norm_matches_oracle(backend, case, dtype):
     _usable(backend)
     if backend == "triton" and dtype == torch.float64:
@@ -449,16 +452,16 @@ def test_gpu_step_with_peer_norm_matches_oracle(backend, case, dtype):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("poison", ["nan-input", "inf-in-r"])
-@gpu[0]
-@gpu[1]
+@pytest.mark.gpu
+@gpu_only
 def test_gpu_nonfinite_loss_leaves_r_weights_and_state(backend, poison):
     _usable(backend)
     _nonfinite_case(backend, "cuda", poison, "adam")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@gpu[0]
-@gpu[1]
+@pytest.mark.gpu
+@gpu_only
 def test_gpu_lambda_zero_and_step_equals_grad_then_update(backend):
     _usable(backend)
     _lambda_zero_case(backend, "cuda")

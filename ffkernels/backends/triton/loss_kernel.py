@@ -113,5 +113,5 @@ def launch_loss(ss_part, B: int, N: int, dtype: torch.dtype, goodness: str, thre
         ss_part, g_pos, g_neg, coef, loss_out, colsum_part, r, r_new, v, B, N, ss_part.shape[0], threshold,
         symba_alpha, colsum_part.shape[0] if peer is not None else 0, **scalars,
         GOODNESS=GOODNESS_CODES[goodness], LOSS=LOSS_CODES[loss], PEER=peer is not None, BLOCK=block,
-        BLOCK_UNITS=min(triton.next_power_of_2(N), 1024))
+        BLOCK_UNITS=min(triton.next_power_of_2(N), 1024) if peer is not None else 16)  # unused without peer: fixed
     return loss_out, g_pos, g_neg, coef, r_new, v
