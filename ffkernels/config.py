@@ -30,7 +30,7 @@ def _number(name: str, value, lo: float, lo_inclusive: bool = True, hi: float = 
 
 # The keys of FFConfig.op_options, in the order they are written; python_api/ff_api.cpp parses the same keys.
 OP_OPTION_KEYS = ("norm", "norm_eps", "goodness", "threshold", "loss", "symba_alpha", "optimizer", "lr", "beta1",
-                  "beta2", "eps", "momentum", "weight_decay")
+                  "beta2", "eps", "momentum", "weight_decay", "peer_norm", "peer_momentum")
 _CHOICE_KEYS = ("norm", "goodness", "loss", "optimizer")
 
 
@@ -50,6 +50,8 @@ class FFConfig:
     eps: float = 1e-8
     momentum: float = 0.0
     weight_decay: float = 0.0
+    peer_norm: float = 0.0       # lambda of peer normalization; 0: off (docs/design.md, "Peer normalization")
+    peer_momentum: float = 0.9   # mu of its running mean of the positive activations
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -71,6 +73,8 @@ class FFConfig:
         set_(self, "eps", _number("eps", self.eps, 0.0))
         set_(self, "momentum", _number("momentum", self.momentum, 0.0))
         set_(self, "weight_decay", _number("weight_decay", self.weight_decay, 0.0))
+        set_(self, "peer_norm", _number("peer_norm", self.peer_norm, 0.0))
+        set_(self, "peer_momentum", _number("peer_momentum", self.peer_momentum, 0.0, hi=1.0))
 
     @staticmethod
     def default_threshold(goodness: str, out_features: int) -> float:
