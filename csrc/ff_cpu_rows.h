@@ -1,7 +1,8 @@
-// Row-level helpers shared by the CPU kernels (ff_grad_cpu.cpp, ff_grad_labeled_cpu.cpp).
+// Row-level helpers (and the peer-norm column reduction) shared by the CPU kernels (ff_grad_cpu.cpp, ff_grad_labeled_cpu.cpp).
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <vector>
@@ -45,6 +46,35 @@ inline acc_t row_goodness(double sum_sq, acc_t scale) {
 // The divisor d of a row (x_hat = x / d) from its sum of squares over K features.
 inline double row_divisor(double sum_sq, int64_t K, Norm norm, double eps) {
   return 1.0 / row_scale<double>(sum_sq, K, norm, eps);
+}
+
+// Peer normalization (ff_math.h) from the positive rows' h (B, N) and the running mean r: writes r' (rounded to
+// the state dtype, as stored) and v_j = dL_peer/dz+_ij (the same for every positive row i); returns L_peer.
+// m_j sums in double over the rows in order, each thread owning a range of columns, so nothing depends on the
+// thread count; r-bar and L_peer are fixed-order sums of the stored r'.
+template <typename scalar_t, typename state_t, typename acc_t>
+double peer_terms(const scalar_t* h, int64_t B, int64_t N, const state_t* r, state_t* r_new, acc_t* v,
+                  double lambda, double mu) {
+  std::vector<double> m(static_cast<size_t>(N), 0.0);
+  at::parallel_for(0, N, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = 0; i < B; ++i) {
+      const scalar_t* hr = h + i * N;
+      for (int64_t j = lo; j < hi; ++j) m[j] += static_cast<double>(hr[j]);
+    }
+  });
+  double r_sum = 0.0;
+  for (int64_t j = 0; j < N; ++j) {
+    r_new[j] = static_cast<state_t>(peer_running_mean<double>(static_cast<double>(r[j]), m[j] / double(B), mu));
+    r_sum += static_cast<double>(r_new[j]);
+  }
+  const double r_bar = r_sum / double(N);
+  double loss = 0.0;
+  for (int64_t j = 0; j < N; ++j) {
+    const double rj = static_cast<double>(r_new[j]);
+    loss += peer_loss_term<double>(rj, r_bar, lambda, N);
+    v[j] = static_cast<acc_t>(peer_dz<double>(rj, r_bar, lambda, mu, N, B));
+  }
+  return loss;
 }
 
 // The batch loss from per-pair terms: a fixed-order sum, deterministic whatever the thread count.

@@ -7,10 +7,13 @@
 // One B-row GEMM gives the shared part for both, instead of a 2B-row GEMM over an explicit pos||neg.
 // Likewise for the weight gradient: grad_W = (dL/dz_pos + dL/dz_neg)^T (r xr) over B rows, plus the
 // label columns, which get sum_i r value dL/dz_i scattered to column y_i.
+// Peer normalization (opt.peer_norm > 0): dL/dz_pos gains v_j for every unit (ff_cpu_rows.h peer_terms, one
+// column reduction of h_pos), in the shared rows and in the label columns alike.
 // The result is the FF step of (embed_label(x, y_pos), embed_label(x, y_neg)), up to rounding.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "ff_cpu_rows.h"
@@ -52,11 +55,15 @@ GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos,
   std::vector<double> pair_loss(static_cast<size_t>(B));
   const int64_t* yp = label_pos.const_data_ptr<int64_t>();
   const int64_t* yn = label_neg.const_data_ptr<int64_t>();
+  const bool peer = opt.peer_norm != 0.0;
+  double peer_loss = 0.0;
 
   GradResult r;
+  if (peer) r.peer_mean = at::empty({N}, peer_mean.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ff_grad_labeled_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> lv(B), cp(B), cn(B);
+    using state_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    std::vector<acc_t> lv(B), cp(B), cn(B), v(peer ? N : 0);
     normalize_without_labels<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), xhat.data_ptr<scalar_t>(), lv.data(), B,
                                               K, C, value, opt.norm, opt.norm_eps);
     auto z = at::mm(xhat, weight.t());                       // the shared part, B rows
@@ -79,11 +86,26 @@ GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos,
         pair_loss[i] = static_cast<double>(t.loss);
         cp[i] = coef_from_dg<acc_t>(t.dg_pos, s);
         cn[i] = coef_from_dg<acc_t>(t.dg_neg, s);
+        if (peer) continue;  // dL/dz_pos needs v, from all rows' h_pos: written below
         for (int64_t j = 0; j < N; ++j) {  // z <- dL/dz_pos + dL/dz_neg (the shared features see both)
           zi[j] = static_cast<scalar_t>(cp[i] * static_cast<acc_t>(hpi[j]) + cn[i] * static_cast<acc_t>(hni[j]));
         }
       }
     });
+    if (peer) {  // dL/dz_pos = c_pos h_pos + v
+      peer_loss = peer_terms<scalar_t, state_t, acc_t>(hp, B, N, peer_mean.const_data_ptr<state_t>(),
+                                                       r.peer_mean.data_ptr<state_t>(), v.data(), opt.peer_norm,
+                                                       opt.peer_momentum);
+      at::parallel_for(0, B, std::max<int64_t>(1, 16384 / N), [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+          scalar_t *zi = zp + i * N, *hpi = hp + i * N, *hni = hn + i * N;
+          for (int64_t j = 0; j < N; ++j) {
+            zi[j] = static_cast<scalar_t>(cp[i] * static_cast<acc_t>(hpi[j]) + v[j] +
+                                          cn[i] * static_cast<acc_t>(hni[j]));
+          }
+        }
+      });
+    }
     // label columns: each thread owns a range of the N outputs, so the scatter needs no atomics
     scalar_t* gl = grad_label.data_ptr<scalar_t>();
     at::parallel_for(0, N, 256, [&](int64_t lo, int64_t hi) {
@@ -91,7 +113,9 @@ GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos,
         const acc_t ap = lv[i] * cp[i], an = lv[i] * cn[i];
         scalar_t *glp = gl + yp[i] * N, *gln = gl + yn[i] * N;
         for (int64_t j = lo; j < hi; ++j) {
-          glp[j] = static_cast<scalar_t>(static_cast<acc_t>(glp[j]) + ap * static_cast<acc_t>(hp[i * N + j]));
+          const acc_t dp = peer ? lv[i] * (cp[i] * static_cast<acc_t>(hp[i * N + j]) + v[j])
+                                : ap * static_cast<acc_t>(hp[i * N + j]);
+          glp[j] = static_cast<scalar_t>(static_cast<acc_t>(glp[j]) + dp);
           gln[j] = static_cast<scalar_t>(static_cast<acc_t>(gln[j]) + an * static_cast<acc_t>(hn[i * N + j]));
         }
       }
@@ -100,7 +124,8 @@ GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos,
     r.grad_weight.narrow(1, 0, C).copy_(grad_label.t());
     if (has_bias) r.grad_bias = z.sum(0);
   });
-  r.loss = at::scalar_tensor(sum_in_order(pair_loss), x.options());
+  const double loss = sum_in_order(pair_loss);
+  r.loss = at::scalar_tensor(peer ? loss + peer_loss : loss, x.options());
   std::tie(r.h_pos, r.h_neg, r.g_pos, r.g_neg) = std::tie(h_pos, h_neg, g_pos, g_neg);
   return r;
 }

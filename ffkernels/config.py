@@ -50,8 +50,8 @@ class FFConfig:
     eps: float = 1e-8
     momentum: float = 0.0
     weight_decay: float = 0.0
-    peer_norm: float = 0.0
-    peer_momentum: float = 0.9
+    peer_norm: float = 0.0       # lambda of peer normalization; 0: off (docs/design.md, "Peer normalization")
+    peer_momentum: float = 0.9   # mu of its running mean of the positive activations
 
     def __post_init__(self):
         set_ = object.__setattr__

@@ -9,7 +9,7 @@ import torch
 
 from ._types import FFGradOutput, FFStepOutput
 from .backends import get_backend, resolve_backend
-from .backends.contract import check_ff_inputs
+from .backends.contract import check_ff_inputs, check_peer_mean
 from .config import FFConfig
 
 
@@ -17,12 +17,18 @@ def _backend(backend: str, weight: torch.Tensor):
     return get_backend(resolve_backend(backend, weight.device, weight.dtype))
 
 
-def ff_grad(x_pos, x_neg, weight, bias=None, config: FFConfig = FFConfig(), *, backend="auto") -> FFGradOutput:
-    """Loss, activations, goodness and the exact local gradient of one FF layer; nothing is updated."""
+def ff_grad(x_pos, x_neg, weight, bias=None, config: FFConfig = FFConfig(), *, peer_mean=None,
+            backend="auto") -> FFGradOutput:
+    """Loss, activations, goodness and the exact local gradient of one FF layer; nothing is updated.
+
+    With ``config.peer_norm > 0``, ``peer_mean`` (the running mean r, (out_features,), fp32 or fp64 for fp64
+    weights) is required and only read.
+    """
     check_ff_inputs(x_pos, x_neg, weight, bias)
+    check_peer_mean(peer_mean, weight, config, in_place=False)
     with torch.no_grad():
         return _backend(backend, weight).grad(x_pos.detach(), x_neg.detach(), weight.detach(),
-                                              None if bias is None else bias.detach(), config)
+                                              None if bias is None else bias.detach(), config, peer_mean=peer_mean)
 
 
 def ff_update(weight, bias, grad_weight, grad_bias, state_weight, state_bias, step: int,
@@ -35,13 +41,15 @@ def ff_update(weight, bias, grad_weight, grad_bias, state_weight, state_bias, st
 
 
 def ff_step(x_pos, x_neg, weight, bias, state_weight, state_bias, step: int, config: FFConfig = FFConfig(), *,
-            backend="auto") -> FFStepOutput:
+            peer_mean=None, backend="auto") -> FFStepOutput:
     """One fused FF step: forward, loss, local gradient and the in-place update of weight/bias/state.
 
     The update is skipped (everything left as it was) when the loss is not finite; check ``out.loss``.
+    With ``config.peer_norm > 0``, ``peer_mean`` is required and updated in place (r <- r') with the rest.
     """
     check_ff_inputs(x_pos, x_neg, weight, bias)
+    check_peer_mean(peer_mean, weight, config, in_place=True)
     with torch.no_grad():
         return _backend(backend, weight).step(x_pos.detach(), x_neg.detach(), weight.detach(),
                                               None if bias is None else bias.detach(), tuple(state_weight),
-                                              tuple(state_bias or ()), step, config)
+                                              tuple(state_bias or ()), step, config, peer_mean=peer_mean)

@@ -23,13 +23,17 @@ class FFLinear(nn.Module):
     Same parameters, shapes and initialization as ``nn.Linear``; ``ff_step(x_pos, x_neg)`` runs one fused
     step (forward, goodness, local loss, exact local gradient and the optimizer update of W and b) without
     building an autograd graph. The optimizer state and step count live in the module's state_dict.
+
+    ``peer_norm`` = lambda > 0 turns on peer normalization with momentum ``peer_momentum``: the running mean of
+    each unit's positive activations is the buffer ``peer_mean`` (in the state_dict; zeros at first), and the
+    loss gains lambda times its variance over the units (docs/design.md, "Peer normalization").
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, goodness: str = "sum",
                  threshold: Optional[float] = None, loss: str = "hinton", symba_alpha: float = 4.0,
                  norm: str = "rms", norm_eps: float = 1e-8, optimizer: str = "adam", lr: float = 3e-3,
                  betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0, weight_decay: float = 0.0,
-                 backend: str = "auto", device=None, dtype=None):
+                 peer_norm: float = 0.0, peer_momentum: float = 0.9, backend: str = "auto", device=None, dtype=None):
         super().__init__()
         for nm, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -45,7 +49,8 @@ class FFLinear(nn.Module):
             threshold = FFConfig.default_threshold(goodness, out_features)
         self.config = FFConfig(goodness=goodness, threshold=threshold, loss=loss, symba_alpha=symba_alpha,
                                norm=norm, norm_eps=norm_eps, optimizer=optimizer, lr=lr, betas=betas,
-                               eps=eps, momentum=momentum, weight_decay=weight_decay)
+                               eps=eps, momentum=momentum, weight_decay=weight_decay, peer_norm=peer_norm,
+                               peer_momentum=peer_momentum)
         self.backend_request = backend
         self.step_count = 0
         self._make_state()
@@ -68,15 +73,34 @@ class FFLinear(nn.Module):
         return [f"{s}_{p}" for s in self.config.state_names for p, _ in self._params()]
 
     def _make_state(self) -> None:
-        for name in [n for n in list(self._buffers) if n not in self._state_buffer_names()]:
+        keep = self._state_buffer_names() + ["peer_mean"]
+        for name in [n for n in list(self._buffers) if n not in keep]:
             del self._buffers[name]
         for s in self.config.state_names:
             for pname, p in self._params():
                 self.register_buffer(f"{s}_{pname}", torch.zeros_like(p, dtype=state_dtype(p.dtype)))
+        self._make_peer_mean()
+
+    def _make_peer_mean(self) -> None:
+        """The buffer peer_mean (r, zeros at first) exactly when peer normalization is on."""
+        if self.config.peer_norm != 0.0 and "peer_mean" not in self._buffers:
+            w = self.weight
+            self.register_buffer("peer_mean", torch.zeros(self.out_features, dtype=state_dtype(w.dtype),
+                                                          device=w.device))
+        elif self.config.peer_norm == 0.0 and "peer_mean" in self._buffers:
+            del self._buffers["peer_mean"]
+
+    def _peer_mean(self):
+        """The running mean r of peer normalization, or None when it is off."""
+        return self._buffers["peer_mean"] if self.config.peer_norm != 0.0 else None
+
+    def _own_buffer_names(self):
+        """The optimizer state buffers and, with peer normalization, peer_mean: kept fp32 (fp64 for fp64)."""
+        return self._state_buffer_names() + (["peer_mean"] if "peer_mean" in self._buffers else [])
 
     def reset_optimizer_state(self) -> None:
-        """Zero the optimizer state and the step count (a fresh optimizer)."""
-        for name in self._state_buffer_names():
+        """Zero the optimizer state, the peer-norm running mean and the step count (a fresh optimizer)."""
+        for name in self._own_buffer_names():
             getattr(self, name).zero_()
         self.step_count = 0
 
@@ -94,12 +118,16 @@ class FFLinear(nn.Module):
         return layer
 
     def configure(self, **options) -> "FFLinear":
-        """Change options (e.g. ``lr`` for a schedule). Changing the optimizer kind resets its state."""
+        """Change options (e.g. ``lr`` for a schedule). Changing the optimizer kind resets its state.
+
+        Turning peer normalization on (peer_norm > 0) adds the buffer peer_mean at zero; turning it off removes it.
+        """
         old_names = self.config.state_names
         self.config = self.config.replace(**options)
         if self.config.state_names != old_names:
             self._make_state()
             self.step_count = 0
+        self._make_peer_mean()
         return self
 
     # ---- backend -----------------------------------------------------------------------------------
@@ -149,7 +177,7 @@ class FFLinear(nn.Module):
         with torch.no_grad():
             out = get_backend(self.backend).step(xp, xn, w, b, self._states("weight"),
                                                  self._states("bias") if b is not None else (),
-                                                 self.step_count + 1, self.config)
+                                                 self.step_count + 1, self.config, peer_mean=self._peer_mean())
         self._check_finite(out.loss)
         self.step_count += 1
         return FFStepOutput(out.loss, out.h_pos.reshape(*lead, -1), out.h_neg.reshape(*lead, -1),
@@ -171,17 +199,21 @@ class FFLinear(nn.Module):
         with torch.no_grad():
             out = fused(x.detach(), torch.as_tensor(labels_pos), torch.as_tensor(labels_neg), num_classes,
                         float(value), w, b, self._states("weight"), self._states("bias") if b is not None else (),
-                        self.step_count + 1, self.config)
+                        self.step_count + 1, self.config, peer_mean=self._peer_mean())
         self._check_finite(out.loss)
         self.step_count += 1
         return out
 
     def ff_grad(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> FFGradOutput:
-        """The local FF gradient (and loss, h, g) without updating anything (see ``ff_update``)."""
+        """The local FF gradient (and loss, h, g) without updating anything (see ``ff_update``).
+
+        With peer normalization it reads the running mean peer_mean (the loss and gradient include L_peer) but
+        does not update it.
+        """
         xp, xn, lead = self._flatten_inputs(x_pos, x_neg)
         w, b = self._param_views()
         with torch.no_grad():
-            out = get_backend(self.backend).grad(xp, xn, w, b, self.config)
+            out = get_backend(self.backend).grad(xp, xn, w, b, self.config, peer_mean=self._peer_mean())
         return FFGradOutput(out.loss, out.h_pos.reshape(*lead, -1), out.h_neg.reshape(*lead, -1),
                             out.g_pos.reshape(lead), out.g_neg.reshape(lead), out.grad_weight, out.grad_bias)
 
@@ -189,8 +221,16 @@ class FFLinear(nn.Module):
                   loss: Optional[torch.Tensor] = None) -> None:
         """Apply one optimizer update from given gradients (e.g. all-reduced across processes).
 
-        With ``loss`` given and not finite, raises NonFiniteLossError and changes nothing.
+        With ``loss`` given and not finite, raises NonFiniteLossError and changes nothing. Not available with
+        peer normalization (NotImplementedError): the running mean peer_mean must advance with the batch the
+        gradient came from, which the gradient alone does not carry; use ``ff_step``.
         """
+        if self.config.peer_norm != 0.0:
+            raise NotImplementedError(
+                "ffkernels: FFLinear.ff_update (the split ff_grad -> ff_update path, e.g. data-parallel training) "
+                f"does not support peer normalization (peer_norm={self.config.peer_norm:g}): its running mean "
+                "peer_mean must advance with the positive activations of the step's whole batch, which a gradient "
+                "does not carry. Use ff_step / ff_step_labeled, or configure(peer_norm=0.0).")
         if grad_weight.shape != self.weight.shape:
             raise ValueError(f"ffkernels: grad_weight must have shape {tuple(self.weight.shape)}, "
                              f"got {tuple(grad_weight.shape)}")
@@ -218,7 +258,9 @@ class FFLinear(nn.Module):
         c = self.config
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"goodness={c.goodness!r}, threshold={c.threshold:g}, loss={c.loss!r}, norm={c.norm!r}, "
-                f"optimizer={c.optimizer!r}, lr={c.lr:g}, backend={self.backend_request!r}")
+                f"optimizer={c.optimizer!r}, lr={c.lr:g}, "
+                + (f"peer_norm={c.peer_norm:g}, peer_momentum={c.peer_momentum:g}, " if c.peer_norm != 0.0 else "")
+                + f"backend={self.backend_request!r}")
 
     # ---- state -------------------------------------------------------------------------------------
 
@@ -234,7 +276,7 @@ class FFLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        own = [prefix + n for n in self._state_buffer_names()] + [prefix + "_extra_state"]
+        own = [prefix + n for n in self._own_buffer_names()] + [prefix + "_extra_state"]
         plain_linear = not any(k in state_dict for k in own)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -243,8 +285,8 @@ class FFLinear(nn.Module):
             self.reset_optimizer_state()
 
     def _apply(self, fn, recurse=True):
-        # keep the optimizer state fp32 (fp64 for fp64 params) whatever dtype the layer is cast to
-        saved = {n: self._buffers.pop(n) for n in self._state_buffer_names()}
+        # keep the optimizer state and peer_mean fp32 (fp64 for fp64 params) whatever dtype the layer is cast to
+        saved = {n: self._buffers.pop(n) for n in self._own_buffer_names()}
         super()._apply(fn, recurse)
         for n, buf in saved.items():
             p = self.weight

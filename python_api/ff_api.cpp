@@ -22,7 +22,7 @@ namespace {
 // The keys of FFConfig.op_options (ffkernels/config.py OP_OPTION_KEYS); every op takes all of them.
 constexpr const char* kOptionKeys[] = {"norm",      "norm_eps", "goodness", "threshold", "loss",
                                        "symba_alpha", "optimizer", "lr",      "beta1",     "beta2",
-                                       "eps",       "momentum", "weight_decay"};
+                                       "eps",       "momentum", "weight_decay", "peer_norm", "peer_momentum"};
 
 std::string option_keys_text() {
   std::string s;
@@ -92,6 +92,10 @@ OpOptions parse_options(c10::string_view text) {
   check_number(o.loss.norm_eps, "norm_eps", 0.0, true);
   TORCH_CHECK_VALUE(std::isfinite(o.loss.threshold), "ffkernels: threshold must be finite, got ", o.loss.threshold);
   check_number(o.loss.symba_alpha, "symba_alpha", 0.0, false);
+  o.loss.peer_norm = number("peer_norm");
+  o.loss.peer_momentum = number("peer_momentum");
+  check_number(o.loss.peer_norm, "peer_norm", 0.0, true);
+  check_number(o.loss.peer_momentum, "peer_momentum", 0.0, true, 1.0);
   OptimOptions& q = o.optim;
   q.optimizer = parse_choice<Optim>(kv["optimizer"], kOptimNames, "optimizer");
   q.lr = number("lr");
@@ -204,6 +208,24 @@ ParamState param_state(const Tensor& param, const optional<Tensor>& s1, const op
   return ps;
 }
 
+// The running mean r of peer normalization: required iff peer_norm > 0, (N,), the state dtype, weight's device;
+// contiguous where it is updated in place (ff_step). Returns it contiguous, or undefined when peer norm is off.
+Tensor checked_peer_mean(const LossOptions& o, const Tensor& weight, const OptT& peer_mean, bool in_place) {
+  if (o.peer_norm == 0.0) return Tensor();  // ignored if given
+  const at::ScalarType want = state_dtype(weight.scalar_type());
+  TORCH_CHECK_VALUE(peer_mean.has_value(), "ffkernels: peer_norm > 0 needs peer_mean, the running mean of the "
+                    "positive activations: a (", weight.size(0), ") ", want, " tensor (FFLinear keeps it as its buffer "
+                    "peer_mean)");
+  const Tensor& r = *peer_mean;
+  TORCH_CHECK_VALUE(r.dim() == 1 && r.size(0) == weight.size(0), "ffkernels: peer_mean must have shape (",
+                    weight.size(0), ") (one per output unit), got ", r.sizes());
+  check_same_device(weight, r, "weight", "peer_mean");
+  TORCH_CHECK_TYPE(r.scalar_type() == want, "ffkernels: peer_mean must be ", want, " for ", weight.scalar_type(),
+                   " weights (the optimizer-state dtype), got ", r.scalar_type());
+  TORCH_CHECK(!in_place || r.is_contiguous(), "ffkernels: peer_mean must be contiguous (it is updated in place)");
+  return r.contiguous();
+}
+
 Tensor checked_grad(const Tensor& param, const Tensor& grad, const std::string& which) {
   TORCH_CHECK_VALUE(grad.sizes() == param.sizes(), "ffkernels: grad_", which, " must have shape ", param.sizes(),
                     ", got ", grad.sizes());
@@ -236,14 +258,17 @@ std::pair<ParamState, ParamState> checked_states(const Tensor& weight, const opt
   return {pw, pb};
 }
 
-// The update half of a fused step: skipped on the device when the loss is not finite.
-StepTuple update_from(const DeviceKernels& k, GradResult r, ParamState pw, ParamState pb, const OptimOptions& oo) {
+// The update half of a fused step: skipped on the device when the loss is not finite. With peer normalization,
+// peer_mean <- r' likewise, decided on the device from the loss (no host sync).
+StepTuple update_from(const DeviceKernels& k, GradResult r, ParamState pw, ParamState pb, const OptimOptions& oo,
+                      const OptT& peer_mean) {
   pw.grad = r.grad_weight;
   k.update(pw, r.loss, oo);
   if (pb.param.defined()) {
     pb.grad = r.grad_bias;
     k.update(pb, r.loss, oo);
   }
+  if (r.peer_mean.defined()) peer_mean->copy_(at::where(at::isfinite(r.loss), r.peer_mean, *peer_mean));
   return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg};
 }
 
@@ -278,11 +303,12 @@ std::tuple<Tensor, Tensor, Tensor> check_labeled(const DeviceKernels& k, const T
 // ---- the ops (ff_ops.h) --------------------------------------------------------------------------------
 
 GradTuple ff_grad_op(const DeviceKernels& k, const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight,
-                     const OptT& bias, c10::string_view options) {
+                     const OptT& bias, const OptT& peer_mean, c10::string_view options) {
   const OpOptions o = parse_options(options);
   auto [xp, xn] = check_inputs(k, x_pos, x_neg, weight, bias);
+  const Tensor r = checked_peer_mean(o.loss, weight, peer_mean, /*in_place=*/false);
   c10::DeviceGuard guard(weight.device());
-  return grad_tuple(k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), Tensor(), o.loss), weight);
+  return grad_tuple(k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), r, o.loss), weight);
 }
 
 void ff_update_op(const DeviceKernels& k, const Tensor& weight, const OptT& bias, const Tensor& grad_weight,
@@ -312,39 +338,43 @@ void ff_update_op(const DeviceKernels& k, const Tensor& weight, const OptT& bias
 
 StepTuple ff_step_op(const DeviceKernels& k, const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight,
                      const OptT& bias, const OptT& state1_weight, const OptT& state2_weight, const OptT& state1_bias,
-                     const OptT& state2_bias, int64_t step, c10::string_view options) {
+                     const OptT& state2_bias, const OptT& peer_mean, int64_t step, c10::string_view options) {
   const OpOptions o = parse_options(options);
   const OptimOptions oo = optim_for_step(o, step);
   auto [xp, xn] = check_inputs(k, x_pos, x_neg, weight, bias);
   auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
+  const Tensor r = checked_peer_mean(o.loss, weight, peer_mean, /*in_place=*/true);
   c10::DeviceGuard guard(weight.device());
-  return update_from(k, k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), Tensor(), o.loss), pw, pb, oo);
+  return update_from(k, k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), r, o.loss), pw, pb, oo,
+                     peer_mean);
 }
 
 GradTuple ff_grad_labeled_op(const DeviceKernels& k, const Tensor& x, const Tensor& label_pos, const Tensor& label_neg,
                              int64_t num_classes, double label_value, const Tensor& weight, const OptT& bias,
-                             c10::string_view options) {
+                             const OptT& peer_mean, c10::string_view options) {
   const OpOptions o = parse_options(options);
   auto [xc, lp, ln] = check_labeled(k, x, label_pos, label_neg, num_classes, label_value, weight, bias);
+  const Tensor r = checked_peer_mean(o.loss, weight, peer_mean, /*in_place=*/false);
   c10::DeviceGuard guard(weight.device());
   return grad_tuple(k.grad_labeled(xc, lp, ln, num_classes, label_value, weight, bias.has_value() ? *bias : Tensor(),
-                                   Tensor(), o.loss),
+                                   r, o.loss),
                     weight);
 }
 
 StepTuple ff_step_labeled_op(const DeviceKernels& k, const Tensor& x, const Tensor& label_pos, const Tensor& label_neg,
                              int64_t num_classes, double label_value, const Tensor& weight, const OptT& bias,
                              const OptT& state1_weight, const OptT& state2_weight, const OptT& state1_bias,
-                             const OptT& state2_bias, int64_t step, c10::string_view options) {
+                             const OptT& state2_bias, const OptT& peer_mean, int64_t step, c10::string_view options) {
   const OpOptions o = parse_options(options);
   const OptimOptions oo = optim_for_step(o, step);
   auto [xc, lp, ln] = check_labeled(k, x, label_pos, label_neg, num_classes, label_value, weight, bias);
   auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
+  const Tensor r = checked_peer_mean(o.loss, weight, peer_mean, /*in_place=*/true);
   c10::DeviceGuard guard(weight.device());
   return update_from(k,
                      k.grad_labeled(xc, lp, ln, num_classes, label_value, weight,
-                                    bias.has_value() ? *bias : Tensor(), Tensor(), o.loss),
-                     pw, pb, oo);
+                                    bias.has_value() ? *bias : Tensor(), r, o.loss),
+                     pw, pb, oo, peer_mean);
 }
 
 namespace {
@@ -354,10 +384,11 @@ constexpr DeviceKernels kCpuKernels{"CPU", /*half_precision=*/false, &ff_grad_cp
 
 }  // namespace ffk
 
-// The schemas: docs/design.md, "The ops". `options` is FFConfig.op_options; unused state slots are None.
+// The schemas: docs/design.md, "The ops". `options` is FFConfig.op_options; unused state slots are None, and so
+// may peer_mean be when peer_norm == 0.
 TORCH_LIBRARY(ffkernels, m) {
   m.def(
-      "ff_grad(Tensor x_pos, Tensor x_neg, Tensor weight, Tensor? bias, str options) "
+      "ff_grad(Tensor x_pos, Tensor x_neg, Tensor weight, Tensor? bias, Tensor? peer_mean, str options) "
       "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg, Tensor grad_weight, "
       "Tensor grad_bias)");
   m.def(
@@ -366,19 +397,19 @@ TORCH_LIBRARY(ffkernels, m) {
       "Tensor? loss, int step, str options) -> ()");
   m.def(
       "ff_step(Tensor x_pos, Tensor x_neg, Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!)? state1_weight, "
-      "Tensor(d!)? state2_weight, Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, int step, str options) "
-      "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg)");
+      "Tensor(d!)? state2_weight, Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, Tensor(g!)? peer_mean, int step, "
+      "str options) -> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg)");
   // supervised first layer: x_pos/x_neg = x with label_pos/label_neg one-hot (times label_value) in features
   // [0, num_classes)
   m.def(
       "ff_grad_labeled(Tensor x, Tensor label_pos, Tensor label_neg, int num_classes, float label_value, "
-      "Tensor weight, Tensor? bias, str options) "
+      "Tensor weight, Tensor? bias, Tensor? peer_mean, str options) "
       "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg, Tensor grad_weight, "
       "Tensor grad_bias)");
   m.def(
       "ff_step_labeled(Tensor x, Tensor label_pos, Tensor label_neg, int num_classes, float label_value, "
       "Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!)? state1_weight, Tensor(d!)? state2_weight, "
-      "Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, int step, str options) "
+      "Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, Tensor(g!)? peer_mean, int step, str options) "
       "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg)");
 }
 

@@ -32,26 +32,27 @@ using StepTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using OptT = optional<Tensor>;
 
 GradTuple ff_grad_op(const DeviceKernels& k, const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight,
-                     const OptT& bias, c10::string_view options);
+                     const OptT& bias, const OptT& peer_mean, c10::string_view options);
 void ff_update_op(const DeviceKernels& k, const Tensor& weight, const OptT& bias, const Tensor& grad_weight,
                   const OptT& grad_bias, const OptT& state1_weight, const OptT& state2_weight, const OptT& state1_bias,
                   const OptT& state2_bias, const OptT& loss, int64_t step, c10::string_view options);
 StepTuple ff_step_op(const DeviceKernels& k, const Tensor& x_pos, const Tensor& x_neg, const Tensor& weight,
                      const OptT& bias, const OptT& state1_weight, const OptT& state2_weight, const OptT& state1_bias,
-                     const OptT& state2_bias, int64_t step, c10::string_view options);
+                     const OptT& state2_bias, const OptT& peer_mean, int64_t step, c10::string_view options);
 GradTuple ff_grad_labeled_op(const DeviceKernels& k, const Tensor& x, const Tensor& label_pos, const Tensor& label_neg,
                              int64_t num_classes, double label_value, const Tensor& weight, const OptT& bias,
-                             c10::string_view options);
+                             const OptT& peer_mean, c10::string_view options);
 StepTuple ff_step_labeled_op(const DeviceKernels& k, const Tensor& x, const Tensor& label_pos, const Tensor& label_neg,
                              int64_t num_classes, double label_value, const Tensor& weight, const OptT& bias,
                              const OptT& state1_weight, const OptT& state2_weight, const OptT& state1_bias,
-                             const OptT& state2_bias, int64_t step, c10::string_view options);
+                             const OptT& state2_bias, const OptT& peer_mean, int64_t step, c10::string_view options);
 
 // The ops with kernels K bound, as plain functions the dispatcher can register.
 template <const DeviceKernels& K>
 struct BoundOps {
-  static GradTuple ff_grad(const Tensor& xp, const Tensor& xn, const Tensor& w, const OptT& b, c10::string_view o) {
-    return ff_grad_op(K, xp, xn, w, b, o);
+  static GradTuple ff_grad(const Tensor& xp, const Tensor& xn, const Tensor& w, const OptT& b, const OptT& r,
+                           c10::string_view o) {
+    return ff_grad_op(K, xp, xn, w, b, r, o);
   }
   static void ff_update(const Tensor& w, const OptT& b, const Tensor& gw, const OptT& gb, const OptT& s1w,
                         const OptT& s2w, const OptT& s1b, const OptT& s2b, const OptT& loss, int64_t step,
@@ -59,17 +60,18 @@ struct BoundOps {
     ff_update_op(K, w, b, gw, gb, s1w, s2w, s1b, s2b, loss, step, o);
   }
   static StepTuple ff_step(const Tensor& xp, const Tensor& xn, const Tensor& w, const OptT& b, const OptT& s1w,
-                           const OptT& s2w, const OptT& s1b, const OptT& s2b, int64_t step, c10::string_view o) {
-    return ff_step_op(K, xp, xn, w, b, s1w, s2w, s1b, s2b, step, o);
+                           const OptT& s2w, const OptT& s1b, const OptT& s2b, const OptT& r, int64_t step,
+                           c10::string_view o) {
+    return ff_step_op(K, xp, xn, w, b, s1w, s2w, s1b, s2b, r, step, o);
   }
   static GradTuple ff_grad_labeled(const Tensor& x, const Tensor& lp, const Tensor& ln, int64_t C, double value,
-                                   const Tensor& w, const OptT& b, c10::string_view o) {
-    return ff_grad_labeled_op(K, x, lp, ln, C, value, w, b, o);
+                                   const Tensor& w, const OptT& b, const OptT& r, c10::string_view o) {
+    return ff_grad_labeled_op(K, x, lp, ln, C, value, w, b, r, o);
   }
   static StepTuple ff_step_labeled(const Tensor& x, const Tensor& lp, const Tensor& ln, int64_t C, double value,
                                    const Tensor& w, const OptT& b, const OptT& s1w, const OptT& s2w,
-                                   const OptT& s1b, const OptT& s2b, int64_t step, c10::string_view o) {
-    return ff_step_labeled_op(K, x, lp, ln, C, value, w, b, s1w, s2w, s1b, s2b, step, o);
+                                   const OptT& s1b, const OptT& s2b, const OptT& r, int64_t step, c10::string_view o) {
+    return ff_step_labeled_op(K, x, lp, ln, C, value, w, b, s1w, s2w, s1b, s2b, r, step, o);
   }
 };
 

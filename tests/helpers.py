@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ffkernels import FFLinear, embed_label, wrong_labels
-from ffkernels.reference import FFLayerRef
+from ffkernels.backends.reference import FFLayerRef
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -116,11 +116,15 @@ class TestRawOps:
     def args(self, **over):
         w, b = torch.randn(5, 8), torch.randn(5)
         a = dict(x_pos=torch.randn(3, 8), x_neg=torch.randn(3, 8), weight=w, bias=b,
-                 s1w=torch.zeros(5, 8), s2w=torch.zeros(5, 8), s1b=torch.zeros(5), s2b=torch.zeros(5), step=1,
-                 norm="rms", norm_eps=1e-8, goodness="sum", threshold=5.0, loss="hinton", symba_alpha=4.0,
-                 optimizer="adam", lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, momentum=0.0, weight_decay=0.0)
-        a.update(over)
-        return list(a.values())
+                 s1w=torch.zeros(5, 8), s2w=torch.zeros(5, 8), s1b=torch.zeros(5), s2b=torch.zeros(5), peer_mean=None,
+                 step=1)
+        opts = dict(norm="rms", norm_eps=1e-8, goodness="sum", threshold=5.0, loss="hinton", symba_alpha=4.0,
+                    optimizer="adam", lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, momentum=0.0, weight_decay=0.0,
+                    peer_norm=0.0, peer_momentum=0.9)
+        for k, v in over.items():
+            (opts if k in opts else a)[k] = v
+        return list(a.values()) + [";".join(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in opts.items())]
 
     @pytest.mark.parametrize("over,exc,msg", [
         (dict(norm="foo"), ValueError, "unknown norm 'foo'"),

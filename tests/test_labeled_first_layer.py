@@ -65,8 +65,8 @@ def test_opcheck_labeled_ops():
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(6, 12, generator=g), torch.randn(6, generator=g)
     x, yp, yn = torch.rand(5, 12, generator=g), torch.tensor([0, 1, 2, 3, 4]), torch.tensor([1, 2, 3, 4, 0])
-    loss_args = ["rms", 1e-8, "sum", 6.0, "hinton", 4.0]
-    torch.library.opcheck(torch.ops.ffkernels.ff_grad_labeled.default, [x, yp, yn, 5, 1.0, w, b, *loss_args])
+    options = ffkernels.FFConfig(threshold=6.0, lr=1e-3).op_options
+    torch.library.opcheck(torch.ops.ffkernels.ff_grad_labeled.default, [x, yp, yn, 5, 1.0, w, b, None, options])
     states = [torch.zeros(6, 12), torch.zeros(6, 12), torch.zeros(6), torch.zeros(6)]
     torch.library.opcheck(torch.ops.ffkernels.ff_step_labeled.default,
-                          [x, yp, yn, 5, 1.0, w, b, *states, 1, *loss_args, "adam", 1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0])
+                          [x, yp, yn, 5, 1.0, w, b, *states, None, 1, options])

@@ -7,7 +7,7 @@ from torch import nn
 
 import ffkernels
 from ffkernels import FFLinear, FFNet
-from ffkernels.reference import layer_forward
+from ffkernels.backends.reference import layer_forward
 
 BACKENDS = [b for b in ("cpu", "reference") if b in ffkernels.available_backends()]
 

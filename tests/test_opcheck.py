@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ffkernels import _ext
+from ffkernels import FFConfig
+from ffkernels.backends import compiled as _ext
 
 pytestmark = pytest.mark.skipif(not _ext.loaded(), reason="ffkernels._C not built")
 
@@ -13,9 +14,11 @@ def _step_args(optimizer="adam", bias=True, dtype=torch.float32):
     b = torch.randn(6, generator=g, dtype=dtype) if bias else None
     sd = torch.float64 if dtype == torch.float64 else torch.float32
     z = lambda t: torch.zeros(t.shape, dtype=sd) if t is not None else None  # noqa: E731
+    options = FFConfig(threshold=6.0, optimizer=optimizer, lr=1e-3,
+                       momentum=0.9 if optimizer == "sgd" else 0.0).op_options
+    # x_pos, x_neg, weight, bias, 4 state slots, peer_mean (None: peer norm off), step, options
     return [torch.randn(5, 9, generator=g, dtype=dtype), torch.randn(5, 9, generator=g, dtype=dtype), w, b,
-            z(w), z(w), z(b), z(b), 1, "rms", 1e-8, "sum", 6.0, "hinton", 4.0, optimizer, 1e-3, 0.9, 0.999, 1e-8,
-            0.9 if optimizer == "sgd" else 0.0, 0.0]
+            z(w), z(w), z(b), z(b), None, 1, options]
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -27,7 +30,7 @@ def test_opcheck_ff_step(optimizer, bias):
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_ff_grad(bias):
     a = _step_args(bias=bias)
-    torch.library.opcheck(torch.ops.ffkernels.ff_grad.default, a[:4] + a[9:15])
+    torch.library.opcheck(torch.ops.ffkernels.ff_grad.default, a[:4] + [None, a[10]])
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -35,7 +38,7 @@ def test_opcheck_ff_update(bias):
     a = _step_args(bias=bias)
     gw = torch.randn_like(a[2])
     gb = torch.randn_like(a[3]) if bias else None
-    args = [a[2], a[3], gw, gb, *a[4:8], torch.tensor(0.5), 1, *a[15:]]
+    args = [a[2], a[3], gw, gb, *a[4:8], torch.tensor(0.5), 1, a[10]]
     torch.library.opcheck(torch.ops.ffkernels.ff_update.default, args)
 
 

@@ -48,7 +48,7 @@ def cuda_archs() -> str:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("ffkernels::ff_grad")
-    def _ff_grad(x_pos, x_neg, weight, bias, options):
+    def _ff_grad(x_pos, x_neg, weight, bias, peer_mean, options):
         return grad_outputs_like(x_pos, weight, bias)
 
     @torch.library.register_fake("ffkernels::ff_update")
@@ -56,16 +56,16 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("ffkernels::ff_step")
-    def _ff_step(x_pos, x_neg, weight, bias, s1w, s2w, s1b, s2b, step, options):
+    def _ff_step(x_pos, x_neg, weight, bias, s1w, s2w, s1b, s2b, peer_mean, step, options):
         return step_outputs_like(x_pos, weight)
 
     @torch.library.register_fake("ffkernels::ff_grad_labeled")
-    def _ff_grad_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias, options):
+    def _ff_grad_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias, peer_mean, options):
         return grad_outputs_like(x, weight, bias)
 
     @torch.library.register_fake("ffkernels::ff_step_labeled")
-    def _ff_step_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias, s1w, s2w, s1b, s2b, step,
-                         options):
+    def _ff_step_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias, s1w, s2w, s1b, s2b,
+                         peer_mean, step, options):
         return step_outputs_like(x, weight)
 
 

@@ -86,6 +86,32 @@ def check_states(param: Tensor, states, cfg: FFConfig, which: str) -> None:
             raise ValueError(f"ffkernels: optimizer state {name} must be contiguous")
 
 
+def check_peer_mean(peer_mean: Optional[Tensor], weight: Tensor, cfg: FFConfig, in_place: bool) -> None:
+    """The running mean r of peer normalization: needed iff cfg.peer_norm > 0, a (N,) state-dtype tensor.
+
+    Ignored (may be None) when peer normalization is off. ``in_place``: it is updated (r <- r'), so it must
+    be contiguous.
+    """
+    if cfg.peer_norm == 0.0:
+        return
+    want = f"a ({weight.shape[0]},) {_name(state_dtype(weight.dtype))} tensor on {weight.device}"
+    if peer_mean is None:
+        raise ValueError(f"ffkernels: peer_norm > 0 needs peer_mean, the running mean of the positive activations: "
+                         f"{want} (FFLinear keeps it as its buffer peer_mean)")
+    if not isinstance(peer_mean, Tensor):
+        raise TypeError(f"ffkernels: peer_mean must be a torch.Tensor, got {type(peer_mean).__name__}")
+    if peer_mean.shape != (weight.shape[0],):
+        raise ValueError(f"ffkernels: peer_mean must have shape ({weight.shape[0]},) (one per output unit), got "
+                         f"{tuple(peer_mean.shape)}")
+    if peer_mean.device != weight.device:
+        raise ValueError(f"ffkernels: peer_mean is on {peer_mean.device} but weight is on {weight.device}")
+    if peer_mean.dtype != state_dtype(weight.dtype):
+        raise TypeError(f"ffkernels: peer_mean must be {_name(state_dtype(weight.dtype))} for {_name(weight.dtype)} "
+                        f"weights (the optimizer-state dtype), got {_name(peer_mean.dtype)}")
+    if in_place and not peer_mean.is_contiguous():
+        raise ValueError("ffkernels: peer_mean must be contiguous (it is updated in place)")
+
+
 def check_grad(param: Tensor, grad: Optional[Tensor], which: str) -> Tensor:
     """A gradient for ``param``; returned contiguous."""
     if grad is None:

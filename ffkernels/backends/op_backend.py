@@ -2,7 +2,8 @@
 
 The compiled backends (``torch.ops.ffkernels``) and the Triton backend (``torch.ops.ffkernels_triton``)
 register the same op schemas (docs/design.md, "The ops"), so one class calls either: the options cross as
-one string (``FFConfig.op_options``), the optimizer state as two optional slots per parameter.
+one string (``FFConfig.op_options``), the optimizer state as two optional slots per parameter, and the running
+mean of peer normalization as one optional slot (``peer_mean``: read by ff_grad, updated in place by ff_step).
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ class OpBackend:
         return FFStepOutput(*r)
 
     def _step_labeled(self, x, label_pos, label_neg, num_classes, value, weight, bias, st_w, st_b, step,
-                      cfg: FFConfig) -> FFStepOutput:
+                      cfg: FFConfig, peer_mean=None) -> FFStepOutput:
         """The supervised first layer: x with label_pos / label_neg written in, B-row GEMMs."""
         r = self.ops.ff_step_labeled(x, label_pos, label_neg, num_classes, value, weight, bias, *state_slots(st_w),
-                                     *state_slots(st_b), int(step), cfg.op_options)
+                                     *state_slots(st_b), peer_mean, int(step), cfg.op_options)
         return FFStepOutput(*r)

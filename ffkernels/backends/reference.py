@@ -11,6 +11,7 @@ from torch import nn
 
 from .._types import FFGradOutput, FFStepOutput, NonFiniteLossError
 from ..config import FFConfig
+from .contract import check_peer_mean, state_dtype
 
 
 def normalize(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -47,37 +48,55 @@ def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, cfg: FFConfig) -> torch.Te
     return softplus(-cfg.symba_alpha * (g_pos - g_neg)).mean()
 
 
-def ff_objective(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None):
-    """Loss, activations and goodness of one FF layer, differentiable w.r.t. weight and bias only.
+def peer_objective(z_pos: torch.Tensor, h_pos: torch.Tensor, peer_mean: torch.Tensor, cfg: FFConfig):
+    """Peer normalization (docs/design.md): L_peer and the new running mean r', differentiable through z_pos.
 
-    With cfg.peer_norm > 0 the loss includes L_peer and ``peer_mean`` (r) is read; returns (out, r')."""
+    h_st has the value relu(z) and the gradient 1 everywhere (straight-through for this term only, so units
+    that are off in the whole batch still get it); m = mean over the positive rows of h_st;
+    r' = mu r + (1 - mu) m; L_peer = lambda * mean_j (r'_j - mean(r'))^2. r (``peer_mean``) is a constant.
+    """
+    h_st = z_pos - (z_pos - h_pos).detach()
+    m = h_st.to(peer_mean.dtype).mean(dim=0)  # in the state dtype (fp32 for fp16/bf16 layers)
+    r_new = cfg.peer_momentum * peer_mean.detach() + (1.0 - cfg.peer_momentum) * m
+    return cfg.peer_norm * ((r_new - r_new.mean()) ** 2).mean(), r_new
+
+
+def ff_objective_peer(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None):
+    """(FFStepOutput, r'): loss (L_ff + L_peer), activations and goodness of one FF layer, differentiable
+    w.r.t. weight and bias only, and the new peer running mean r' (None when cfg.peer_norm == 0)."""
     x_pos, x_neg = x_pos.detach(), x_neg.detach()  # inputs are constants: nothing flows into x
     z_pos = F.linear(normalize(x_pos, cfg.norm, cfg.norm_eps), weight, bias)
     h_pos = F.relu(z_pos)
     h_neg = layer_forward(x_neg, weight, bias, cfg.norm, cfg.norm_eps)
     g_pos, g_neg = goodness(h_pos, cfg.goodness), goodness(h_neg, cfg.goodness)
-    loss = ff_loss(g_pos, g_neg, cfg)
-    r_new = None
-    if cfg.peer_norm > 0:
-        h_st = z_pos - (z_pos - F.relu(z_pos)).detach()
-        m = h_st.mean(0)
-        r_new = cfg.peer_momentum * peer_mean.detach().to(m.dtype) + (1 - cfg.peer_momentum) * m
-        loss = loss + cfg.peer_norm * ((r_new - r_new.mean()) ** 2).mean()
+    loss, r_new = ff_loss(g_pos, g_neg, cfg), None
+    if cfg.peer_norm != 0.0:
+        check_peer_mean(peer_mean, weight, cfg, in_place=False)
+        l_peer, r_new = peer_objective(z_pos, h_pos, peer_mean, cfg)
+        loss = loss + l_peer.to(loss.dtype)
     return FFStepOutput(loss, h_pos, h_neg, g_pos, g_neg), r_new
 
 
-def ff_grad(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None, return_peer_mean=False):
-    """The exact local gradient of the FF loss w.r.t. weight and bias, by autograd."""
+def ff_objective(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None) -> FFStepOutput:
+    """Loss, activations and goodness of one FF layer, differentiable w.r.t. weight and bias only."""
+    return ff_objective_peer(x_pos, x_neg, weight, bias, cfg, peer_mean)[0]
+
+
+def ff_grad_peer(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None):
+    """(FFGradOutput, r'): the exact local gradient by autograd, and the peer running mean r' (or None)."""
     with torch.enable_grad():
         w = weight.detach().requires_grad_(True)
         b = bias.detach().requires_grad_(True) if bias is not None else None
-        out, r_new = ff_objective(x_pos, x_neg, w, b, cfg, peer_mean)
+        out, r_new = ff_objective_peer(x_pos, x_neg, w, b, cfg, peer_mean)
         grads = torch.autograd.grad(out.loss, [w] + ([b] if b is not None else []))
-    res = FFGradOutput(out.loss.detach(), out.h_pos.detach(), out.h_neg.detach(), out.g_pos.detach(),
-                       out.g_neg.detach(), grads[0], grads[1] if b is not None else None)
-    if return_peer_mean:
-        return res, (r_new.detach() if r_new is not None else None)
-    return res
+    return (FFGradOutput(out.loss.detach(), out.h_pos.detach(), out.h_neg.detach(), out.g_pos.detach(),
+                         out.g_neg.detach(), grads[0], grads[1] if b is not None else None),
+            None if r_new is None else r_new.detach())
+
+
+def ff_grad(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None) -> FFGradOutput:
+    """The exact local gradient of the FF loss w.r.t. weight and bias, by autograd."""
+    return ff_grad_peer(x_pos, x_neg, weight, bias, cfg, peer_mean)[0]
 
 
 def make_optimizer(params, cfg: FFConfig) -> torch.optim.Optimizer:
@@ -117,23 +136,30 @@ def optimizer_update(params, grads, states, step: int, cfg: FFConfig) -> None:
 class FFLayerRef(nn.Module):
     """The oracle FF layer: nn.Linear-shaped parameters, autograd, and a real torch.optim optimizer."""
 
-    def __init__(self, weight: torch.Tensor, bias, cfg: FFConfig):
+    def __init__(self, weight: torch.Tensor, bias, cfg: FFConfig, peer_mean=None):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.optimizer = make_optimizer([p for p in (self.weight, self.bias) if p is not None], cfg)
+        if cfg.peer_norm != 0.0:  # r, zeros unless given; committed after each finite step
+            r = torch.zeros(weight.shape[0], dtype=state_dtype(weight.dtype), device=weight.device)
+            self.register_buffer("peer_mean", r if peer_mean is None else peer_mean.detach().clone().to(r))
+        else:
+            self.peer_mean = None
 
     def forward(self, x):
         return layer_forward(x, self.weight, self.bias, self.cfg.norm, self.cfg.norm_eps)
 
     def step(self, x_pos, x_neg) -> FFStepOutput:
         self.optimizer.zero_grad(set_to_none=True)
-        out, _ = ff_objective(x_pos, x_neg, self.weight, self.bias, self.cfg)
+        out, r_new = ff_objective_peer(x_pos, x_neg, self.weight, self.bias, self.cfg, self.peer_mean)
         if not torch.isfinite(out.loss):
             raise NonFiniteLossError(f"ffkernels: non-finite FF loss ({out.loss.item()})")
         out.loss.backward()
         self.optimizer.step()
+        if r_new is not None:
+            self.peer_mean.copy_(r_new.detach())
         return FFStepOutput(*(t.detach() for t in out))
 
     def state_of(self, param: nn.Parameter) -> dict:
@@ -163,7 +189,8 @@ class ReferenceBackend:
         optimizer_update(params, grads, states, step, cfg)
 
     def step(self, x_pos, x_neg, weight, bias, st_w, st_b, step, cfg: FFConfig, peer_mean=None) -> FFStepOutput:
-        g, r_new = ff_grad(x_pos, x_neg, weight, bias, cfg, peer_mean, return_peer_mean=True)
+        check_peer_mean(peer_mean, weight, cfg, in_place=True)
+        g, r_new = ff_grad_peer(x_pos, x_neg, weight, bias, cfg, peer_mean)
         self.update(weight, bias, g.grad_weight, g.grad_bias, st_w, st_b, step, cfg, loss=g.loss)
         if r_new is not None and bool(torch.isfinite(g.loss)):
             peer_mean.copy_(r_new)
