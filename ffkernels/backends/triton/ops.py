@@ -63,26 +63,10 @@ def _check_all_states(weight, bias, states, cfg: FFConfig) -> None:
 
 
 def _check_peer_mean(peer_mean: Optional[Tensor], weight: Tensor, cfg: FFConfig, in_place: bool):
-    """The running mean r of peer normalization: required iff cfg.peer_norm > 0 (ignored otherwise), shape (N,),
-    the state dtype, on weight's device; contiguous when it is updated ``in_place``. Returns it contiguous, or
-    None when peer normalization is off."""
-    if cfg.peer_norm == 0.0:
-        return None
-    N = weight.shape[0]
-    if peer_mean is None:
-        raise ValueError(f"ffkernels: peer_norm={cfg.peer_norm!r} needs peer_mean, the running mean of the positive "
-                         f"activations (a ({N},) {_name(contract.state_dtype(weight.dtype))} tensor)")
-    if not isinstance(peer_mean, Tensor) or peer_mean.shape != (N,):
-        shape = tuple(peer_mean.shape) if isinstance(peer_mean, Tensor) else type(peer_mean).__name__
-        raise ValueError(f"ffkernels: peer_mean must have shape ({N},) (one per output feature), got {shape}")
-    if peer_mean.device != weight.device:
-        raise ValueError(f"ffkernels: peer_mean is on {peer_mean.device} but weight is on {weight.device}")
-    if peer_mean.dtype != contract.state_dtype(weight.dtype):
-        raise TypeError(f"ffkernels: peer_mean must be {_name(contract.state_dtype(weight.dtype))} for "
-                        f"{_name(weight.dtype)} weights, got {_name(peer_mean.dtype)}")
-    if in_place and not peer_mean.is_contiguous():
-        raise ValueError("ffkernels: peer_mean must be contiguous (it is updated in place)")
-    return peer_mean.contiguous()
+    """contract.check_peer_mean; returns peer_mean contiguous, or None when peer normalization is off (where
+    it is ignored)."""
+    contract.check_peer_mean(peer_mean, weight, cfg, in_place)
+    return peer_mean.contiguous() if cfg.peer_norm != 0.0 else None
 
 
 # ---- the kernels, in order -----------------------------------------------------------------------------
