@@ -290,6 +290,36 @@ def test_triton_step_equals_grad_then_update_with_peer_norm():
     _step_equals_grad_then_update("triton", "cpu")
 
 
+# ---- FFLinear(backend="triton", peer_norm=...) end to end ------------------------------------------------------
+
+@interpreter
+def test_fflinear_triton_peer_norm_matches_reference_layer_and_resumes():
+    kw = dict(goodness="sum", loss="hinton", norm="rms", optimizer="adam", lr=1e-2, peer_norm=0.8, peer_momentum=0.7)
+    layer = ffkernels.FFLinear(24, 16, backend="triton", **kw)
+    oracle = ffkernels.FFLinear(24, 16, backend="reference", **kw)
+    truth = ffkernels.FFLinear(24, 16, backend="reference", dtype=torch.float64, **kw)
+    oracle.load_state_dict(layer.state_dict())
+    truth.load_state_dict(layer.state_dict())
+    gen = torch.Generator().manual_seed(21)
+    for _ in range(3):
+        xp, xn = make_batch(10, 24, gen)
+        layer.ff_step(xp.float(), xn.float())
+        oracle.ff_step(xp.float(), xn.float())
+        truth.ff_step(xp, xn)
+    assert "peer_mean" in layer.state_dict() and layer.peer_mean.abs().max() > 0
+    for name, a in layer.state_dict().items():
+        if isinstance(a, torch.Tensor):
+            check_rule(name, a, oracle.state_dict()[name], truth.state_dict()[name])
+    resumed = ffkernels.FFLinear(24, 16, backend="triton", **kw)
+    resumed.load_state_dict(layer.state_dict())
+    xp, xn = (t.float() for t in make_batch(10, 24, gen))
+    for a, e in zip(resumed.ff_step(xp, xn), layer.ff_step(xp, xn)):
+        assert torch.equal(a, e)
+    for (name, a), e in zip(resumed.state_dict().items(), layer.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, e), f"{name}: a resumed layer is not bit-exact"
+
+
 # ---- torch.library: schemas, fakes, checks --------------------------------------------------------------------
 
 def _op_args(device="cpu", peer_norm=0.7):
