@@ -1,4 +1,5 @@
-// Row-level helpers (and the peer-norm column reduction) shared by the CPU kernels (ff_grad_cpu.cpp, ff_grad_labeled_cpu.cpp).
+// Row-level helpers shared by the CPU kernels (ff_grad_cpu.cpp, ff_grad_labeled_cpu.cpp), and the peer-norm
+// column reduction.
 #pragma once
 
 #include <ATen/OpMathType.h>

@@ -7,10 +7,12 @@
     triton/        ``triton``: the Triton kernels, their ops and fakes, and their availability probe
 
 Every backend offers the same three functions on plain tensors (no autograd):
-    grad(x_pos, x_neg, weight, bias, cfg)                         -> FFGradOutput
+    grad(x_pos, x_neg, weight, bias, cfg, peer_mean=None)         -> FFGradOutput
     update(weight, bias, grad_w, grad_b, st_w, st_b, step, cfg, loss=None)   in place; skipped if loss is not finite
-    step(x_pos, x_neg, weight, bias, st_w, st_b, step, cfg)       -> FFStepOutput (update skipped if loss not finite)
-``st_w``/``st_b`` are tuples of the optimizer state tensors named by ``cfg.state_names``. A backend may also offer
+    step(x_pos, x_neg, weight, bias, st_w, st_b, step, cfg, peer_mean=None)
+                                                                  -> FFStepOutput (update skipped if loss not finite)
+``st_w``/``st_b`` are tuples of the optimizer state tensors named by ``cfg.state_names``; ``peer_mean`` is the running
+mean r of peer normalization, required when ``cfg.peer_norm > 0`` (``step`` updates it, ``grad`` only reads it). A backend may also offer
 ``step_labeled``: the same for the supervised first layer, given x and the labels to write into it (see
 FFLinear.ff_step_labeled); where it does not, the caller builds the pair. Nothing in this package imports a
 module above it but the leaves ``config`` and ``_types`` (docs/design.md, "Backends").
