@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import ffkernels
-from ffkernels import _ext, functional
-from ffkernels import reference as ref
+from ffkernels import functional
+from ffkernels.backends import compiled as _ext
+from ffkernels.backends import reference as ref
 from ffkernels._types import BackendUnavailableError, NonFiniteLossError
 from ffkernels.backends import BACKENDS, resolve_backend
 from ffkernels.config import FFConfig
