@@ -6,6 +6,7 @@
     update_kernel.py       kernel 4: the optimizer from given gradients (ff_update)
     ff_math.py             the FF math of csrc/ff_math.h as Triton device functions
     optim_args.py          the optimizer's kernel arguments, computed on the host
+    launch.py              launching a kernel: wrap_triton where torch can trace it, else directly
     ops.py                 torch.ops.ffkernels_triton.{ff_grad, ff_update, ff_step} and their fakes
     settings.py            fp32 dot precision, tile sizes, interpreter detection
     backend.py             TritonBackend (availability, lazy op registration), used by ffkernels.backends

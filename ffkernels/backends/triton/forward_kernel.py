@@ -14,10 +14,10 @@ buffer: kernel 2 adds the M-tiles in order for the column mean m_j (one column r
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import settings
 from .ff_math import NORM_CODES, NORM_NONE, row_denominator
+from .launch import launchable
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def launch_forward(x_pos, x_neg, weight, bias, norm: str, norm_eps: float, peer:
     m_tiles = triton.cdiv(B, bm)
     colsum_part = x_pos.new_empty((m_tiles, N), dtype=torch.float32) if peer else None
     grid = (m_tiles, n_tiles, 2)
-    wrap_triton(ff_forward_kernel)[grid](
+    launchable(ff_forward_kernel)[grid](
         x_pos, x_neg, weight, bias, h_pos, h_neg, ss_part, den, colsum_part,
         B, N, K, norm_eps,
         NORM=NORM_CODES[norm], HAS_BIAS=bias is not None, PEER=peer,

@@ -16,9 +16,17 @@ non-finite rule covers L_peer. r itself is only read here.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .ff_math import GOODNESS_CODES, LOSS_CODES, coef_from_dg, goodness_scale, pair_terms, peer_dz, peer_running_mean
+from .ff_math import (
+    GOODNESS_CODES,
+    LOSS_CODES,
+    coef_from_dg,
+    goodness_scale,
+    pair_terms,
+    peer_dz,
+    peer_running_mean,
+)
+from .launch import launchable
 
 
 @triton.jit
@@ -109,7 +117,7 @@ def launch_loss(ss_part, B: int, N: int, dtype: torch.dtype, goodness: str, thre
         r_new = ss_part.new_empty((N,))
         v = ss_part.new_empty((N,))
         scalars = peer_scalars(B, N, peer_norm, peer_momentum)
-    wrap_triton(ff_loss_kernel)[(1,)](
+    launchable(ff_loss_kernel)[(1,)](
         ss_part, g_pos, g_neg, coef, loss_out, colsum_part, r, r_new, v, B, N, ss_part.shape[0], threshold,
         symba_alpha, colsum_part.shape[0] if peer is not None else 0, **scalars,
         GOODNESS=GOODNESS_CODES[goodness], LOSS=LOSS_CODES[loss], PEER=peer is not None, BLOCK=block,

@@ -6,9 +6,9 @@ returns if it is not finite, so the skip is decided on the device without a host
 """
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .ff_math import apply_optimizer, is_finite
+from .launch import launchable
 from .optim_args import OptimArgs
 
 BLOCK = 1024
@@ -33,6 +33,6 @@ def ff_update_kernel(
 def launch_update(param, grad, state1, state2, loss, update: OptimArgs) -> None:
     """Update ``param`` (and its state, None where unused) in place from ``grad``; skipped if ``loss`` is not finite."""
     n = param.numel()
-    wrap_triton(ff_update_kernel)[(triton.cdiv(n, BLOCK),)](
+    launchable(ff_update_kernel)[(triton.cdiv(n, BLOCK),)](
         param, grad, state1, state2, loss, n, **update.scalars,
         OPTIM=update.optim, MOMENTUM=update.momentum_buffer, HAS_LOSS=loss is not None, BLOCK=BLOCK)

@@ -21,10 +21,17 @@ non-finite loss leaves r unchanged too.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import settings
-from .ff_math import NORM_CODES, NORM_NONE, OPTIM_CODES, OPTIM_NONE, apply_optimizer, is_finite
+from .ff_math import (
+    NORM_CODES,
+    NORM_NONE,
+    OPTIM_CODES,
+    OPTIM_NONE,
+    apply_optimizer,
+    is_finite,
+)
+from .launch import launchable
 from .optim_args import NO_UPDATE, OptimArgs
 
 
@@ -128,7 +135,7 @@ def launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight, bias
         grad_weight = torch.empty_like(weight)
         grad_bias = torch.empty_like(bias) if bias is not None else None
     grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
-    wrap_triton(ff_weight_grad_kernel)[grid](
+    launchable(ff_weight_grad_kernel)[grid](
         x_pos, x_neg, h_pos, h_neg, coef, den, loss, v, r_new, r, weight, bias, grad_weight, grad_bias, *states,
         B, N, K, **update.scalars,
         NORM=NORM_CODES[norm], HAS_BIAS=bias is not None, OPTIM=update.optim, MOMENTUM=update.momentum_buffer,
