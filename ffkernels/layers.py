@@ -440,7 +440,8 @@ class FFNet(nn.Module):
 
         The first layer is shared across labels: every one-hot label of the same value gives the same row norm
         d, so z_c = (P + value·W[:, c]) / d + b with P = x̃ Wᵀ, x̃ = x with the label slots zeroed, computed
-        once; then layers 2..max(layers) run on the C·n rows.
+        once (z_c = P/d + b + value·W[:, c]/d, the same up to rounding); then layers 2..max(layers) run on the C·n
+        rows.
         """
         layers = self.predict_layers if layers is None else [int(i) % len(self.layers) for i in layers]
         first = self.layers[0]
@@ -451,15 +452,18 @@ class FFNet(nn.Module):
             raise ValueError(f"ffkernels: num_classes must be an int in [2, {first.in_features}], got {num_classes!r}")
         cfg, w, n, c = first.config, first.weight, x2.shape[0], num_classes
         img = x2[:, c:]
-        p = img @ w[:, c:].t()                                                     # (n, N), one GEMM
-        z = p.unsqueeze(0) + (value * w[:, :c].t()).unsqueeze(1)                   # (C, n, N)
+        base = img @ w[:, c:].t()                                                  # (n, N), the one GEMM
+        label = (value * w[:, :c].t()).unsqueeze(1)                                # (C, 1, N)
         if cfg.norm != "none":
             ss = img.pow(2).sum(-1) + value * value
-            d = (ss / first.in_features if cfg.norm == "rms" else ss).sqrt() + cfg.norm_eps
-            z = z / d[:, None]
+            d = ((ss / first.in_features if cfg.norm == "rms" else ss).sqrt() + cfg.norm_eps)[:, None]
+            base = base / d
+            z = label / d                                                          # (C, n, N)
+        else:
+            z = label.expand(c, n, -1).clone()
         if first.bias is not None:
-            z = z + first.bias
-        h = torch.relu(z).reshape(c * n, -1)
+            base = base + first.bias
+        h = z.add_(base).relu_().reshape(c * n, -1)   # three passes over the C·n rows
         score = torch.zeros(c * n, dtype=h.dtype, device=h.device)
         for i in range(max(layers) + 1):
             if i > 0:
