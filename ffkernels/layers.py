@@ -358,7 +358,7 @@ class FFNet(nn.Module):
         if self.head is not None:
             self._check_head_classes(num_classes)
             with torch.no_grad():
-                feats = self.head_features(x, value)
+                feats = self.head_features(x, value).reshape(-1, self.head.in_features)
                 logits = self.head(feats)
         if labels_neg is None:
             if negatives == "random":
@@ -366,7 +366,8 @@ class FFNet(nn.Module):
             else:
                 scores = logits if logits is not None else self.goodness_scores(x, num_classes, value=value)
                 y = torch.as_tensor(labels_pos, device=scores.device)
-                labels_neg = hard_negatives(scores, y.reshape(-1), generator, temperature).reshape(y.shape)
+                labels_neg = hard_negatives(scores.reshape(-1, num_classes), y.reshape(-1), generator,
+                                            temperature).reshape(y.shape)
         if first_layer == "shared":
             def first(layer):
                 return layer.ff_step_labeled(x, labels_pos, labels_neg, num_classes, value)

@@ -150,3 +150,12 @@ def test_non_finite_head_loss_raises_and_leaves_the_head():
         if k != "_extra_state":
             assert torch.equal(v, before[k]), k
     assert net.head.step_count == 0 and net.layers[0].step_count == 1
+
+
+def test_leading_dims_with_a_head_and_hard_negatives():
+    x, y = _data(n=12)
+    net = FFNet([30, 16, 12], head=True, num_classes=5)
+    out = net.ff_step_labeled(x.reshape(3, 4, 30), y.reshape(3, 4), None, 5, negatives="hard",
+                              generator=torch.Generator().manual_seed(0))
+    assert out.labels_neg.shape == (3, 4) and bool((out.labels_neg != y.reshape(3, 4)).all())
+    assert out.head_loss.shape == () and net.predict(x.reshape(3, 4, 30), 5).shape == (3, 4)
