@@ -47,3 +47,31 @@ def ff_pair(x: torch.Tensor, labels: torch.Tensor, num_classes: int, generator=N
     """(x_pos, x_neg): x with its true label written in, and with a guaranteed-wrong one."""
     return (embed_label(x, labels, num_classes, value),
             embed_label(x, wrong_labels(labels, num_classes, generator), num_classes, value))
+
+
+def hard_negatives(scores: torch.Tensor, labels: torch.Tensor, generator: "torch.Generator | None" = None,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Wrong labels drawn from the model's own scores: for row i, label c != labels[i] with probability
+    softmax(scores[i] / temperature) renormalized over the wrong labels; never the true label.
+
+    ``scores`` (B, C): e.g. a head's logits, or the summed goodness of each label (FF's loss reads g - threshold
+    as a logit, so goodness is on the same scale). One vectorized draw (Gumbel-max: the arg-max of
+    scores / temperature plus Gumbel noise over the wrong labels), B x C uniform numbers from ``generator``.
+    NaN and -inf scores count as -inf; a row whose wrong labels are all -inf gets one of them anyway.
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] < 2:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"ffkernels: scores must be a (B, num_classes >= 2) tensor, got {shape}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"ffkernels: temperature must be a finite number > 0, got {temperature!r}")
+    labels = torch.as_tensor(labels, device=scores.device)
+    if labels.shape != scores.shape[:1]:
+        raise ValueError(f"ffkernels: labels must have shape ({scores.shape[0]},), got {tuple(labels.shape)}")
+    gen_device = generator.device if generator is not None else scores.device
+    u = torch.rand(scores.shape, generator=generator, device=gen_device, dtype=torch.float64).to(scores.device)
+    gumbel = -torch.log(-torch.log(u.clamp_min_(torch.finfo(torch.float64).tiny)))
+    big = torch.finfo(torch.float64).max / 4  # finite stand-ins for +-inf: keys stay finite, ties stay wrong labels
+    s = torch.nan_to_num(scores.detach().double() / temperature, nan=-big, posinf=big, neginf=-big).clamp(-big, big)
+    keys = s + gumbel
+    keys.scatter_(1, labels.long().reshape(-1, 1), float("-inf"))
+    return keys.argmax(1)

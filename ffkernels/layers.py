@@ -12,7 +12,8 @@ from .backends import BACKEND_NAMES, get_backend, resolve_backend
 from .backends import reference as ref
 from .backends.contract import check_ff_inputs, state_dtype
 from .config import FFConfig
-from .labels import embed_label
+from .head import SoftmaxHead, rms_features
+from .labels import embed_label, embed_neutral, hard_negatives, wrong_labels
 
 _STATE_VERSION = 1
 
@@ -295,49 +296,133 @@ class FFLinear(nn.Module):
 
 
 class FFNetStepOutput(NamedTuple):
-    losses: torch.Tensor           # (num_layers,) the loss of each layer
-    outputs: Optional[list]        # per-layer FFStepOutput when return_outputs=True
+    losses: torch.Tensor                      # (num_layers,) the loss of each layer
+    outputs: Optional[list]                   # per-layer FFStepOutput when return_outputs=True
+    head_loss: Optional[torch.Tensor] = None  # the head's cross-entropy (ff_step_labeled on a net with a head)
+    labels_neg: Optional[torch.Tensor] = None  # the negatives' labels (ff_step_labeled): given or drawn
+
+
+PREDICT_METHODS = ("head", "goodness")
+NEGATIVES = ("random", "hard")
 
 
 class FFNet(nn.Module):
     """A stack of FFLinear layers trained greedily: layer l+1 learns from layer l's activations.
 
     ``dims`` = [in_features, width_1, ..., width_L]; keyword options go to every FFLinear.
-    ``predict_layers``: the layers whose goodness is summed for prediction (default: all but the first
-    when there are several, as in Hinton 2022).
+    ``predict_layers``: the layers whose goodness is summed for prediction by goodness (default: all but the
+    first when there are several, as in Hinton 2022).
+
+    ``head=True`` (needs ``num_classes``) adds a SoftmaxHead: a bias-free linear classifier on the
+    RMS-normalized activities of ``head_layers`` (default: as ``predict_layers``) for the input with the neutral
+    label, trained with cross-entropy in ``ff_step_labeled`` by its own optimizer (``head_optimizer``,
+    ``head_lr``, ``head_weight_decay``, ``head_momentum`` for SGD). Its gradient never enters the FF layers.
+    ``predict`` then uses it (one pass instead of one per label).
     """
 
-    def __init__(self, dims: Sequence[int], bias: bool = True, *, predict_layers=None, **layer_kwargs):
+    def __init__(self, dims: Sequence[int], bias: bool = True, *, predict_layers=None, head: bool = False,
+                 num_classes: Optional[int] = None, head_layers=None, head_optimizer: str = "adam",
+                 head_lr: float = 1e-3, head_weight_decay: float = 0.0, head_momentum: float = 0.9,
+                 **layer_kwargs):
         super().__init__()
         dims = list(dims)
         if len(dims) < 2:
             raise ValueError(f"ffkernels: dims needs an input size and at least one layer width, got {dims}")
         self.dims = dims
         self.layers = nn.ModuleList(FFLinear(a, b, bias, **layer_kwargs) for a, b in zip(dims[:-1], dims[1:]))
+        self.predict_layers = self._layer_list(predict_layers, "predict_layers")
+        self.head = None
+        self.head_layers = None
+        if head:
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+                raise ValueError(f"ffkernels: a net with a head needs num_classes (an int >= 2), got {num_classes!r}")
+            if num_classes > dims[0]:
+                raise ValueError(f"ffkernels: num_classes={num_classes} label slots do not fit {dims[0]} input features")
+            self.head_layers = self._layer_list(head_layers, "head_layers")
+            w = self.layers[0].weight
+            self.head = SoftmaxHead(sum(dims[i + 1] for i in self.head_layers), num_classes,
+                                    optimizer=head_optimizer, lr=head_lr, weight_decay=head_weight_decay,
+                                    momentum=head_momentum, backend=layer_kwargs.get("backend", "auto"),
+                                    device=w.device, dtype=w.dtype)
+        elif head_layers is not None:
+            raise ValueError("ffkernels: head_layers needs head=True")
+
+    def _layer_list(self, layers, what: str) -> list:
         n = len(self.layers)
-        if predict_layers is None:
-            predict_layers = list(range(1, n)) if n > 1 else [0]
-        predict_layers = [int(i) for i in predict_layers]
-        if not predict_layers or any(not -n <= i < n for i in predict_layers):
-            raise ValueError(f"ffkernels: predict_layers must name layers in [0, {n}), got {predict_layers}")
-        self.predict_layers = [i % n for i in predict_layers]
+        if layers is None:
+            layers = list(range(1, n)) if n > 1 else [0]
+        layers = [int(i) for i in layers]
+        if not layers or any(not -n <= i < n for i in layers):
+            raise ValueError(f"ffkernels: {what} must name layers in [0, {n}), got {layers}")
+        return sorted({i % n for i in layers}) if what == "head_layers" else [i % n for i in layers]
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """The head's number of classes (None without a head)."""
+        return self.head.num_classes if self.head is not None else None
+
+    # ---- training ------------------------------------------------------------------------------------
 
     def ff_step(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_outputs: bool = False) -> FFNetStepOutput:
-        """Train every layer in one sweep on (x_pos, x_neg).
+        """Train every layer in one sweep on (x_pos, x_neg). The head (if any) is not trained: it needs labels.
 
         If layer l's loss is not finite, NonFiniteLossError is raised naming it: layers before l have taken
         their (finite) step, layer l and those after it are unchanged.
         """
         return self._sweep(lambda layer: layer.ff_step(x_pos, x_neg), return_outputs)
 
-    def ff_step_labeled(self, x: torch.Tensor, labels_pos: torch.Tensor, labels_neg: torch.Tensor,
-                        num_classes: int, value: float = 1.0, return_outputs: bool = False) -> FFNetStepOutput:
+    def ff_step_labeled(self, x: torch.Tensor, labels_pos: torch.Tensor, labels_neg: Optional[torch.Tensor],
+                        num_classes: int, value: float = 1.0, return_outputs: bool = False, *,
+                        negatives: str = "random", generator: Optional[torch.Generator] = None,
+                        temperature: float = 1.0, first_layer: str = "shared") -> FFNetStepOutput:
         """``ff_step`` on x with labels_pos (positives) / labels_neg (negatives) written into it.
 
-        The first layer uses FFLinear.ff_step_labeled (shared GEMMs for pos and neg where the backend can).
+        The first layer uses FFLinear.ff_step_labeled (shared GEMMs for pos and neg where the backend can);
+        ``first_layer="pair"`` makes it step on the explicit pair (embed_label) instead: same math, other rounding.
+        ``labels_neg=None`` draws them from ``generator``: ``negatives="random"`` uniformly among the wrong
+        labels (``wrong_labels``), ``"hard"`` from the model's own scores (``hard_negatives`` with
+        ``temperature``): the head's logits when the net has one (this step's, nothing recomputed), else the
+        goodness of every label (``goodness_scores``: an extra forward of layers 2..L per label).
+
+        With a head: first the neutral-label input goes through every layer with the weights before this step
+        (one B-row forward per layer), giving the head's features and logits; then the FF sweep; then the head's
+        cross-entropy step on those features. ``head_loss`` is its loss before its update; a non-finite one
+        raises NonFiniteLossError after the FF layers have stepped, with the head unchanged.
         """
-        return self._sweep(lambda layer: layer.ff_step_labeled(x, labels_pos, labels_neg, num_classes, value),
-                           return_outputs)
+        if negatives not in NEGATIVES:
+            raise ValueError(f"ffkernels: unknown negatives {negatives!r}; expected one of "
+                             f"{', '.join(map(repr, NEGATIVES))}")
+        if labels_neg is not None and negatives != "random":
+            raise ValueError("ffkernels: negatives='hard' draws labels_neg itself; pass labels_neg=None")
+        if first_layer not in ("shared", "pair"):
+            raise ValueError(f"ffkernels: first_layer must be 'shared' or 'pair', got {first_layer!r}")
+        feats = logits = None
+        if self.head is not None:
+            self._check_head_classes(num_classes)
+            with torch.no_grad():
+                feats = self.head_features(x, value).reshape(-1, self.head.in_features)
+                logits = self.head(feats)
+        if labels_neg is None:
+            if negatives == "random":
+                labels_neg = wrong_labels(torch.as_tensor(labels_pos), num_classes, generator)
+            else:
+                scores = logits if logits is not None else self.goodness_scores(x, num_classes, value=value)
+                y = torch.as_tensor(labels_pos, device=scores.device)
+                labels_neg = hard_negatives(scores.reshape(-1, num_classes), y.reshape(-1), generator,
+                                            temperature).reshape(y.shape)
+        if first_layer == "shared":
+            def first(layer):
+                return layer.ff_step_labeled(x, labels_pos, labels_neg, num_classes, value)
+        else:
+            def first(layer):
+                return layer.ff_step(embed_label(x, labels_pos, num_classes, value),
+                                     embed_label(x, labels_neg, num_classes, value))
+        out = self._sweep(first, return_outputs)
+        head_loss = None
+        if self.head is not None:
+            y = torch.as_tensor(labels_pos, device=feats.device).reshape(-1)
+            head_loss = self.head.step(feats, y, logits)
+        return out._replace(head_loss=head_loss, labels_neg=labels_neg)
 
     def _sweep(self, first_step, return_outputs: bool) -> FFNetStepOutput:
         losses, outputs = [], []
@@ -353,15 +438,17 @@ class FFNet(nn.Module):
             x_pos, x_neg = out.h_pos, out.h_neg
         return FFNetStepOutput(torch.stack(losses), outputs if return_outputs else None)
 
+    # ---- inference -----------------------------------------------------------------------------------
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x)
         return x
 
-    def features(self, x: torch.Tensor) -> list:
-        """The activations of every layer for input ``x``."""
+    def features(self, x: torch.Tensor, upto: Optional[int] = None) -> list:
+        """The activations of every layer (or of layers 0..upto) for input ``x``."""
         feats = []
-        for layer in self.layers:
+        for layer in self.layers[: None if upto is None else upto + 1]:
             x = layer(x)
             feats.append(x)
         return feats
@@ -371,17 +458,85 @@ class FFNet(nn.Module):
         kind = [layer.config.goodness for layer in self.layers]
         return torch.stack([ref.goodness(h, k) for h, k in zip(self.features(x), kind)], dim=-1)
 
+    def _check_head_classes(self, num_classes: int) -> None:
+        if self.head is None:
+            raise ValueError("ffkernels: this FFNet has no head (construct it with head=True, num_classes=...)")
+        if num_classes != self.head.num_classes:
+            raise ValueError(f"ffkernels: the head was built for num_classes={self.head.num_classes}, got "
+                             f"num_classes={num_classes}")
+
+    def head_features(self, x: torch.Tensor, value: float = 1.0) -> torch.Tensor:
+        """(…, head.in_features): the head's input for ``x``: x with the neutral label (every label slot
+        value/num_classes), through the layers, each head layer's activity RMS-normalized, concatenated."""
+        self._check_head_classes(self.head.num_classes)
+        hs = self.features(embed_neutral(x, self.head.num_classes, value), upto=self.head_layers[-1])
+        return rms_features([hs[i] for i in self.head_layers])
+
+    def head_logits(self, x: torch.Tensor, value: float = 1.0) -> torch.Tensor:
+        """(…, num_classes): the head's logits for ``x`` (one pass with the neutral label)."""
+        return self.head(self.head_features(x, value))
+
+    @torch.no_grad()
+    def goodness_scores(self, x: torch.Tensor, num_classes: int, layers=None, value: float = 1.0) -> torch.Tensor:
+        """(…, num_classes): for each label c, the goodness summed over ``layers`` (default ``predict_layers``)
+        of ``embed_label(x, c)``.
+
+        The first layer is shared across labels: every one-hot label of the same value gives the same row norm
+        d, so z_c = (P + value·W[:, c]) / d + b with P = x̃ Wᵀ, x̃ = x with the label slots zeroed, computed
+        once (z_c = P/d + b + value·W[:, c]/d, the same up to rounding); then layers 2..max(layers) run on the C·n
+        rows.
+        """
+        layers = self.predict_layers if layers is None else [int(i) % len(self.layers) for i in layers]
+        first = self.layers[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[-1] != first.in_features:
+            raise ValueError(f"ffkernels: x has {x2.shape[-1]} features but the net takes {first.in_features}")
+        if not isinstance(num_classes, int) or not 2 <= num_classes <= first.in_features:
+            raise ValueError(f"ffkernels: num_classes must be an int in [2, {first.in_features}], got {num_classes!r}")
+        cfg, w, n, c = first.config, first.weight, x2.shape[0], num_classes
+        img = x2[:, c:]
+        base = img @ w[:, c:].t()                                                  # (n, N), the one GEMM
+        label = (value * w[:, :c].t()).unsqueeze(1)                                # (C, 1, N)
+        if cfg.norm != "none":
+            ss = img.pow(2).sum(-1) + value * value
+            d = ((ss / first.in_features if cfg.norm == "rms" else ss).sqrt() + cfg.norm_eps)[:, None]
+            base = base / d
+            z = label / d                                                          # (C, n, N)
+        else:
+            z = label.expand(c, n, -1).clone()
+        if first.bias is not None:
+            base = base + first.bias
+        h = z.add_(base).relu_().reshape(c * n, -1)   # three passes over the C·n rows
+        score = torch.zeros(c * n, dtype=h.dtype, device=h.device)
+        for i in range(max(layers) + 1):
+            if i > 0:
+                h = self.layers[i](h)
+            if i in layers:
+                score += ref.goodness(h, self.layers[i].config.goodness) * layers.count(i)
+        return score.view(c, n).t().reshape(*x.shape[:-1], c)
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, num_classes: int, layers=None, value: float = 1.0,
-                batch_size: int = 1024) -> torch.Tensor:
-        """The label whose one-hot, written into ``x``, gives the highest goodness over ``layers``."""
-        layers = self.predict_layers if layers is None else [i % len(self.layers) for i in layers]
+                batch_size: int = 1024, method: Optional[str] = None) -> torch.Tensor:
+        """The predicted label of each row of ``x``.
+
+        ``method="goodness"``: the label whose one-hot, written into ``x``, gives the highest goodness over
+        ``layers`` (``goodness_scores``). ``"head"``: the arg-max of the head's logits for the neutral-label
+        input (one pass). Default: ``"head"`` when the net has a head, else ``"goodness"``.
+        """
+        method = method or ("head" if self.head is not None else "goodness")
+        if method not in PREDICT_METHODS:
+            raise ValueError(f"ffkernels: unknown predict method {method!r}; expected one of "
+                             f"{', '.join(map(repr, PREDICT_METHODS))}")
+        if method == "head":
+            self._check_head_classes(num_classes)
+            if layers is not None:
+                raise ValueError("ffkernels: layers applies to method='goodness'; the head reads head_layers")
         preds = []
         for chunk in x.reshape(-1, x.shape[-1]).split(batch_size):
-            labels = torch.arange(num_classes, device=x.device).repeat_interleave(chunk.shape[0])
-            xs = embed_label(chunk.repeat(num_classes, 1), labels, num_classes, value)
-            score = self.goodness(xs)[:, layers].sum(-1).view(num_classes, -1)
-            preds.append(score.argmax(0))
+            score = (self.head_logits(chunk, value) if method == "head"
+                     else self.goodness_scores(chunk, num_classes, layers, value))
+            preds.append(score.argmax(-1))
         return torch.cat(preds).reshape(x.shape[:-1])
 
     @property

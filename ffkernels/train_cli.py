@@ -11,10 +11,52 @@ import time
 
 import torch
 
+from .augment import check_image_shape
 from .cli_options import HelpFormatter, add_ff_loss_options, add_ff_optimizer_options, add_run_options
 from .data import LOADERS, load_dataset
-from .train_common import build_net, describe, epoch_line, finish
+from .schedules import SCHEDULES, LRScheduler, linear_cooldown, make_schedule
+from .train_common import build_net, describe, epoch_line, finish, recipe_dict, recipe_summary
 from .training import History, accuracy, train_ff_epoch
+
+
+def add_recipe_options(p: argparse.ArgumentParser) -> None:
+    """The recipe parts of issue 10 above the kernels: head, lr schedule, hard negatives, jitter, peer norm."""
+    p.add_argument("--head", action=argparse.BooleanOptionalAction, default=False,
+                   help="train a linear softmax head on the RMS-normalized neutral-label activities of layers 2..L "
+                        "(cross-entropy, its own optimizer; its gradient never enters the FF layers); prediction then "
+                        "takes one pass instead of one per label")
+    p.add_argument("--head-optimizer", default="adam", choices=["adam", "sgd"],
+                   help="the head's optimizer (sgd: momentum 0.9)")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="the head's learning rate")
+    p.add_argument("--head-weight-decay", type=float, default=0.0, help="the head's weight decay")
+    p.add_argument("--lr-schedule", default="constant", choices=sorted(SCHEDULES),
+                   help="learning-rate multiplier over this run's steps, for every layer and the head: constant; "
+                        "cooldown (constant, then linear to 0 over the last --cooldown-fraction); cosine. A --resume'd "
+                        "run starts its own schedule")
+    p.add_argument("--cooldown-fraction", type=float, default=0.5, help="--lr-schedule cooldown: the decaying part")
+    p.add_argument("--negatives", default="random", choices=["random", "hard"],
+                   help="wrong label of each negative: random (uniform), or hard (drawn from the model's own scores, "
+                        "the true label excluded: the head's logits with --head, else every label's goodness, "
+                        "which costs a forward pass per label)")
+    p.add_argument("--jitter", type=int, default=0,
+                   help="shift each training image by a random offset of up to +-K pixels (0: off; image datasets only)")
+    p.add_argument("--peer-norm", type=float, default=0.0,
+                   help="peer-normalization coefficient of every layer (0: off)")
+    p.add_argument("--predict", default=None, choices=["head", "goodness"],
+                   help="how the test accuracy is measured (default: head with --head, else goodness)")
+
+
+def check_recipe_options(args, ds) -> None:
+    """SystemExit for recipe options that do not fit together or with the dataset."""
+    if args.predict == "head" and not args.head:
+        raise SystemExit("ffkernels train: --predict head needs --head")
+    if args.jitter < 0:
+        raise SystemExit(f"ffkernels train: --jitter must be >= 0, got {args.jitter}")
+    if args.jitter:
+        try:
+            check_image_shape(ds.image_shape, ds.in_features, "--jitter")
+        except ValueError as e:
+            raise SystemExit(f"ffkernels train: dataset {ds.name!r}: {e}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shared (default): the first layer computes what a positive and its negative share once "
                         "(FFNet.ff_step_labeled, B-row GEMMs); pair: build explicit x_pos/x_neg (2B rows). Same "
                         "math and data, different rounding; --distributed modes always use pairs")
+    add_recipe_options(p)
     p.add_argument("--distributed", default="none", choices=["none", "data", "pipeline"],
                    help="train over the processes started by torchrun: 'data' (each rank a shard of every batch) or "
                         "'pipeline' (each rank a stage of consecutive layers); see docs/distributed.md")
@@ -56,25 +99,33 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     ds = load_dataset(args.dataset, data_root=args.data_root)
-    net = build_net(args, ds.in_features)
+    check_recipe_options(args, ds)
+    net = build_net(args, ds.in_features, ds.num_classes)
     if args.resume:
         net.load_state_dict(torch.load(args.resume, map_location=args.device))
-    print(describe(ds, args, net.backend, args.device), flush=True)
+    print(describe(ds, args, net.backend, args.device, recipe_summary(args)), flush=True)
+    steps = args.epochs * -(-len(ds.y_train) // args.batch_size)
+    scheduler = None
+    if args.lr_schedule != "constant" and steps:
+        fn = (linear_cooldown(steps, args.cooldown_fraction) if args.lr_schedule == "cooldown"
+              else make_schedule(args.lr_schedule, steps))
+        scheduler = LRScheduler(net, fn)
     gen = torch.Generator().manual_seed(args.seed)
     hist = History()
     t_start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         st = train_ff_epoch(net, ds.x_train, ds.y_train, ds.num_classes, args.batch_size, gen,
                             progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}",
-                            shared_first_layer=args.first_layer == "shared")
+                            shared_first_layer=args.first_layer == "shared", negatives=args.negatives,
+                            jitter=args.jitter, image_shape=ds.image_shape, scheduler=scheduler)
         st.epoch = epoch
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            st.test_accuracy = accuracy(net, ds.x_test, ds.y_test, ds.num_classes)
+            st.test_accuracy = accuracy(net, ds.x_test, ds.y_test, ds.num_classes, method=args.predict)
         hist.epochs.append(st)
         print(epoch_line(st), flush=True)
     total = time.perf_counter() - t_start
     result = {"dataset": ds.name, "hidden": args.hidden, "epochs": args.epochs, "backend": net.backend,
-              "device": str(args.device), "threads": torch.get_num_threads(),
+              "device": str(args.device), "threads": torch.get_num_threads(), "recipe": recipe_dict(args),
               "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,
               "wall_seconds": total, **hist.to_dict()}
     return finish(args, result, net.state_dict())

@@ -2,17 +2,61 @@
 built from the parsed options, the header, per-epoch and summary lines it prints, and writing --save and --json."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import torch
 
-from .layers import FFNet
+from .layers import FFLinear, FFNet
+
+# The recipe options of ``ffkernels train`` (issue 10) and their values when off: (attribute, flag, off value).
+RECIPE_OPTIONS = (("head", "--head", False), ("lr_schedule", "--lr-schedule", "constant"),
+                  ("negatives", "--negatives", "random"), ("jitter", "--jitter", 0), ("peer_norm", "--peer-norm", 0.0),
+                  ("predict", "--predict", None))
 
 
-def build_net(args, in_features: int) -> FFNet:
+def recipe_dict(args) -> dict:
+    """The recipe options of a parsed ``ffkernels train`` command line (for --json)."""
+    keys = ("head", "head_optimizer", "head_lr", "head_weight_decay", "lr_schedule", "cooldown_fraction",
+            "negatives", "jitter", "peer_norm", "predict")
+    return {k: getattr(args, k, None) for k in keys}
+
+
+def recipe_in_use(args) -> list:
+    """The recipe flags set away from their off value."""
+    return [flag for attr, flag, off in RECIPE_OPTIONS if getattr(args, attr, off) != off]
+
+
+def recipe_summary(args) -> str:
+    """The header's description of the recipe options in use ("" when none)."""
+    parts = []
+    if getattr(args, "head", False):
+        parts.append(f"head ({args.head_optimizer} lr {args.head_lr:g}, wd {args.head_weight_decay:g})")
+    if getattr(args, "lr_schedule", "constant") != "constant":
+        parts.append(f"lr schedule {args.lr_schedule}")
+    if getattr(args, "negatives", "random") != "random":
+        parts.append(f"{args.negatives} negatives")
+    if getattr(args, "jitter", 0):
+        parts.append(f"jitter +-{args.jitter} px")
+    if getattr(args, "peer_norm", 0.0):
+        parts.append(f"peer norm {args.peer_norm:g}")
+    return "".join(f", {p}" for p in parts)
+
+
+def build_net(args, in_features: int, num_classes: "int | None" = None) -> FFNet:
+    """The FFNet of the parsed options; --peer-norm is passed to FFLinear only when nonzero."""
+    kw = {}
+    if getattr(args, "peer_norm", 0.0):
+        if "peer_norm" not in inspect.signature(FFLinear).parameters:
+            raise SystemExit("ffkernels train: --peer-norm needs FFLinear(peer_norm=...), which this version does "
+                             "not have yet")
+        kw["peer_norm"] = args.peer_norm
+    if getattr(args, "head", False):
+        kw.update(head=True, num_classes=num_classes, head_optimizer=args.head_optimizer, head_lr=args.head_lr,
+                  head_weight_decay=args.head_weight_decay)
     return FFNet([in_features, *args.hidden], goodness=args.goodness, threshold=args.threshold, loss=args.loss,
                  norm=args.norm, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                 weight_decay=args.weight_decay, backend=args.backend, device=args.device)
+                 weight_decay=args.weight_decay, backend=args.backend, device=args.device, **kw)
 
 
 def describe(ds, args, backend: str, device, extra: str = "") -> str:
@@ -23,8 +67,9 @@ def describe(ds, args, backend: str, device, extra: str = "") -> str:
 
 def epoch_line(st) -> str:
     acc = f"test acc {st.test_accuracy:.2%}" if st.test_accuracy is not None else ""
-    return (f"epoch {st.epoch:3d}  loss {' '.join(f'{v:.4f}' for v in st.loss)}  {st.samples_per_s:8.0f} samples/s  "
-            f"{acc}")
+    head = f"  head {st.head_loss:.4f}" if getattr(st, "head_loss", None) is not None else ""
+    return (f"epoch {st.epoch:3d}  loss {' '.join(f'{v:.4f}' for v in st.loss)}{head}  {st.samples_per_s:8.0f} "
+            f"samples/s  {acc}")
 
 
 def finish(args, result: dict, state_dict) -> dict:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .augment import check_image_shape
+from .augment import jitter as augment_jitter
 from .labels import ff_pair, wrong_labels
 from .layers import FFNet
 from .bp import BPMLP, bp_step
@@ -18,6 +20,7 @@ class EpochStats:
     seconds: float        # training time of the epoch (no evaluation)
     samples_per_s: float  # real samples (one pos + one neg row each) per second
     test_accuracy: "float | None" = None
+    head_loss: "float | None" = None  # mean cross-entropy of the net's head over the epoch (None without one)
 
 
 @dataclass
@@ -38,51 +41,76 @@ def progress_iter(iterable, enabled: bool, **kw):
 
 
 @torch.no_grad()
-def accuracy(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int = 1000) -> float:
-    """Fraction of ``x`` whose goodness-predicted label (FFNet.predict) equals ``y``."""
+def accuracy(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int = 1000,
+             method: "str | None" = None) -> float:
+    """Fraction of ``x`` whose predicted label (FFNet.predict: by ``method``, default the head when the net has
+    one, else goodness) equals ``y``."""
     device = net.layers[0].weight.device
     dtype = net.layers[0].weight.dtype
     correct = 0
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        pred = net.predict(xb.to(device, dtype), num_classes)
+        pred = net.predict(xb.to(device, dtype), num_classes, method=method)
         correct += int((pred.cpu() == yb).sum())
     return correct / max(1, len(y))
 
 
 def train_ff_epoch(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int,
                    generator: torch.Generator, progress: bool = False, desc: str = "train",
-                   shared_first_layer: bool = True) -> EpochStats:
-    """One epoch of supervised FF: positives carry the true label, negatives a random wrong one.
+                   shared_first_layer: bool = True, *, negatives: str = "random", jitter: int = 0,
+                   image_shape=None, scheduler=None) -> EpochStats:
+    """One epoch of supervised FF: positives carry the true label, negatives a wrong one.
 
-    ``shared_first_layer``: train through ``net.ff_step_labeled`` (the first layer computes what positive
-    and negative share once) when the net has it; otherwise, or with False, build the explicit pair and
-    call ``net.ff_step``. Both draw the same random numbers, so they train on the same data stream.
+    ``shared_first_layer``: the first layer computes what positive and negative share once
+    (``FFLinear.ff_step_labeled``); with False it steps on the explicit pair. Both draw the same random numbers,
+    so they train on the same data stream. A net with a head (FFNet(head=True)) trains it in the same step.
+    ``negatives``: "random" (uniform over the wrong labels) or "hard" (drawn from the model's own scores, see
+    FFNet.ff_step_labeled). ``jitter=K``: each image shifted by up to ±K pixels (``augment.jitter``; needs
+    ``image_shape``). ``scheduler``: an LRScheduler stepped after every training step.
+    A net without ``ff_step_labeled`` (e.g. the data-parallel wrapper) gets explicit pairs via ``ff_step`` and
+    supports only the plain recipe (random negatives, no jitter).
     """
     device = net.layers[0].weight.device
     dtype = net.layers[0].weight.dtype
+    labeled = getattr(net, "ff_step_labeled", None)
+    if labeled is None and (negatives != "random" or jitter):
+        raise ValueError("ffkernels: hard negatives and jitter need a net with ff_step_labeled (an FFNet)")
+    if jitter:
+        check_image_shape(image_shape, x.shape[-1])
+    first_layer = "shared" if shared_first_layer else "pair"
     perm = torch.randperm(len(y), generator=generator)
     batches = perm.split(batch_size)
     sums = torch.zeros(len(net.layers), dtype=torch.float64)
+    head_sum = torch.zeros((), dtype=torch.float64)
+    has_head = getattr(net, "head", None) is not None
     t0 = time.perf_counter()
     bar = progress_iter(batches, progress, desc=desc, leave=False, unit="batch")
-    labeled = getattr(net, "ff_step_labeled", None) if shared_first_layer else None
     for i, idx in enumerate(bar):
         if labeled is not None:
+            xb = x[idx].to(device, dtype, non_blocking=True)
+            if jitter:
+                xb = augment_jitter(xb, image_shape, jitter, generator)
             y_pos = y[idx]
-            y_neg = wrong_labels(y_pos, num_classes, generator)
-            out = labeled(x[idx].to(device, dtype, non_blocking=True), y_pos.to(device), y_neg.to(device),
-                          num_classes)
+            y_neg = wrong_labels(y_pos, num_classes, generator) if negatives == "random" else None
+            out = labeled(xb, y_pos.to(device), None if y_neg is None else y_neg.to(device), num_classes,
+                          negatives=negatives, generator=generator, first_layer=first_layer)
         else:
             xp, xn = ff_pair(x[idx], y[idx], num_classes, generator)
             out = net.ff_step(xp.to(device, dtype, non_blocking=True), xn.to(device, dtype, non_blocking=True))
+        if scheduler is not None:
+            scheduler.step()
         losses = out.losses.double().cpu()
         sums += losses
+        head_loss = getattr(out, "head_loss", None)
+        if head_loss is not None:
+            head_sum += head_loss.double().cpu()
         if progress and i % 10 == 0:
             bar.set_postfix(loss=" ".join(f"{v:.3f}" for v in losses.tolist()))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     secs = time.perf_counter() - t0
-    return EpochStats(0, (sums / max(1, len(batches))).tolist(), secs, len(y) / secs)
+    n = max(1, len(batches))
+    return EpochStats(0, (sums / n).tolist(), secs, len(y) / secs,
+                      head_loss=float(head_sum) / n if has_head else None)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..data import load_dataset
 from ..labels import ff_pair
-from ..train_common import build_net, describe, epoch_line, finish
+from ..train_common import build_net, describe, epoch_line, finish, recipe_in_use
 from ..training import EpochStats, History, accuracy, progress_iter, train_ff_epoch
 from .data_parallel import DataParallelFF, shard
 from .pipeline import PipelineFF
@@ -112,6 +112,10 @@ TRAINERS = {"data": DataParallelTrainer, "pipeline": PipelineTrainer}
 def run(args) -> dict:
     if args.micro_batches is not None and args.distributed != "pipeline":
         raise SystemExit("ffkernels train: --micro-batches only applies to --distributed pipeline")
+    unsupported = [f for f in recipe_in_use(args) if f != "--peer-norm"]
+    if unsupported:
+        raise SystemExit(f"ffkernels train --distributed {args.distributed}: {', '.join(unsupported)} are not supported "
+                         "with --distributed yet; train in one process")
     if "RANK" not in os.environ:
         raise SystemExit(f"ffkernels train --distributed {args.distributed}: start one process per rank with torchrun, "
                          f"e.g. `torchrun --nproc-per-node 2 -m ffkernels train --distributed {args.distributed} ...` "
