@@ -2,12 +2,11 @@
 built from the parsed options, the header, per-epoch and summary lines it prints, and writing --save and --json."""
 from __future__ import annotations
 
-import inspect
 import json
 
 import torch
 
-from .layers import FFLinear, FFNet
+from .layers import FFNet
 
 # The recipe options of ``ffkernels train`` (issue 10) and their values when off: (attribute, flag, off value).
 RECIPE_OPTIONS = (("head", "--head", False), ("lr_schedule", "--lr-schedule", "constant"),
@@ -44,13 +43,8 @@ def recipe_summary(args) -> str:
 
 
 def build_net(args, in_features: int, num_classes: "int | None" = None) -> FFNet:
-    """The FFNet of the parsed options; --peer-norm is passed to FFLinear only when nonzero."""
-    kw = {}
-    if getattr(args, "peer_norm", 0.0):
-        if "peer_norm" not in inspect.signature(FFLinear).parameters:
-            raise SystemExit("ffkernels train: --peer-norm needs FFLinear(peer_norm=...), which this version does "
-                             "not have yet")
-        kw["peer_norm"] = args.peer_norm
+    """The FFNet of the parsed options."""
+    kw = {"peer_norm": getattr(args, "peer_norm", 0.0)}
     if getattr(args, "head", False):
         kw.update(head=True, num_classes=num_classes, head_optimizer=args.head_optimizer, head_lr=args.head_lr,
                   head_weight_decay=args.head_weight_decay)

@@ -1,12 +1,10 @@
 """``ffkernels train`` with the recipe flags: head, lr schedule, hard negatives, jitter, peer norm, --predict."""
-import inspect
 import json
 from dataclasses import replace
 
 import pytest
 import torch
 
-from ffkernels import FFLinear
 from ffkernels import train_cli
 from ffkernels.data import load_digits
 from ffkernels.train_cli import main as train_main
@@ -25,14 +23,16 @@ def keep_threads():
 def test_train_with_the_whole_recipe(tmp_path, capsys):
     js, ck = tmp_path / "h.json", tmp_path / "net.pt"
     train_main(TINY + ["--head", "--head-lr", "0.01", "--negatives", "hard", "--jitter", "1", "--lr-schedule",
-                       "cooldown", "--json", str(js), "--save", str(ck)])
+                       "cooldown", "--peer-norm", "0.03", "--json", str(js), "--save", str(ck)])
     out = capsys.readouterr().out
     assert "head (adam lr 0.01" in out and "hard negatives" in out and "jitter +-1 px" in out
+    assert "peer norm 0.03" in out
     assert "head 2." in out or "head 1." in out  # the head's loss is printed per epoch
     h = json.loads(js.read_text())
     assert {"test_accuracy", "wall_seconds"} <= set(h) and h["recipe"]["head"] and h["recipe"]["negatives"] == "hard"
     assert all(e["head_loss"] is not None and e["test_accuracy"] is not None for e in h["epochs"])
     sd = torch.load(ck)
+    assert sd["layers.1._extra_state"]["config"]["peer_norm"] == 0.03 and sd["layers.1.peer_mean"].abs().sum() > 0
     assert sd["layers.0._extra_state"]["step"] == sd["head._extra_state"]["step"] == 30  # 2 x ceil(1437 / 100)
     # the cooldown ran to its end: after the last step every rate is base * f(total) = 0
     assert sd["layers.0._extra_state"]["config"]["lr"] == 0.0 and sd["head._extra_state"]["config"]["lr"] == 0.0
@@ -56,9 +56,3 @@ def test_bad_recipe_combinations(monkeypatch):
     monkeypatch.setattr(train_cli, "load_dataset", lambda *a, **k: flat)
     with pytest.raises(SystemExit, match="image"):
         train_main(TINY + ["--jitter", "1"])
-
-
-@pytest.mark.skipif("peer_norm" in inspect.signature(FFLinear).parameters, reason="FFLinear has peer_norm")
-def test_peer_norm_says_it_is_not_there_yet():
-    with pytest.raises(SystemExit, match="peer_norm"):
-        train_main(TINY + ["--peer-norm", "0.03"])
