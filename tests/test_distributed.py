@@ -372,8 +372,11 @@ def test_a_hanging_rank_fails_the_others_after_the_timeout(tmp_path):
 
 # ---- the train command -----------------------------------------------------------------------------------
 
+# plain FF, the recipe's parts explicitly off: what both distributed modes can train (the defaults turn them on in
+# one process and off under --distributed, where they are not supported)
 CLI_COMMON = ["--dataset", "digits", "--hidden", "24", "24", "24", "--batch-size", "50", "--epochs", "1",
-              "--threads", "1", "--no-progress"]
+              "--threads", "1", "--no-progress", "--no-head", "--lr-schedule", "constant", "--negatives", "random",
+              "--jitter", "0", "--peer-norm", "0"]
 
 
 def _cli_train_then_resume(rank, world, ports, mode, out_dir, extra):

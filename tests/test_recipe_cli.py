@@ -38,21 +38,42 @@ def test_train_with_the_whole_recipe(tmp_path, capsys):
     assert sd["layers.0._extra_state"]["config"]["lr"] == 0.0 and sd["head._extra_state"]["config"]["lr"] == 0.0
 
 
-def test_recipe_flags_at_their_off_values_change_nothing(tmp_path):
-    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+def test_the_defaults_are_the_recipe_and_its_off_values_are_plain_ff(tmp_path):
+    a, b, c = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
     train_main(TINY + ["--save", str(a)])
-    train_main(TINY + ["--save", str(b), "--lr-schedule", "constant", "--negatives", "random", "--jitter", "0",
-                       "--peer-norm", "0", "--no-head"])
+    train_main(TINY + ["--save", str(b), "--head", "--lr-schedule", "cooldown", "--negatives", "hard", "--jitter", "1",
+                       "--peer-norm", "0.03"])
     sa, sb = torch.load(a), torch.load(b)
-    assert all(torch.equal(sa[k], sb[k]) for k in sa if not k.endswith("_extra_state"))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa if not k.endswith("_extra_state"))
+    assert "head.weight" in sa and "layers.0.peer_mean" in sa
+    train_main(TINY + ["--save", str(c), "--lr-schedule", "constant", "--negatives", "random", "--jitter", "0",
+                       "--peer-norm", "0", "--no-head"])
+    sc = torch.load(c)
+    assert not any(k.startswith("head.") or k.endswith("peer_mean") for k in sc)
+    assert sc["layers.0._extra_state"]["config"]["lr"] == 3e-3  # constant: no schedule touched it
 
 
 def test_bad_recipe_combinations(monkeypatch):
     with pytest.raises(SystemExit, match="--predict head needs --head"):
-        train_main(TINY + ["--predict", "head"])
-    with pytest.raises(SystemExit, match="not supported with --distributed"):
+        train_main(TINY + ["--predict", "head", "--no-head"])
+    with pytest.raises(SystemExit, match=r"--head is not supported here.*\(--distributed data\)"):
         train_main(TINY + ["--distributed", "data", "--head"])
+    with pytest.raises(SystemExit, match=r"--peer-norm is not supported here.*\(--distributed data\)"):
+        train_main(TINY + ["--distributed", "data", "--peer-norm", "0.03"])
     flat = replace(load_digits(), image_shape=())
     monkeypatch.setattr(train_cli, "load_dataset", lambda *a, **k: flat)
     with pytest.raises(SystemExit, match="image"):
         train_main(TINY + ["--jitter", "1"])
+    train_main(TINY + ["--epochs", "1"])  # the default jitter is for image datasets only: off here, no error
+
+
+def test_distributed_turns_the_unsupported_defaults_off():
+    from argparse import Namespace
+
+    from ffkernels.train_common import resolve_recipe
+
+    args = Namespace(head=None, lr_schedule=None, negatives=None, jitter=None, peer_norm=None)
+    off = resolve_recipe(args, supported=("peer_norm",))
+    assert off == ["--head", "--lr-schedule", "--negatives", "--jitter"]
+    assert (args.head, args.lr_schedule, args.negatives, args.jitter, args.peer_norm) == (False, "constant", "random",
+                                                                                          0, 0.03)

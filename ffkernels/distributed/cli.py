@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..data import load_dataset
 from ..labels import ff_pair
-from ..train_common import build_net, describe, epoch_line, finish, recipe_in_use
+from ..train_common import build_net, describe, epoch_line, finish, resolve_recipe
 from ..training import EpochStats, History, accuracy, progress_iter, train_ff_epoch
 from .data_parallel import DataParallelFF, shard
 from .pipeline import PipelineFF
@@ -112,10 +112,13 @@ TRAINERS = {"data": DataParallelTrainer, "pipeline": PipelineTrainer}
 def run(args) -> dict:
     if args.micro_batches is not None and args.distributed != "pipeline":
         raise SystemExit("ffkernels train: --micro-batches only applies to --distributed pipeline")
-    unsupported = [f for f in recipe_in_use(args) if f != "--peer-norm"]
-    if unsupported:
-        raise SystemExit(f"ffkernels train --distributed {args.distributed}: {', '.join(unsupported)} are not supported "
-                         "with --distributed yet; train in one process")
+    # pipeline stages run FFLinear.ff_step, which keeps peer normalization's running mean; data parallelism splits
+    # the step into ff_grad + all-reduce + ff_update, which cannot (FFLinear.ff_update refuses it)
+    supported = ("peer_norm",) if args.distributed == "pipeline" else ()
+    try:
+        args.recipe_off = resolve_recipe(args, supported)
+    except SystemExit as e:
+        raise SystemExit(f"{e} (--distributed {args.distributed})") from None
     if "RANK" not in os.environ:
         raise SystemExit(f"ffkernels train --distributed {args.distributed}: start one process per rank with torchrun, "
                          f"e.g. `torchrun --nproc-per-node 2 -m ffkernels train --distributed {args.distributed} ...` "
@@ -144,6 +147,8 @@ def _train(args, ctx) -> dict:
                                       micro_batches=args.micro_batches or 1,
                                       element_size=net.layers[0].weight.element_size())["per_rank"]
         extra += f", {sent / 1e6:.2f} MB sent per rank per step"
+        if getattr(args, "recipe_off", None):
+            extra += f"; single-process recipe parts off: {' '.join(args.recipe_off)}"
         print(describe(ds, args, net.backend, ctx.device, extra), flush=True)
     gen = torch.Generator().manual_seed(args.seed)
     hist = History()
