@@ -1,0 +1,47 @@
+"""The option values the sweeps run: every norm, goodness, loss and optimizer path of the kernels."""
+from __future__ import annotations
+
+import itertools
+
+NORMS = ("rms", "l2", "none")
+GOODNESS = ("sum", "mean")
+LOSSES = {  # each loss kind with its defaults, and with a non-default threshold / alpha and norm_eps (a misplaced
+    # eps of 1e-8 would be invisible in float32; 0.1 is not)
+    "hinton": {"hinton": dict(loss="hinton"),
+               "hinton-t0.5-eps0.1": dict(loss="hinton", threshold=0.5, norm_eps=0.1)},
+    "symba": {"symba": dict(loss="symba"),
+              "symba-a1.5-eps0.1": dict(loss="symba", symba_alpha=1.5, norm_eps=0.1)},
+}
+LOSS_VARIANTS = {name: kw for variants in LOSSES.values() for name, kw in variants.items()}
+OPTIMIZERS = {  # Adam with/without coupled weight decay, SGD plain / momentum / momentum + weight decay
+    "adam": dict(optimizer="adam"),
+    "adam-wd": dict(optimizer="adam", lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05),
+    "sgd": dict(optimizer="sgd", lr=0.05),
+    "sgd-momentum": dict(optimizer="sgd", lr=0.05, momentum=0.9),
+    "sgd-momentum-wd": dict(optimizer="sgd", lr=0.02, momentum=0.5, weight_decay=0.1),
+}
+
+
+def option_cases(pairings: int = 4) -> list:
+    """(id, FFLinear keyword options, bias) for every norm x goodness x loss kind x optimizer, each with
+    ``pairings`` of its four (loss variant, bias) pairings: 4 = all of them; 2 = both variants, bias alternating
+    between them and from one combination to the next; 1 = one, cycling (the reduced sweep of backends.py).
+    """
+    cases = []
+    for j, (norm, good, kind, opt) in enumerate(itertools.product(NORMS, GOODNESS, LOSSES, OPTIMIZERS)):
+        variants = list(LOSSES[kind])
+        chosen = {4: [(v, b) for v in variants for b in (True, False)],
+                  2: [(v, (i + j) % 2 == 0) for i, v in enumerate(variants)],
+                  1: [(variants[j % 2], j // 2 % 2 == 0)]}[pairings]
+        for variant, bias in chosen:
+            cases.append((f"{norm}-{good}-{variant}-{opt}-{'bias' if bias else 'nobias'}",
+                          dict(norm=norm, goodness=good, **LOSS_VARIANTS[variant], **OPTIMIZERS[opt]), bias))
+    return cases
+
+
+def rotating_options(i: int) -> tuple:
+    """(options, bias) for the i-th case of a shape sweep: the options rotate so every shape meets several."""
+    variant = list(LOSS_VARIANTS)[i % len(LOSS_VARIANTS)]
+    opt = list(OPTIMIZERS)[(i // len(LOSS_VARIANTS)) % len(OPTIMIZERS)]
+    cfg = dict(norm=NORMS[i % 3], goodness=GOODNESS[(i // 3) % 2], **LOSS_VARIANTS[variant], **OPTIMIZERS[opt])
+    return cfg, bool(i % 5)
