@@ -20,12 +20,18 @@ over. The second is the accuracy asked for where the problem is well conditioned
     float16/bfloat16 (GPU)       k = 2, rtol = eps of the dtype: FlashAttention's rule, one rounding of the output
     one rounding of a spec       k = 0, rtol = eps of the dtype: the low-precision update against the rule the design
                                  specifies (fp32 state, rounded back), not against an approximation
+
+The loss is a scalar that can be tiny (pairs the layer already separates: 1e-41, a float32 subnormal) while every
+goodness it comes from carries its precision's rounding; its scale is the loss's sensitivity to relative changes
+of the goodness, sum_i |dL/dg_i| |g_i| + |L| (``loss_scale``), not |L|.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+import oracle
 
 
 @dataclass(frozen=True)
@@ -61,22 +67,32 @@ def _max_abs(t: torch.Tensor) -> float:
     return t.abs().max().item() if t.numel() else 0.0
 
 
-def check(what: str, ours: torch.Tensor, same: torch.Tensor, exact: torch.Tensor, rule: Rule) -> None:
-    """Assert ``ours`` matches the oracle: ``same`` in ours' precision, ``exact`` in float64 (see the module doc)."""
+def check(what: str, ours: torch.Tensor, same: torch.Tensor, exact: torch.Tensor, rule: Rule, scale=None) -> None:
+    """Assert ``ours`` matches the oracle: ``same`` in ours' precision, ``exact`` in float64 (see the module doc);
+    ``scale`` replaces max|exact| in the rtol term (``loss_scale``)."""
     assert ours.shape == exact.shape, f"{what}: shape {tuple(ours.shape)} vs the oracle's {tuple(exact.shape)}"
     truth = exact.detach().double()
     err = _max_abs(ours.detach().double() - truth)
     own = _max_abs(same.detach().double() - truth) if rule.k else 0.0
-    scale = _max_abs(truth)
+    scale = _max_abs(truth) if scale is None else scale
     bound = rule.k * own + rule.rtol * scale
     assert err <= bound, (f"{what}: max error {err:.3e} vs the float64 oracle exceeds {bound:.3e} = {rule.k:g} x "
                           f"{own:.3e} (the {rule.name} oracle's own error) + {rule.rtol:g} x {scale:.3e} (scale)")
 
 
-def check_outputs(prefix: str, ours, same, exact, rule: Rule) -> None:
-    """Check every field of an FFStepOutput / FFGradOutput; None must match None."""
+def loss_scale(exact, cfg) -> float:
+    """sum_i |dL/dg_i| |g_i| + |L| from the float64 goodness and loss of an FFStepOutput / FFGradOutput."""
+    g_pos = exact.g_pos.detach().double().requires_grad_(True)
+    g_neg = exact.g_neg.detach().double().requires_grad_(True)
+    with torch.enable_grad():
+        d_pos, d_neg = torch.autograd.grad(oracle.ff_loss(g_pos, g_neg, cfg), [g_pos, g_neg])
+    return ((d_pos * g_pos).abs().sum() + (d_neg * g_neg).abs().sum() + exact.loss.double().abs()).item()
+
+
+def check_outputs(prefix: str, ours, same, exact, cfg, rule: Rule) -> None:
+    """Check every field of an FFStepOutput / FFGradOutput (the loss on ``loss_scale``); None must match None."""
     for field, a, r, t in zip(ours._fields, ours, same, exact):
         if t is None:
             assert a is None, f"{prefix}{field}: expected None, got a tensor"
         else:
-            check(f"{prefix}{field}", a, r, t, rule)
+            check(f"{prefix}{field}", a, r, t, rule, loss_scale(exact, cfg) if field == "loss" else None)

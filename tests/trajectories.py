@@ -61,7 +61,7 @@ def run_and_compare(backend, B, K, N, *, steps=3, bias=True, dtype=torch.float32
             ours = layer.ff_step(xp, xn)
         same = ref.step(xp, xn)
         truth = same if exact else ref64.step(xp.double(), xn.double())
-        check_outputs(f"step {step} ", ours, same, truth, rule)
+        check_outputs(f"step {step} ", ours, same, truth, ref.cfg, rule)
         for pname in ("weight", "bias") if bias else ("weight",):
             check(f"step {step} {pname}", getattr(layer, pname), getattr(ref, pname), getattr(ref64, pname), rule)
         states64 = {n: t for n, _, t in state_pairs(layer, ref64)}
