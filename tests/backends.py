@@ -45,7 +45,7 @@ class Backend:
     op_names: tuple              # the ops it has kernels for on ``device``
     skip_reason: Optional[str]   # None when it runs in this process
     interpreted: bool = False    # the Triton interpreter: each kernel program runs in Python (slow)
-    reduced: bool = False        # the sweeps run a reduced set of cases (see test_training_vs_oracle.py)
+    sweep: str = "full"          # how much of the shape/option sweeps it runs: full, reduced or small
 
     def __str__(self) -> str:
         return self.name
@@ -97,12 +97,14 @@ def _cuda_reason():
 COMPILED_OPS = ("ff_grad", "ff_update", "ff_step")
 LABELED_OPS = ("ff_grad_labeled", "ff_step_labeled")  # the supervised first layer: CPU kernels only
 
-REFERENCE = Backend("reference", "cpu", (FP32, FP64), None, (), None)
+# the reference runs the oracle's own math (autograd, torch.optim on the state it is given): shapes and options reach
+# no code of its own, so it runs the small sweep (every option combination once, shapes up to 128 wide)
+REFERENCE = Backend("reference", "cpu", (FP32, FP64), None, (), None, sweep="small")
 CPU = Backend("cpu", "cpu", (FP32, FP64), "ffkernels", COMPILED_OPS + LABELED_OPS, _cpu_reason())
-# reduced sweeps for Triton: under the interpreter every kernel program runs in Python (~50x slower per step than
+# Triton runs the reduced sweep: under the interpreter every kernel program runs in Python (~50x slower per step than
 # the C++ kernels); on a GPU every new specialization is a JIT compile
 TRITON = Backend("triton", "cpu" if INTERPRET or not CUDA else "cuda", (FP32,), "ffkernels_triton", COMPILED_OPS,
-                 _triton_reason(), interpreted=INTERPRET or not CUDA, reduced=True)
+                 _triton_reason(), interpreted=INTERPRET or not CUDA, sweep="reduced")
 CUDA_BACKEND = Backend("cuda", "cuda", (FP32, FP64), "ffkernels", COMPILED_OPS, _cuda_reason())
 
 ALL = (REFERENCE, CPU, TRITON, CUDA_BACKEND)

@@ -22,18 +22,13 @@ OPTIMIZERS = {  # Adam with/without coupled weight decay, SGD plain / momentum /
 }
 
 
-def option_cases(pairings: int = 4) -> list:
-    """(id, FFLinear keyword options, bias) for every norm x goodness x loss kind x optimizer, each with
-    ``pairings`` of its four (loss variant, bias) pairings: 4 = all of them; 2 = both variants, bias alternating
-    between them and from one combination to the next; 1 = one, cycling (the reduced sweep of backends.py).
-    """
+def option_cases(full: bool = True) -> list:
+    """(id, FFLinear keyword options, bias) for every norm x goodness x loss kind x optimizer: with all four of its
+    (loss variant, bias) pairings, or (``full=False``) with one, cycling through the four."""
     cases = []
     for j, (norm, good, kind, opt) in enumerate(itertools.product(NORMS, GOODNESS, LOSSES, OPTIMIZERS)):
-        variants = list(LOSSES[kind])
-        chosen = {4: [(v, b) for v in variants for b in (True, False)],
-                  2: [(v, (i + j) % 2 == 0) for i, v in enumerate(variants)],
-                  1: [(variants[j % 2], j // 2 % 2 == 0)]}[pairings]
-        for variant, bias in chosen:
+        pairings = [(v, b) for v in LOSSES[kind] for b in (True, False)]
+        for variant, bias in pairings if full else [pairings[j % 4]]:
             cases.append((f"{norm}-{good}-{variant}-{opt}-{'bias' if bias else 'nobias'}",
                           dict(norm=norm, goodness=good, **LOSS_VARIANTS[variant], **OPTIMIZERS[opt]), bias))
     return cases
