@@ -1,4 +1,5 @@
 """Which backends run here, what "auto" picks, and the errors that say why a backend cannot run."""
+import importlib.util
 import re
 
 import pytest
@@ -22,7 +23,7 @@ def test_unavailable_backends_say_why(name):
     with pytest.raises(BackendUnavailableError,
                        match=re.escape(f"backend {name!r} is not available: {reason}")):
         FFLinear(4, 3, backend=name).backend
-    if name == "triton" and not CUDA:
+    if name == "triton" and not CUDA and importlib.util.find_spec("triton") is not None:
         assert "TRITON_INTERPRET=1" in reason
     if name == "cuda":
         assert "cuda" in reason.lower()
