@@ -2,3 +2,42 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from backends import CUDA, INTERPRET, backend_params  # noqa: E402
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    """Each backend of tests/backends.py (skipped, saying why, where it cannot run)."""
+    return request.param
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_threaded_blas_under_the_interpreter():
+    """The Triton interpreter runs each program's tl.dot as a small numpy matmul; a multi-threaded BLAS on busy
+    cores makes those hundreds of times slower (sync overhead), so numpy's BLAS stays on one thread there."""
+    if not INTERPRET:
+        yield
+        return
+    import numpy  # noqa: F401  (loads the BLAS to limit)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """float32 GEMMs without TF32 on GPUs (torch's default; its 1e-3 would drown what the tests look for)."""
+    if not CUDA:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

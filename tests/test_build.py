@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import ffkernels
-from ffkernels import _ext
+from ffkernels.backends import compiled as _ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("ff_grad", "ff_update", "ff_step")
+LABELED_OPS = ("ff_grad_labeled", "ff_step_labeled")  # CPU kernels only
 
 
 @pytest.mark.skipif(os.environ.get("FFKERNELS_NO_EXT") == "1", reason="pure-Python install requested")
@@ -27,11 +28,18 @@ def test_every_op_has_kernels_for_the_devices_it_was_built_for():
     for op in OPS:
         assert has(f"ffkernels::{op}", "CPU"), op
         assert has(f"ffkernels::{op}", "CUDA") == _ext.built_with_cuda(), op
+    for op in LABELED_OPS:
+        assert has(f"ffkernels::{op}", "CPU") and not has(f"ffkernels::{op}", "CUDA"), op
 
 
-@pytest.mark.skipif(not _ext.loaded() or not _ext.built_with_cuda(),
-                    reason="ffkernels._C was built without CUDA (no toolkit, or FFKERNELS_CUDA=0)")
-def test_cuda_build_records_its_archs():
+@pytest.mark.skipif(not _ext.loaded(), reason="ffkernels._C not built")
+def test_cuda_build_when_expected():
+    """FFKERNELS_EXPECT_CUDA=1 (CI with a toolkit, the GPU check script): a build without CUDA kernels fails."""
+    if not _ext.built_with_cuda():
+        if os.environ.get("FFKERNELS_EXPECT_CUDA") == "1":
+            pytest.fail("FFKERNELS_EXPECT_CUDA=1 but ffkernels._C was built without CUDA kernels "
+                        "(no toolkit found at build time, or FFKERNELS_CUDA=0)")
+        pytest.skip("ffkernels._C was built without CUDA kernels (no CUDA toolkit at build time or FFKERNELS_CUDA=0)")
     assert _ext.cuda_archs(), "a CUDA build must record the archs it was compiled for"
 
 

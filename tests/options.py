@@ -1,0 +1,42 @@
+"""The option values the sweeps run: every norm, goodness, loss and optimizer path of the kernels."""
+from __future__ import annotations
+
+import itertools
+
+NORMS = ("rms", "l2", "none")
+GOODNESS = ("sum", "mean")
+LOSSES = {  # each loss kind with its defaults, and with a non-default threshold / alpha and norm_eps (a misplaced
+    # eps of 1e-8 would be invisible in float32; 0.1 is not)
+    "hinton": {"hinton": dict(loss="hinton"),
+               "hinton-t0.5-eps0.1": dict(loss="hinton", threshold=0.5, norm_eps=0.1)},
+    "symba": {"symba": dict(loss="symba"),
+              "symba-a1.5-eps0.1": dict(loss="symba", symba_alpha=1.5, norm_eps=0.1)},
+}
+LOSS_VARIANTS = {name: kw for variants in LOSSES.values() for name, kw in variants.items()}
+OPTIMIZERS = {  # Adam with/without coupled weight decay, SGD plain / momentum / momentum + weight decay
+    "adam": dict(optimizer="adam"),
+    "adam-wd": dict(optimizer="adam", lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05),
+    "sgd": dict(optimizer="sgd", lr=0.05),
+    "sgd-momentum": dict(optimizer="sgd", lr=0.05, momentum=0.9),
+    "sgd-momentum-wd": dict(optimizer="sgd", lr=0.02, momentum=0.5, weight_decay=0.1),
+}
+
+
+def option_cases(full: bool = True) -> list:
+    """(id, FFLinear keyword options, bias) for every norm x goodness x loss kind x optimizer: with all four of its
+    (loss variant, bias) pairings, or (``full=False``) with one, cycling through the four."""
+    cases = []
+    for j, (norm, good, kind, opt) in enumerate(itertools.product(NORMS, GOODNESS, LOSSES, OPTIMIZERS)):
+        pairings = [(v, b) for v in LOSSES[kind] for b in (True, False)]
+        for variant, bias in pairings if full else [pairings[j % 4]]:
+            cases.append((f"{norm}-{good}-{variant}-{opt}-{'bias' if bias else 'nobias'}",
+                          dict(norm=norm, goodness=good, **LOSS_VARIANTS[variant], **OPTIMIZERS[opt]), bias))
+    return cases
+
+
+def rotating_options(i: int) -> tuple:
+    """(options, bias) for the i-th case of a shape sweep: the options rotate so every shape meets several."""
+    variant = list(LOSS_VARIANTS)[i % len(LOSS_VARIANTS)]
+    opt = list(OPTIMIZERS)[(i // len(LOSS_VARIANTS)) % len(OPTIMIZERS)]
+    cfg = dict(norm=NORMS[i % 3], goodness=GOODNESS[(i // 3) % 2], **LOSS_VARIANTS[variant], **OPTIMIZERS[opt])
+    return cfg, bool(i % 5)

@@ -1,0 +1,96 @@
+"""A step whose loss is not finite changes nothing, on every backend: the ops skip the update on the device (no
+host sync) and return the loss; FFLinear/FFNet then raise NonFiniteLossError."""
+import pytest
+import torch
+
+import ffkernels
+from backends import backend_dtype_params, backend_params
+from ffkernels import FFLinear, FFNet, NonFiniteLossError
+
+
+def _snapshot(layer):
+    return {k: v.clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _assert_unchanged(layer, before):
+    for k, v in _snapshot(layer).items():
+        assert torch.equal(v, before[k]), k
+
+
+# numpy under the Triton interpreter, making the inf/nan on purpose
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("how", ["nan-input", "inf-input", "overflow"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd-momentum"])
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_step_with_non_finite_loss_changes_nothing(backend, dtype, optimizer, how):
+    opt = dict(optimizer="adam") if optimizer == "adam" else dict(optimizer="sgd", momentum=0.9, lr=0.1)
+    torch.manual_seed(0)
+    layer = FFLinear(16, 8, backend=backend.name, device=backend.device, dtype=dtype,
+                     norm="none" if how == "overflow" else "rms", **opt)
+    x_pos, x_neg = (torch.randn(4, 16, dtype=dtype).to(backend.device) for _ in range(2))
+    layer.ff_step(x_pos, x_neg)  # a finite step first: non-zero optimizer state
+    if how == "nan-input":
+        x_neg[2, 3] = float("nan")
+    elif how == "inf-input":
+        x_pos[0, 0] = float("inf")
+    else:  # finite input whose goodness overflows (no normalization)
+        x_neg[2] = 10 * torch.finfo(dtype).max ** 0.5
+    before, steps = _snapshot(layer), layer.step_count
+    # the op: returns the loss, updates nothing
+    out = ffkernels.ff_step(x_pos, x_neg, layer.weight, layer.bias, layer._states("weight"), layer._states("bias"),
+                            steps + 1, layer.config, backend=backend.name)
+    assert not torch.isfinite(out.loss)
+    _assert_unchanged(layer, before)
+    # the module: raises, and changes nothing either
+    with pytest.raises(NonFiniteLossError, match="not finite"):
+        layer.ff_step(x_pos, x_neg)
+    assert layer.step_count == steps
+    _assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("loss", ["nan", "inf", "-inf", "nan-float64", "inf-bfloat16"])
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_update_skipped_when_the_given_loss_is_not_finite(backend, dtype, loss):
+    """ff_update(loss=...) skips the update for a non-finite loss of any dtype; an integer loss is finite."""
+    value, _, loss_dtype = loss.partition("-float64" if "float64" in loss else "-bfloat16")
+    loss_dtype = {"": dtype, "-float64": torch.float64, "-bfloat16": torch.bfloat16}[loss_dtype]
+    cfg = ffkernels.FFConfig(optimizer="adam")
+    w = torch.randn(5, 3, dtype=dtype).to(backend.device)
+    b = torch.randn(5, dtype=dtype).to(backend.device)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    st_w = tuple(torch.zeros_like(w, dtype=sdt) for _ in cfg.state_names)
+    st_b = tuple(torch.zeros_like(b, dtype=sdt) for _ in cfg.state_names)
+    before = [t.clone() for t in (w, b, *st_w, *st_b)]
+    bad = torch.tensor(float(value), dtype=loss_dtype, device=backend.device)
+    ffkernels.ff_update(w, b, torch.ones_like(w), torch.ones_like(b), st_w, st_b, 1, cfg, loss=bad,
+                        backend=backend.name)
+    for x, y in zip((w, b, *st_w, *st_b), before):
+        assert torch.equal(x, y)
+    ffkernels.ff_update(w, b, torch.ones_like(w), torch.ones_like(b), st_w, st_b, 1, cfg,
+                        loss=torch.tensor(2, device=backend.device), backend=backend.name)
+    assert not torch.equal(w, before[0]) and not torch.equal(st_w[1], before[3])
+
+
+def test_fflinear_ff_update_raises_for_a_non_finite_loss(backend):
+    layer = FFLinear(8, 5, backend=backend.name, device=backend.device)
+    before = _snapshot(layer)
+    with pytest.raises(NonFiniteLossError, match="not finite"):
+        layer.ff_update(torch.zeros(5, 8, device=backend.device), torch.zeros(5, device=backend.device),
+                        loss=torch.tensor(float("nan")))
+    assert layer.step_count == 0
+    _assert_unchanged(layer, before)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", backend_params())
+def test_ffnet_names_the_failing_layer(backend):
+    xp = torch.full((2, 6), 1e30, device=backend.device)  # finite input whose goodness overflows in layer 0
+    net = FFNet([6, 4, 4], norm="none", backend=backend.name, device=backend.device)
+    with torch.no_grad():
+        net.layers[0].weight.abs_()  # every unit active: h = 1e30 * sum(w) + b, h^2 = inf
+    before = [_snapshot(layer) for layer in net.layers]
+    with pytest.raises(NonFiniteLossError, match="layer 0"):
+        net.ff_step(xp, xp)
+    for layer, snap in zip(net.layers, before):
+        _assert_unchanged(layer, snap)

@@ -1,0 +1,98 @@
+"""The one rule for "matches the oracle" (shared/DESIGN.md, Checking rules).
+
+R64 is the oracle in float64, fed the same (rounded) inputs and initial weights; R is the oracle in the precision
+of the tensor T under test. T passes when
+
+    max|T - R64|  <=  k * max|R - R64|  +  rtol * max|R64|
+
+The first term is the precision's own noise, as the same-precision oracle shows it: the symba loss amplifies
+goodness rounding by alpha, and Adam turns a gradient that is zero up to rounding into a full-size step of either
+sign, in the float32 oracle just as in any float32 kernel; k allows a correct kernel to be that unlucky a few times
+over. The second is the accuracy asked for where the problem is well conditioned.
+
+    float64, everywhere          R is R64, the first term vanishes: 1e-11 relative (the sweeps reach 1.1e-12; where
+                                 Adam's decayed gradient g + wd * w cancels, a large layer can come near 1e-11)
+    float32, CPU (C++ kernels    k = 4, rtol = 1e-5 (the sweeps need k up to 3.5 on the C++ kernels, 1.3 on the
+      and the Triton interpreter)  interpreter)
+    float32, GPU                 k = 4, rtol = 1e-4: TF32 stays off (torch's default, and Triton's "ieee"), but the
+                                 kernels sum in another order than the oracle's cuBLAS calls (split-K, tiles) and
+                                 Triton's exp/log are the GPU's approximate ones
+    float16/bfloat16 (GPU)       k = 2, rtol = eps of the dtype: FlashAttention's rule, one rounding of the output
+    one rounding of a spec       k = 0, rtol = eps of the dtype: the low-precision update against the rule the design
+                                 specifies (fp32 state, rounded back), not against an approximation
+
+The loss is a scalar that can be tiny (pairs the layer already separates: 1e-41, a float32 subnormal) while every
+goodness it comes from carries its precision's rounding; its scale is the loss's sensitivity to relative changes
+of the goodness, sum_i |dL/dg_i| |g_i| + |L| (``loss_scale``), not |L|.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import oracle
+
+
+@dataclass(frozen=True)
+class Rule:
+    k: float
+    rtol: float
+    name: str
+
+
+FP64 = Rule(0.0, 1e-11, "float64")
+FP32_CPU = Rule(4.0, 1e-5, "float32 (CPU)")
+FP32_GPU = Rule(4.0, 1e-4, "float32 (GPU)")
+
+
+def lowp(dtype: torch.dtype) -> Rule:
+    return Rule(2.0, torch.finfo(dtype).eps, f"{dtype} (GPU)")
+
+
+def one_rounding(dtype: torch.dtype) -> Rule:
+    return Rule(0.0, torch.finfo(dtype).eps, f"one {dtype} rounding")
+
+
+def rule_for(dtype: torch.dtype, gpu: bool = False) -> Rule:
+    """The rule for a backend's tensors of ``dtype``, on a GPU or not."""
+    if dtype == torch.float64:
+        return FP64
+    if dtype == torch.float32:
+        return FP32_GPU if gpu else FP32_CPU
+    return lowp(dtype)
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def check(what: str, ours: torch.Tensor, same: torch.Tensor, exact: torch.Tensor, rule: Rule, scale=None) -> None:
+    """Assert ``ours`` matches the oracle: ``same`` in ours' precision, ``exact`` in float64 (see the module doc);
+    ``scale`` replaces max|exact| in the rtol term (``loss_scale``)."""
+    assert ours.shape == exact.shape, f"{what}: shape {tuple(ours.shape)} vs the oracle's {tuple(exact.shape)}"
+    truth = exact.detach().double()
+    err = _max_abs(ours.detach().double() - truth)
+    own = _max_abs(same.detach().double() - truth) if rule.k else 0.0
+    scale = _max_abs(truth) if scale is None else scale
+    bound = rule.k * own + rule.rtol * scale
+    assert err <= bound, (f"{what}: max error {err:.3e} vs the float64 oracle exceeds {bound:.3e} = {rule.k:g} x "
+                          f"{own:.3e} (the {rule.name} oracle's own error) + {rule.rtol:g} x {scale:.3e} (scale)")
+
+
+def loss_scale(exact, cfg) -> float:
+    """sum_i |dL/dg_i| |g_i| + |L| from the float64 goodness and loss of an FFStepOutput / FFGradOutput."""
+    g_pos = exact.g_pos.detach().double().requires_grad_(True)
+    g_neg = exact.g_neg.detach().double().requires_grad_(True)
+    with torch.enable_grad():
+        d_pos, d_neg = torch.autograd.grad(oracle.ff_loss(g_pos, g_neg, cfg), [g_pos, g_neg])
+    return ((d_pos * g_pos).abs().sum() + (d_neg * g_neg).abs().sum() + exact.loss.double().abs()).item()
+
+
+def check_outputs(prefix: str, ours, same, exact, cfg, rule: Rule) -> None:
+    """Check every field of an FFStepOutput / FFGradOutput (the loss on ``loss_scale``); None must match None."""
+    for field, a, r, t in zip(ours._fields, ours, same, exact):
+        if t is None:
+            assert a is None, f"{prefix}{field}: expected None, got a tensor"
+        else:
+            check(f"{prefix}{field}", a, r, t, rule, loss_scale(exact, cfg) if field == "loss" else None)
