@@ -23,7 +23,7 @@ def _number(name: str, value, lo: float, lo_inclusive: bool = True, hi: float = 
     v = float(value)
     ok = math.isfinite(v) and (v >= lo if lo_inclusive else v > lo) and v < hi
     if not ok:
-        bound = f"{'>=' if lo_inclusive else '>'} {lo}" + (f" and < {hi}" if math.isfinite(hi) else "")
+        bound = f"{'>=' if lo_inclusive else '>'} {lo:g}" + (f" and < {hi:g}" if math.isfinite(hi) else "")
         raise ValueError(f"ffkernels: {name} must be a finite number {bound}, got {value!r}")
     return v
 

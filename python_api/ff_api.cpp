@@ -43,8 +43,12 @@ E parse_choice(const std::string& value, const char* const (&names)[N], const ch
 
 void check_number(double v, const char* name, double lo, bool lo_inclusive, double hi = INFINITY) {
   const bool ok = std::isfinite(v) && (lo_inclusive ? v >= lo : v > lo) && v < hi;
-  TORCH_CHECK_VALUE(ok, "ffkernels: ", name, " must be a finite number ", lo_inclusive ? ">= " : "> ", lo,
-                    std::isfinite(hi) ? " and < " + std::to_string(hi) : std::string(), ", got ", v);
+  // bounds print like Python's f"{bound:g}" (FFConfig's messages): 0, 1
+  if (std::isfinite(hi)) {
+    TORCH_CHECK_VALUE(ok, "ffkernels: ", name, " must be a finite number ", lo_inclusive ? ">= " : "> ", lo,
+                      " and < ", hi, ", got ", v);
+  }
+  TORCH_CHECK_VALUE(ok, "ffkernels: ", name, " must be a finite number ", lo_inclusive ? ">= " : "> ", lo, ", got ", v);
 }
 
 struct OpOptions {
