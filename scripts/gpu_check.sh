@@ -3,7 +3,7 @@
 # not yet timed on one):
 #   1. builds ffkernels._C in place with the CUDA kernels when it is missing or was built without them
 #      (for this GPU's arch only, unless TORCH_CUDA_ARCH_LIST is set)
-#   2. runs the GPU tests: the build test of tests/test_cuda.py, then every test marked `gpu`
+#   2. runs the GPU tests: the build tests of tests/test_build.py, then every test marked `gpu`
 #   3. runs the GPU benchmark (benchmarks/gpu_bench.py)
 # Run it from the repository root on a machine with a CUDA GPU, torch and a CUDA toolkit (nvcc); it
 # installs nothing. Everything it prints is also written to ${OUT:-gpu_results}/:
@@ -54,8 +54,8 @@ print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CU
 say "2/3 GPU tests"
 # FFKERNELS_EXPECT_CUDA=1: a build without CUDA kernels fails the build test instead of skipping it
 FFKERNELS_EXPECT_CUDA=1 bounded 120 "$PYTHON" -m pytest -q -rs \
-  "tests/test_cuda.py::test_cuda_kernels_registered_when_built_with_cuda" \
-  "tests/test_cuda.py::test_cpu_kernels_registered" 2>&1 | tee "$OUT/pytest_build.log"
+  "tests/test_build.py::test_cuda_build_when_expected" \
+  "tests/test_build.py::test_every_op_has_kernels_for_the_devices_it_was_built_for" 2>&1 | tee "$OUT/pytest_build.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # not -x: one run on a GPU should report every failure (bounded, so a broken build stays readable)
 bounded 300 "$PYTHON" -m pytest -q --maxfail=25 -m gpu tests/ --junitxml="$OUT/pytest_gpu.xml" 2>&1 | tee "$OUT/pytest_gpu.log"
