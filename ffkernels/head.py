@@ -16,8 +16,8 @@ from ._types import NonFiniteLossError
 from .backends import get_backend, resolve_backend
 from .backends.contract import state_dtype
 from .config import FFConfig
+from .step_state import extra_state, load_extra_state
 
-_STATE_VERSION = 1
 FEATURE_EPS = 1e-8  # the head's RMS normalization: h / (sqrt(mean h^2) + FEATURE_EPS)
 
 
@@ -115,14 +115,10 @@ class SoftmaxHead(nn.Module):
                 f"lr={c.lr:g}, weight_decay={c.weight_decay:g}")
 
     def get_extra_state(self):
-        return {"version": _STATE_VERSION, "step": self.step_count, "config": self.config.to_dict()}
+        return extra_state(self)
 
     def set_extra_state(self, state) -> None:
-        saved = state.get("config", {})
-        if saved.get("optimizer", self.config.optimizer) != self.config.optimizer:
-            raise ValueError(f"ffkernels: this head state was trained with optimizer {saved['optimizer']!r} but the "
-                             f"head uses {self.config.optimizer!r}; construct it with the same optimizer")
-        self.step_count = int(state["step"])
+        load_extra_state(self, state, "head")
 
     def _apply(self, fn, recurse=True):
         saved = {n: self._buffers.pop(n) for n in self._state_names()}

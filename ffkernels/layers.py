@@ -14,8 +14,7 @@ from .backends.contract import check_ff_inputs, state_dtype
 from .config import FFConfig
 from .head import SoftmaxHead, rms_features
 from .labels import embed_label, embed_neutral, hard_negatives, wrong_labels
-
-_STATE_VERSION = 1
+from .step_state import extra_state, load_extra_state
 
 
 class FFLinear(nn.Module):
@@ -266,14 +265,10 @@ class FFLinear(nn.Module):
     # ---- state -------------------------------------------------------------------------------------
 
     def get_extra_state(self):
-        return {"version": _STATE_VERSION, "step": self.step_count, "config": self.config.to_dict()}
+        return extra_state(self)
 
     def set_extra_state(self, state) -> None:
-        saved = state.get("config", {})
-        if saved.get("optimizer", self.config.optimizer) != self.config.optimizer:
-            raise ValueError(f"ffkernels: this state_dict was trained with optimizer {saved['optimizer']!r} but the "
-                             f"layer uses {self.config.optimizer!r}; construct the layer with the same optimizer")
-        self.step_count = int(state["step"])
+        load_extra_state(self, state, "layer")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
