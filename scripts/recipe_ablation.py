@@ -4,8 +4,8 @@
     PYTHONPATH=. python scripts/recipe_ablation.py --epochs 2 --seeds 0 --out /tmp/abl --dataset digits --hidden 64 64
 
 Parts: the softmax head (--head; off: prediction and hard negatives by goodness), the cooldown schedule
-(--lr-schedule cooldown; off: constant), peer normalization (--peer-norm; skipped, and said so, while FFLinear has
-no peer_norm), hard negatives (--negatives hard; off: random) and jitter (--jitter; off: 0). Rows: "full", one
+(--lr-schedule cooldown; off: constant), peer normalization (--peer-norm; off: 0), hard negatives (--negatives
+hard; off: random) and jitter (--jitter; off: 0). Rows: "full", one
 "-<part>" row per part, and "none" (every part off: plain FF for the same epochs). Any option this script does not
 know goes to every `ffkernels train` run (e.g. --dataset, --hidden, --optimizer sgd --lr 0.05 --momentum 0.9).
 
@@ -17,7 +17,6 @@ folder holds one JSON per run (a rerun skips those already there), results.json 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -34,21 +33,13 @@ PARTS = {  # name: (flags when on, flags when off)
 }
 
 
-def peer_norm_available() -> bool:
-    from ffkernels import FFLinear
-
-    return "peer_norm" in inspect.signature(FFLinear).parameters
-
-
-def variants(peer_norm: float, jitter: int, peer_ok: bool) -> dict:
-    """{row name: the recipe flags of that row}; peer norm is left out everywhere when FFLinear lacks it."""
+def variants(peer_norm: float, jitter: int) -> dict:
+    """{row name: the recipe flags of that row}."""
     on = {k: v[0] for k, v in PARTS.items()}
-    on["peer-norm"] = ["--peer-norm", repr(peer_norm)] if peer_ok else ["--peer-norm", "0"]
+    on["peer-norm"] = ["--peer-norm", repr(peer_norm)]
     on["jitter"] = ["--jitter", str(jitter)]
     rows = {"full": [f for k in PARTS for f in on[k]]}
     for part in PARTS:
-        if part == "peer-norm" and not peer_ok:
-            continue
         rows[f"-{part}"] = [f for k in PARTS for f in (PARTS[k][1] if k == part else on[k])]
     rows["none"] = [f for k in PARTS for f in PARTS[k][1]]
     return rows
@@ -83,7 +74,7 @@ def mean_std(v):
     return (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
-def table(rows: list, names: list, note: str) -> str:
+def table(rows: list, names: list) -> str:
     by = {n: [r for r in rows if r["variant"] == n] for n in names}
     full_acc = statistics.fmean(r["test_accuracy"] for r in by["full"])
     lines = ["| variant | recipe flags | test acc % (mean ± std) | Δ vs full (pts) | wall s (mean ± std) | process s | seeds |",
@@ -95,7 +86,7 @@ def table(rows: list, names: list, note: str) -> str:
         proc = statistics.fmean(r["process_seconds"] for r in rs)
         lines.append(f"| {n} | `{' '.join(rs[0]['flags'])}` | {acc:.2f} ± {acc_sd:.2f} | {acc - 100 * full_acc:+.2f} | "
                      f"{wall:.1f} ± {wall_sd:.1f} | {proc:.1f} | {len(rs)} |")
-    return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
@@ -109,11 +100,8 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
     args, common = p.parse_known_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    peer_ok = peer_norm_available()
-    rows_flags = variants(args.peer_norm, args.jitter, peer_ok)
+    rows_flags = variants(args.peer_norm, args.jitter)
     names = [n for n in rows_flags if args.only is None or n in args.only or n == "full"]
-    note = "" if peer_ok else ("Peer normalization is not in this FFLinear yet (no peer_norm option): it is off in "
-                               "every row and has no row of its own.")
     common = [*common, "--epochs", str(args.epochs)]
     results = []
     for seed in args.seeds:
@@ -123,12 +111,11 @@ def main(argv=None) -> None:
             r = run_one(args.out, n, seed, rows_flags[n], common, args.timeout)
             print(f"    test acc {100 * r['test_accuracy']:.2f}%  wall {r['wall_seconds']:.1f} s", flush=True)
             results.append(r)
-    summary = {"epochs": args.epochs, "seeds": args.seeds, "train_args": common, "peer_norm_available": peer_ok,
-               "peer_norm": args.peer_norm, "jitter": args.jitter, "variants": rows_flags, "runs": results}
+    summary = {"epochs": args.epochs, "seeds": args.seeds, "train_args": common, "peer_norm": args.peer_norm, "jitter": args.jitter, "variants": rows_flags, "runs": results}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     md = (f"# Recipe ablation: {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}\n\n"
-          f"Common `ffkernels train` options: `{' '.join(common)}`\n\n" + table(results, names, note))
+          f"Common `ffkernels train` options: `{' '.join(common)}`\n\n" + table(results, names))
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
     print(md)
