@@ -17,7 +17,8 @@ torch.ops.ffkernels (python_api/ff_api.cpp) and torch.ops.ffkernels_triton:
                     state2_weight!?, state1_bias!?, state2_bias!?, peer_mean!?, int step, str options)
 
 ``options`` is FFConfig.op_options; unused state slots are None; peer_mean (peer normalization's running mean r)
-is given exactly when the configuration has peer_norm > 0.
+is given exactly when the configuration has peer_norm > 0 (the first two: with and without bias, Adam and SGD with
+momentum, mu > 0 and mu = 0); in the strided sample of the ops that only read it, it is strided too.
 """
 from __future__ import annotations
 
@@ -49,9 +50,10 @@ NUM_CLASSES = 5
 CONFIGS = [
     ("rms-sum-hinton-adam-peer", dict(norm="rms", goodness="sum", loss="hinton", norm_eps=0.1, optimizer="adam",
                                       peer_norm=0.3, peer_momentum=0.8), True, 3, None),
-    ("l2-mean-symba-sgd-momentum-wd-nobias", dict(norm="l2", goodness="mean", loss="symba", symba_alpha=2.5,
-                                                  norm_eps=0.1, optimizer="sgd", lr=0.05, momentum=0.9,
-                                                  weight_decay=0.01), False, 3, 0.7),
+    ("l2-mean-symba-sgd-momentum-wd-nobias-peer", dict(norm="l2", goodness="mean", loss="symba", symba_alpha=2.5,
+                                                       norm_eps=0.1, optimizer="sgd", lr=0.05, momentum=0.9,
+                                                       weight_decay=0.01, peer_norm=1.5, peer_momentum=0.0),
+     False, 3, 0.7),
     ("none-sum-symba-sgd", dict(norm="none", goodness="sum", loss="symba", optimizer="sgd", lr=0.05), True, 2, 0.7),
     ("rms-mean-hinton-adam-wd-nobias-step1", dict(norm="rms", goodness="mean", loss="hinton", threshold=0.5,
                                                   optimizer="adam", lr=1e-2, betas=(0.8, 0.99), eps=1e-6,
@@ -59,7 +61,16 @@ CONFIGS = [
     ("l2-sum-hinton-sgd-momentum-wd-step1", dict(norm="l2", goodness="sum", loss="hinton", optimizer="sgd", lr=0.02,
                                                  momentum=0.5, weight_decay=0.1), True, 1, 0.7),
 ]
-STRIDED = "strided"  # the first configuration with non-contiguous x (and gradients, for ff_update)
+STRIDED = "strided"  # the first configuration with non-contiguous x (and gradients, for ff_update; peer_mean where
+# it is only read)
+# the arguments each op writes in place (its schema's Tensor(a!) arguments): peer_mean by the steps only
+MUTATED = {
+    "ff_grad": (),
+    "ff_update": ("weight", "bias", "state1_weight", "state2_weight", "state1_bias", "state2_bias"),
+    "ff_step": ("weight", "bias", "state1_weight", "state2_weight", "state1_bias", "state2_bias", "peer_mean"),
+    "ff_grad_labeled": (),
+    "ff_step_labeled": ("weight", "bias", "state1_weight", "state2_weight", "state1_bias", "state2_bias", "peer_mean"),
+}
 
 
 @dataclass
@@ -84,7 +95,10 @@ class Sample:
         return tuple(t for t in (self.values[f"state1_{param}"], self.values[f"state2_{param}"]) if t is not None)
 
     def clone(self) -> "Sample":
-        return Sample(self.name, self.cfg, {k: v.clone() if isinstance(v, torch.Tensor) else v
+        """A copy with the same strides (Tensor.clone makes a strided view that has gaps contiguous)."""
+        def copy(v):
+            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).copy_(v)
+        return Sample(self.name, self.cfg, {k: copy(v) if isinstance(v, torch.Tensor) else v
                                             for k, v in self.values.items()})
 
     def to(self, dtype: torch.dtype) -> "Sample":
@@ -139,6 +153,8 @@ def _sample(op, name, opts, bias, step, loss, strided, seed, device, dtype) -> S
                                 dt=sd)
         v[f"state1_{param}"], v[f"state2_{param}"] = slots
     v["peer_mean"] = rand(N, scale=0.5, positive=True, dt=sd) if cfg.peer_norm else None
+    if strided and op in ("ff_grad", "ff_grad_labeled"):  # read only: any strides
+        v["peer_mean"] = torch.stack([v["peer_mean"], -v["peer_mean"]], 1)[:, 0]
     if op in ("ff_grad", "ff_step"):
         v["x_pos"], v["x_neg"] = rand(B, K, shift=0.5), rand(B, K, scale=1.5)
         if strided:
