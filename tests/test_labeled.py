@@ -79,12 +79,18 @@ def _pair(s, dtype):
 
 @pytest.mark.parametrize("backend,dtype,i", _labeled_cases())
 def test_grad_labeled_matches_oracle(backend, dtype, i):
+    """The registered op (no backend method calls it: FFLinear.ff_grad takes the explicit pair); it reads peer_mean
+    and writes nothing."""
     s = sample_inputs("ff_grad_labeled", backend.device, dtype)[i]
-    out = get_backend(backend.name).grad_labeled(s["x"], s["label_pos"], s["label_neg"], s["num_classes"],
-                                                 s["label_value"], s["weight"], s["bias"], s.cfg)
-    refs = [oracle.ff_grad(xp, xn, t["weight"], t["bias"], s.cfg) for t, xp, xn in (_pair(s, dtype),
-                                                                                  _pair(s, torch.float64))]
+    given = s.clone()
+    r = backend.op("ff_grad_labeled")(*s.args("ff_grad_labeled"))
+    out = ffkernels.FFGradOutput(*r[:6], r[6] if s["bias"] is not None else None)
+    refs = [oracle.ff_grad(xp, xn, t["weight"], t["bias"], s.cfg, t["peer_mean"])
+            for t, xp, xn in (_pair(s, dtype), _pair(s, torch.float64))]
     check_outputs("", out, *refs, s.cfg, rule_for(dtype, backend.gpu))
+    for name, v in given.values.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(s[name], v), name
 
 
 @pytest.mark.parametrize("backend,dtype,i", _labeled_cases())
@@ -93,18 +99,19 @@ def test_step_labeled_matches_oracle(backend, dtype, i):
     ours = s.clone()
     out = get_backend(backend.name).step_labeled(ours["x"], ours["label_pos"], ours["label_neg"], s["num_classes"],
                                                  s["label_value"], ours["weight"], ours["bias"], ours.states("weight"),
-                                                 ours.states("bias") if s["bias"] is not None else (), s.step, s.cfg)
+                                                 ours.states("bias") if s["bias"] is not None else (), s.step, s.cfg,
+                                                 peer_mean=ours["peer_mean"])
     rule = rule_for(dtype, backend.gpu)
     refs, expected = [], []
     for t, xp, xn in (_pair(s, dtype), _pair(s, torch.float64)):
-        g = oracle.ff_grad(xp, xn, t["weight"], t["bias"], s.cfg)
-        params = ["weight"] + (["bias"] if t["bias"] is not None else [])
-        oracle.optimizer_update([t[p] for p in params], [g.grad_weight, g.grad_bias][:len(params)],
-                                [t.states(p) for p in params], s.step, s.cfg)
-        refs.append(ffkernels.FFStepOutput(*g[:5]))
+        refs.append(oracle.ff_step(xp, xn, t["weight"], t["bias"], t.states("weight"), t.states("bias"), s.step,
+                                   s.cfg, t["peer_mean"]))
         expected.append(t)
     check_outputs("", out, *refs, s.cfg, rule)
     for p in ["weight"] + (["bias"] if s["bias"] is not None else []):
         check(p, ours[p], expected[0][p], expected[1][p], rule)
         for j, (a, r, e) in enumerate(zip(ours.states(p), expected[0].states(p), expected[1].states(p))):
             check(f"{s.cfg.state_names[j]} of {p}", a, r, e, rule)
+    if s["peer_mean"] is not None:
+        assert not torch.equal(ours["peer_mean"], s["peer_mean"]), "r was not committed"
+        check("peer_mean", ours["peer_mean"], expected[0]["peer_mean"], expected[1]["peer_mean"], rule)

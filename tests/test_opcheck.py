@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from backends import backend_params, with_ops
-from samples import ARGS, sample_ids, sample_inputs
+from samples import ARGS, MUTATED, sample_ids, sample_inputs
 
 
 # Under the Triton interpreter (every kernel program in Python, several runs per opcheck) the first three samples:
-# they cover every pattern of the optional arguments (all four state slots, one, none; bias or not; loss or not).
+# they cover every pattern of the optional arguments (all four state slots, one, none; bias or not; loss or not;
+# peer_mean or not).
 INTERPRETED_SAMPLES = 3
 
 
@@ -38,7 +39,11 @@ def test_every_registered_op_has_samples(backend):
 
 @pytest.mark.parametrize("backend", backend_params(with_ops()))
 def test_samples_follow_the_registered_schemas(backend):
-    """samples.ARGS is each op's argument list, in order (a clear failure when a schema changes)."""
+    """samples.ARGS is each op's argument list, in order (a clear failure when a schema changes), and samples.MUTATED
+    the arguments it declares written: the steps write peer_mean, ff_grad and ff_grad_labeled only read it."""
     for op in backend.op_names:
-        names = [a.name for a in backend.op(op)._schema.arguments]
+        args = backend.op(op)._schema.arguments
+        names = [a.name for a in args]
         assert names == list(ARGS[op]), f"{backend.namespace}::{op}: schema {names} != samples.ARGS {ARGS[op]}"
+        written = [a.name for a in args if a.alias_info is not None and a.alias_info.is_write]
+        assert written == list(MUTATED[op]), f"{backend.namespace}::{op}: writes {written}, not {MUTATED[op]}"

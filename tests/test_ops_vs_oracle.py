@@ -1,5 +1,6 @@
 """The functional ops (ffkernels.ff_grad / ff_update / ff_step) on every backend against the oracle, on the shared
-samples (samples.py): given non-zero optimizer state, given gradients, strided inputs, float32 and float64."""
+samples (samples.py): given non-zero optimizer state, given gradients, strided inputs, float32 and float64; with peer
+normalization where the sample has it (its running mean r: read by ff_grad, committed by ff_step)."""
 import pytest
 import torch
 
@@ -21,10 +22,13 @@ def _oracle_update(s, grads):
 
 
 def _check_params_and_states(prefix, ours, same, exact, rule):
+    """Parameters, optimizer state and, with peer normalization, r."""
     for p in _params(exact):
         check(f"{prefix}{p}", ours[p], same[p], exact[p], rule)
         for j, (a, r, t) in enumerate(zip(ours.states(p), same.states(p), exact.states(p))):
             check(f"{prefix}{ours.cfg.state_names[j]} of {p}", a, r, t, rule)
+    if exact["peer_mean"] is not None:
+        check(f"{prefix}peer_mean", ours["peer_mean"], same["peer_mean"], exact["peer_mean"], rule)
 
 
 def _oracle_pair(s, dtype):
@@ -36,10 +40,16 @@ def _oracle_pair(s, dtype):
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params())
 def test_ff_grad(backend, dtype, i):
     s = sample_inputs("ff_grad", backend.device, dtype)[i]
-    out = ffkernels.ff_grad(s["x_pos"], s["x_neg"], s["weight"], s["bias"], s.cfg, backend=backend.name)
+    given = s.clone()
+    out = ffkernels.ff_grad(s["x_pos"], s["x_neg"], s["weight"], s["bias"], s.cfg, peer_mean=s["peer_mean"],
+                            backend=backend.name)
     same, exact = _oracle_pair(s, dtype)
-    refs = [oracle.ff_grad(t["x_pos"], t["x_neg"], t["weight"], t["bias"], s.cfg) for t in (same, exact)]
+    refs = [oracle.ff_grad(t["x_pos"], t["x_neg"], t["weight"], t["bias"], s.cfg, t["peer_mean"])
+            for t in (same, exact)]
     check_outputs("", out, *refs, s.cfg, rule_for(dtype, backend.gpu))
+    for name, v in given.values.items():  # nothing written, r included
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(s[name], v), name
 
 
 @pytest.mark.parametrize("i", range(len(sample_ids("ff_update"))), ids=sample_ids("ff_update"))
@@ -59,17 +69,17 @@ def test_ff_update(backend, dtype, i):
 @pytest.mark.parametrize("i", range(len(sample_ids("ff_step"))), ids=sample_ids("ff_step"))
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params())
 def test_ff_step(backend, dtype, i):
-    """The fused step: the oracle's gradient, then torch.optim's update (outputs from the weights before it)."""
+    """The fused step: the oracle's gradient, then torch.optim's update (outputs from the weights before it), and
+    r <- r' with peer normalization."""
     s = sample_inputs("ff_step", backend.device, dtype)[i]
     ours = s.clone()
     out = ffkernels.ff_step(ours["x_pos"], ours["x_neg"], ours["weight"], ours["bias"], ours.states("weight"),
-                            ours.states("bias"), s.step, s.cfg, backend=backend.name)
+                            ours.states("bias"), s.step, s.cfg, peer_mean=ours["peer_mean"], backend=backend.name)
     same, exact = _oracle_pair(s, dtype)
-    refs = []
-    for t in (same, exact):
-        g = oracle.ff_grad(t["x_pos"], t["x_neg"], t["weight"], t["bias"], s.cfg)
-        _oracle_update(t, [g.grad_weight] + ([g.grad_bias] if t["bias"] is not None else []))
-        refs.append(ffkernels.FFStepOutput(*g[:5]))
+    refs = [oracle.ff_step(t["x_pos"], t["x_neg"], t["weight"], t["bias"], t.states("weight"), t.states("bias"),
+                           s.step, s.cfg, t["peer_mean"]) for t in (same, exact)]
+    if s["peer_mean"] is not None:
+        assert not torch.equal(ours["peer_mean"], s["peer_mean"]), "r was not committed"
     rule = rule_for(dtype, backend.gpu)
     check_outputs("", out, *refs, s.cfg, rule)
     _check_params_and_states("", ours, same, exact, rule)
@@ -78,18 +88,19 @@ def test_ff_step(backend, dtype, i):
 @pytest.mark.parametrize("op", ["ff_grad", "ff_update", "ff_step"])
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params())
 def test_strided_inputs_give_the_contiguous_results(backend, dtype, op):
-    """Non-contiguous inputs (x, or the gradients given to ff_update) are accepted, with exactly the results of
-    contiguous copies."""
+    """Non-contiguous inputs (x, the gradients given to ff_update, peer_mean given to ff_grad) are accepted, with
+    exactly the results of contiguous copies."""
     strided = sample_inputs(op, backend.device, dtype)[sample_ids(op).index("strided")]
     assert any(isinstance(v, torch.Tensor) and not v.is_contiguous() for v in strided.values.values())
     dense = strided.to(dtype)
     results = []
     for s in (strided.clone(), dense):
         if op == "ff_grad":
-            out = ffkernels.ff_grad(s["x_pos"], s["x_neg"], s["weight"], s["bias"], s.cfg, backend=backend.name)
+            out = ffkernels.ff_grad(s["x_pos"], s["x_neg"], s["weight"], s["bias"], s.cfg, peer_mean=s["peer_mean"],
+                                    backend=backend.name)
         elif op == "ff_step":
             out = ffkernels.ff_step(s["x_pos"], s["x_neg"], s["weight"], s["bias"], s.states("weight"),
-                                    s.states("bias"), s.step, s.cfg, backend=backend.name)
+                                    s.states("bias"), s.step, s.cfg, peer_mean=s["peer_mean"], backend=backend.name)
         else:
             out = ffkernels.ff_update(s["weight"], s["bias"], s["grad_weight"], s["grad_bias"], s.states("weight"),
                                       s.states("bias"), s.step, s.cfg, loss=s["loss"], backend=backend.name)
@@ -119,10 +130,12 @@ def test_ff_grad_of_a_non_contiguous_weight(backend, dtype):
     s = sample_inputs("ff_grad", backend.device, dtype)[0]
     w = s["weight"].t().contiguous().t()
     assert not w.is_contiguous()
+    r = s["peer_mean"]
     if backend.name in ("cpu", "cuda"):
         with pytest.raises(RuntimeError, match="weight must be contiguous"):
-            ffkernels.ff_grad(s["x_pos"], s["x_neg"], w, s["bias"], s.cfg, backend=backend.name)
+            ffkernels.ff_grad(s["x_pos"], s["x_neg"], w, s["bias"], s.cfg, peer_mean=r, backend=backend.name)
         return
-    got = ffkernels.ff_grad(s["x_pos"], s["x_neg"], w, s["bias"], s.cfg, backend=backend.name)
-    want = ffkernels.ff_grad(s["x_pos"], s["x_neg"], s["weight"], s["bias"], s.cfg, backend=backend.name)
+    got = ffkernels.ff_grad(s["x_pos"], s["x_neg"], w, s["bias"], s.cfg, peer_mean=r, backend=backend.name)
+    want = ffkernels.ff_grad(s["x_pos"], s["x_neg"], s["weight"], s["bias"], s.cfg, peer_mean=r,
+                             backend=backend.name)
     assert_same_results(backend, dtype, list(zip(got._fields, got, want)))

@@ -18,7 +18,7 @@ def _cases():
 
 @pytest.mark.parametrize("backend,compiler", _cases())
 def test_compiled_step_matches_eager(backend, compiler):
-    s = sample_inputs("ff_step", backend.device)[0]  # Adam, with a bias, non-zero state
+    s = sample_inputs("ff_step", backend.device)[0]  # Adam, with a bias, non-zero state, peer normalization
     op = backend.op("ff_step")
 
     def train(*args):
@@ -29,6 +29,7 @@ def test_compiled_step_matches_eager(backend, compiler):
     expected = train(*eager.args("ff_step"))
     got = torch.compile(train, fullgraph=True, backend=compiler)(*compiled.args("ff_step"))
     assert not torch.equal(compiled["weight"], s["weight"]), "the in-place update did not happen"
+    assert not torch.equal(compiled["peer_mean"], s["peer_mean"]), "r was not committed"  # the sample has peer norm
     pairs = list(zip(("2 * loss", "h_pos.sum(-1)"), got, expected))
     pairs += [(k, v, eager[k]) for k, v in compiled.values.items() if isinstance(v, torch.Tensor)]
     for name, a, e in pairs:
