@@ -39,10 +39,12 @@ INTERPRETER = "ffkernels_triton (interpreter)"
 CASES = [
     Case("unknown-norm", "ff_step", options(norm="foo"), (ValueError, "unknown norm 'foo'")),
     Case("unknown-optimizer", "ff_step", options(optimizer="lion"), (ValueError, "unknown optimizer 'lion'")),
-    Case("negative-lr", "ff_update", options(lr="-1"), (ValueError, r"lr must be a finite number >= 0\.0, got -1")),
+    Case("negative-lr", "ff_update", options(lr="-1"), (ValueError, r"lr must be a finite number >= 0, got -1")),
     Case("nan-lr", "ff_step", options(lr="nan"), (ValueError, "lr must be a finite number")),
     Case("zero-symba-alpha", "ff_grad", options(symba_alpha="0"),
-         (ValueError, r"symba_alpha must be a finite number > 0\.0")),
+         (ValueError, r"symba_alpha must be a finite number > 0, got 0")),
+    Case("beta2-1", "ff_step", options(beta2="1.0"),
+         (ValueError, r"beta2 must be a finite number >= 0 and < 1, got 1")),
     Case("unknown-goodness", "ff_grad", options(goodness="max"), (ValueError, "unknown goodness 'max'")),
     Case("unknown-key", "ff_step", options(bogus="1"), (ValueError, "bogus")),
     Case("missing-key", "ff_update", options(lr=None), (ValueError, "lr")),
@@ -82,6 +84,29 @@ CASES = [
     Case("too-many-classes", "ff_step_labeled", {"num_classes": lambda s: 1000},
          (ValueError, "num_classes must be in")),
 ]
+# peer normalization (sample 0 has it: N = 19, float32 weights): its options and peer_mean, at every op that takes it
+PEER_OPS = ("ff_grad", "ff_step", "ff_grad_labeled", "ff_step_labeled")
+PEER_CASES = [
+    ("negative-peer-norm", options(peer_norm="-1.0"), (ValueError, r"peer_norm must be a finite number >= 0, got -1")),
+    ("nan-peer-norm", options(peer_norm="nan"), (ValueError, r"peer_norm must be a finite number >= 0, got nan")),
+    ("peer-momentum-1", options(peer_momentum="1.0"),
+     (ValueError, r"peer_momentum must be a finite number >= 0 and < 1, got 1")),
+    ("peer-momentum-not-a-number", options(peer_momentum="x"), (ValueError, "peer_momentum must be a number")),
+    ("no-peer-mean", {"peer_mean": lambda s: None}, (ValueError, "peer_norm > 0 needs peer_mean")),
+    ("peer-mean-shape", {"peer_mean": lambda s: s["peer_mean"][:-1]},
+     (ValueError, r"peer_mean must have shape \(19,?\)")),
+    ("peer-mean-2d", {"peer_mean": lambda s: s["peer_mean"][:, None]},
+     (ValueError, r"peer_mean must have shape \(19,?\)")),
+    ("peer-mean-float64", as_float64("peer_mean"),
+     {"ffkernels": (TypeError, "peer_mean must be Float for Float weights"),
+      "ffkernels_triton": (TypeError, "peer_mean must be float32 for float32 weights")}),
+]
+CASES += [Case(cid, op, changes, expect) for op in PEER_OPS for cid, changes, expect in PEER_CASES]
+# the steps update peer_mean in place (ff_grad and ff_grad_labeled read a strided one: test_ops_vs_oracle.py)
+CASES += [Case("strided-peer-mean", op, {"peer_mean": lambda s: torch.stack([s["peer_mean"]] * 2, 1)[:, 0]},
+               {"ffkernels": (RuntimeError, "peer_mean must be contiguous"),
+                "ffkernels_triton": (ValueError, "peer_mean must be contiguous")})
+          for op in ("ff_step", "ff_step_labeled")]
 
 
 def _expected(case, backend):
