@@ -1,5 +1,6 @@
 """A step whose loss is not finite changes nothing, on every backend: the ops skip the update on the device (no
-host sync) and return the loss; FFLinear/FFNet then raise NonFiniteLossError."""
+host sync) and return the loss; FFLinear/FFNet then raise NonFiniteLossError. With peer normalization its running
+mean r stays as it was too, also when only the peer term is not finite (an infinite r)."""
 import pytest
 import torch
 
@@ -17,29 +18,38 @@ def _assert_unchanged(layer, before):
         assert torch.equal(v, before[k]), k
 
 
+PEER = dict(peer_norm=0.5, peer_momentum=0.8)
+HOWS = [pytest.param(how, peer, id=how + ("-peer" if peer else "")) for peer in (False, True)
+        for how in ["nan-input", "inf-input", "overflow"] + (["inf-in-r"] if peer else [])]
+
+
 # numpy under the Triton interpreter, making the inf/nan on purpose
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("how", ["nan-input", "inf-input", "overflow"])
+@pytest.mark.parametrize("how,peer", HOWS)
 @pytest.mark.parametrize("optimizer", ["adam", "sgd-momentum"])
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params())
-def test_step_with_non_finite_loss_changes_nothing(backend, dtype, optimizer, how):
+def test_step_with_non_finite_loss_changes_nothing(backend, dtype, optimizer, how, peer):
     opt = dict(optimizer="adam") if optimizer == "adam" else dict(optimizer="sgd", momentum=0.9, lr=0.1)
     torch.manual_seed(0)
     layer = FFLinear(16, 8, backend=backend.name, device=backend.device, dtype=dtype,
-                     norm="none" if how == "overflow" else "rms", **opt)
+                     norm="none" if how == "overflow" else "rms", **opt, **(PEER if peer else {}))
     x_pos, x_neg = (torch.randn(4, 16, dtype=dtype).to(backend.device) for _ in range(2))
-    layer.ff_step(x_pos, x_neg)  # a finite step first: non-zero optimizer state
+    layer.ff_step(x_pos, x_neg)  # a finite step first: non-zero optimizer state (and r)
+    r = layer.peer_mean if peer else None
+    assert r is None or r.abs().max() > 0
     if how == "nan-input":
         x_neg[2, 3] = float("nan")
     elif how == "inf-input":
         x_pos[0, 0] = float("inf")
-    else:  # finite input whose goodness overflows (no normalization)
+    elif how == "overflow":  # finite input whose goodness overflows (no normalization)
         x_neg[2] = 10 * torch.finfo(dtype).max ** 0.5
+    else:  # the FF loss is finite; r' has an inf, so L_peer = inf - inf = NaN: only the peer term
+        r[1] = float("inf")
     before, steps = _snapshot(layer), layer.step_count
     # the op: returns the loss, updates nothing
     out = ffkernels.ff_step(x_pos, x_neg, layer.weight, layer.bias, layer._states("weight"), layer._states("bias"),
-                            steps + 1, layer.config, backend=backend.name)
+                            steps + 1, layer.config, peer_mean=r, backend=backend.name)
     assert not torch.isfinite(out.loss)
     _assert_unchanged(layer, before)
     # the module: raises, and changes nothing either
@@ -70,6 +80,23 @@ def test_update_skipped_when_the_given_loss_is_not_finite(backend, dtype, loss):
     ffkernels.ff_update(w, b, torch.ones_like(w), torch.ones_like(b), st_w, st_b, 1, cfg,
                         loss=torch.tensor(2, device=backend.device), backend=backend.name)
     assert not torch.equal(w, before[0]) and not torch.equal(st_w[1], before[3])
+
+
+@pytest.mark.parametrize("peer", [False, True], ids=["plain", "peer"])
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_labeled_step_with_non_finite_loss_changes_nothing(backend, dtype, peer):
+    dev = backend.device
+    torch.manual_seed(0)
+    layer = FFLinear(20, 6, backend=backend.name, device=dev, dtype=dtype, **(PEER if peer else {}))
+    x = torch.randn(4, 20, dtype=dtype).to(dev)
+    y_pos, y_neg = torch.tensor([0, 1, 2, 3], device=dev), torch.tensor([1, 2, 3, 0], device=dev)
+    layer.ff_step_labeled(x, y_pos, y_neg, 4)
+    before = _snapshot(layer)
+    x[0, 13] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="not finite"):
+        layer.ff_step_labeled(x, y_pos, y_neg, 4)
+    assert layer.step_count == 1
+    _assert_unchanged(layer, before)
 
 
 def test_fflinear_ff_update_raises_for_a_non_finite_loss(backend):
