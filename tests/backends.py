@@ -121,6 +121,14 @@ def backend_dtype_params(backends=ALL) -> list:
     return [pytest.param(b, dt, id=f"{b.name}-{DTYPE_IDS[dt]}", marks=b.marks) for b in backends for dt in b.dtypes]
 
 
+def case_params(make, backends=ALL) -> list:
+    """(backend, dtype, *args) parameters for every backend and dtype it runs with, from
+    ``make(backend, dtype) -> [(case id or "", *args), ...]`` (what each backend runs of a sweep)."""
+    return [pytest.param(b, dt, *args, id="-".join([b.name, DTYPE_IDS[dt], *([case_id] if case_id else [])]),
+                         marks=b.marks)
+            for b in backends for dt in b.dtypes for case_id, *args in make(b, dt)]
+
+
 def with_ops(backends=ALL) -> tuple:
     """The backends that register ops (torch.ops.ffkernels, torch.ops.ffkernels_triton)."""
     return tuple(b for b in backends if b.namespace is not None)

@@ -40,3 +40,23 @@ def rotating_options(i: int) -> tuple:
     opt = list(OPTIMIZERS)[(i // len(LOSS_VARIANTS)) % len(OPTIMIZERS)]
     cfg = dict(norm=NORMS[i % 3], goodness=GOODNESS[(i // 3) % 2], **LOSS_VARIANTS[variant], **OPTIMIZERS[opt])
     return cfg, bool(i % 5)
+
+
+PEERS = {  # peer normalization (lambda, mu); mu = 0: r' is the batch mean itself, r only read
+    "peer0.5-m0.9": dict(peer_norm=0.5, peer_momentum=0.9),
+    "peer2-m0.5": dict(peer_norm=2.0, peer_momentum=0.5),
+    "peer0.3-m0": dict(peer_norm=0.3, peer_momentum=0.0),
+}
+ADAM_KINDS, SGD_KINDS = ("adam", "adam-wd"), ("sgd-momentum", "sgd-momentum-wd", "sgd")
+
+
+def peer_options(i: int) -> tuple:
+    """(id, options, bias) for the i-th case of a peer-normalization sweep: every 8 consecutive cases meet each loss
+    kind x goodness x optimizer kind (Adam, SGD) once; the norm, the loss and optimizer variants, (lambda, mu) from
+    PEERS and the bias rotate."""
+    kind, good = ("hinton", "symba")[i % 2], GOODNESS[(i // 2) % 2]
+    opts = ADAM_KINDS if (i // 4) % 2 == 0 else SGD_KINDS
+    variant, opt = list(LOSSES[kind])[(i // 8) % 2], opts[(i // 8) % len(opts)]
+    norm, peer, bias = NORMS[i % 3], list(PEERS)[(i // 3) % 3], i % 5 != 4
+    cfg = dict(norm=norm, goodness=good, **LOSS_VARIANTS[variant], **OPTIMIZERS[opt], **PEERS[peer])
+    return f"{norm}-{good}-{variant}-{opt}-{peer}-{'bias' if bias else 'nobias'}", cfg, bias

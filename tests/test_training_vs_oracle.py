@@ -9,7 +9,8 @@ import itertools
 
 import pytest
 
-from backends import ALL, DTYPE_IDS, FP64
+from backends import FP64
+from backends import case_params as cases
 from options import option_cases, rotating_options
 from trajectories import run_and_compare
 
@@ -21,13 +22,6 @@ SHAPES = list(itertools.product(SIZES_B, SIZES_KN, SIZES_KN))
 REDUCED_SHAPES = [(1, 1, 1), (7, 17, 17), (64, 128, 128), (7, 128, 17), (64, 17, 1), (1, 17, 128), (7, 1, 128),
                   (64, 128, 17)]
 WIDE_SHAPES = [(7, 784, 17), (7, 17, 784), (64, 784, 784)]
-
-
-def cases(make, backends=ALL):
-    """pytest params (backend, dtype, *args) for every backend and dtype, from make(backend, dtype) -> (id, *args)."""
-    return [pytest.param(b, dt, *args, id="-".join([b.name, DTYPE_IDS[dt], *([case_id] if case_id else [])]),
-                         marks=b.marks)
-            for b in backends for dt in b.dtypes for case_id, *args in make(b, dt)]
 
 
 def _shapes(backend, dtype):

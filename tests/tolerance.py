@@ -21,6 +21,13 @@ over. The second is the accuracy asked for where the problem is well conditioned
     one rounding of a spec       k = 0, rtol = eps of the dtype: the low-precision update against the rule the design
                                  specifies (fp32 state, rounded back), not against an approximation
 
+Checks of the oracle itself (float64, no backend) use the same form with k = 0:
+
+    FORMULA                      rtol = 1e-13: the oracle against the formula written out by hand (the same sums in
+                                 another order)
+    CENTRAL_DIFFERENCES          rtol = 1e-7: the oracle's gradient against central differences of its loss, step
+                                 1e-6 (truncation ~ h^2 times the third derivative, rounding ~ eps |L| / h)
+
 The loss is a scalar that can be tiny (pairs the layer already separates: 1e-41, a float32 subnormal) while every
 goodness it comes from carries its precision's rounding; its scale is the loss's sensitivity to relative changes
 of the goodness, sum_i |dL/dg_i| |g_i| + |L| (``loss_scale``), not |L|.
@@ -44,6 +51,8 @@ class Rule:
 FP64 = Rule(0.0, 1e-11, "float64")
 FP32_CPU = Rule(4.0, 1e-5, "float32 (CPU)")
 FP32_GPU = Rule(4.0, 1e-4, "float32 (GPU)")
+FORMULA = Rule(0.0, 1e-13, "float64, the formula by hand")
+CENTRAL_DIFFERENCES = Rule(0.0, 1e-7, "central differences (float64, step 1e-6)")
 
 
 def lowp(dtype: torch.dtype) -> Rule:

@@ -33,23 +33,37 @@ def batch(gen, B, K):
 
 
 def run_and_compare(backend, B, K, N, *, steps=3, bias=True, dtype=torch.float32, seed=0, labeled_classes=None,
-                    label_value=1.0, **cfg):
+                    label_value=1.0, dead_unit=False, **cfg):
     """``steps`` FFLinear steps on ``backend`` (a tests.backends.Backend) against the oracle, checking the outputs,
     parameters and optimizer state after every step with tolerance.py's rule for ``dtype`` on that device.
 
     The oracle runs in ``dtype`` and, for lower precisions, in float64 from the same rounded inputs and initial
     weights. With ``labeled_classes=C`` the backend runs FFLinear.ff_step_labeled(x, y_pos, y_neg, C) and the
     oracle the explicit pair embed_label(x, y_pos), embed_label(x, y_neg).
+
+    With peer normalization on (``peer_norm > 0``) the running mean r starts random (so that mu r matters), the
+    oracle starts from the same r, and r is compared after every step too. ``dead_unit``: unit 0 starts off for
+    every row (zero weights, bias -1), so at first only peer normalization's straight-through term moves it.
     """
     dev = backend.device
     rule = rule_for(dtype, backend.gpu)
     torch.manual_seed(seed)
     layer = FFLinear(K, N, bias=bias, backend=backend.name, device=dev, dtype=dtype, **cfg)
-    ref = oracle.FFLayerRef(layer.weight, layer.bias, layer.config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    peer = layer.config.peer_norm > 0
+    with torch.no_grad():
+        if peer:
+            layer.peer_mean.copy_(torch.rand(N, generator=gen, dtype=torch.float64))
+        if dead_unit:
+            layer.weight[0] = 0.0
+            if bias:
+                layer.bias[0] = -1.0
+    r = layer.peer_mean if peer else None
+    ref = oracle.FFLayerRef(layer.weight, layer.bias, layer.config, peer_mean=r)
     exact = dtype == torch.float64
     ref64 = ref if exact else oracle.FFLayerRef(layer.weight.double(),
-                                                None if layer.bias is None else layer.bias.double(), ref.cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
+                                                None if layer.bias is None else layer.bias.double(), ref.cfg,
+                                                peer_mean=None if r is None else r.double())
     for step in range(steps):
         xp, xn = (x.to(dev, dtype) for x in batch(gen, B, K))
         if labeled_classes:
@@ -64,6 +78,8 @@ def run_and_compare(backend, B, K, N, *, steps=3, bias=True, dtype=torch.float32
         check_outputs(f"step {step} ", ours, same, truth, ref.cfg, rule)
         for pname in ("weight", "bias") if bias else ("weight",):
             check(f"step {step} {pname}", getattr(layer, pname), getattr(ref, pname), getattr(ref64, pname), rule)
+        if peer:
+            check(f"step {step} peer_mean", layer.peer_mean, ref.peer_mean, ref64.peer_mean, rule)
         states64 = {n: t for n, _, t in state_pairs(layer, ref64)}
         for name, a, t in state_pairs(layer, ref):
             check(f"step {step} {name}", a, t, states64[name], rule)
