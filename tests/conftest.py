@@ -15,6 +15,16 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny shapes: fastest there, and it spares the OpenMP barriers that make
+    tiny ops ~100x slower when another process holds one of the two cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _single_threaded_blas_under_the_interpreter():
     """The Triton interpreter runs each program's tl.dot as a small numpy matmul; a multi-threaded BLAS on busy

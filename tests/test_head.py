@@ -8,13 +8,7 @@ from ffkernels import FFNet, NonFiniteLossError, SoftmaxHead, embed_neutral
 from ffkernels.training import accuracy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one thread is fastest, and spares the OpenMP barriers on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (tests/conftest.py)
 
 
 def _data(n=16, k=30, c=5, seed=0, dtype=torch.float32):

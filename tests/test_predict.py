@@ -5,13 +5,7 @@ import torch
 from ffkernels import FFNet, embed_label
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one thread is fastest, and spares the OpenMP barriers on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (tests/conftest.py)
 
 
 def _explicit_scores(net, x, num_classes, layers, value):
