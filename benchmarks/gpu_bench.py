@@ -31,6 +31,7 @@ from torch import nn
 import ffkernels
 from ffkernels import functional
 from ffkernels import bp
+from ffkernels.backends import compiled
 from ffkernels.backends import reference as ref
 from ffkernels.backends import BACKENDS
 from ffkernels.config import FFConfig
@@ -225,7 +226,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton,
-        "ffkernels_cuda_archs": ffkernels._ext.cuda_archs(),
+        "ffkernels_cuda_archs": compiled.cuda_archs(),
         "available_backends": ffkernels.available_backends(),
         "fp32_matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
         "python": platform.python_version(),

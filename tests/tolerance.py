@@ -1,4 +1,4 @@
-"""The one rule for "matches the oracle" (shared/DESIGN.md, Checking rules).
+"""The one rule for "matches the oracle" (docs/design.md, "Checking rules").
 
 R64 is the oracle in float64, fed the same (rounded) inputs and initial weights; R is the oracle in the precision
 of the tensor T under test. T passes when
