@@ -15,6 +15,7 @@ from torch import nn
 from ._types import NonFiniteLossError
 from .backends import get_backend, resolve_backend
 from .backends.contract import state_dtype
+from .backends.reference import normalize
 from .config import FFConfig
 from .step_state import extra_state, load_extra_state
 
@@ -23,7 +24,7 @@ FEATURE_EPS = 1e-8  # the head's RMS normalization: h / (sqrt(mean h^2) + FEATUR
 
 def rms_features(hs) -> torch.Tensor:
     """The head's input: each activity RMS-normalized along its last dim, concatenated."""
-    return torch.cat([h / (h.pow(2).mean(-1, keepdim=True).sqrt() + FEATURE_EPS) for h in hs], dim=-1)
+    return torch.cat([normalize(h, "rms", FEATURE_EPS) for h in hs], dim=-1)
 
 
 class SoftmaxHead(nn.Module):

@@ -492,9 +492,9 @@ class FFNet(nn.Module):
         img = x2[:, c:]
         base = img @ w[:, c:].t()                                                  # (n, N), the one GEMM
         label = (value * w[:, :c].t()).unsqueeze(1)                                # (C, 1, N)
-        if cfg.norm != "none":
-            ss = img.pow(2).sum(-1) + value * value
-            d = ((ss / first.in_features if cfg.norm == "rms" else ss).sqrt() + cfg.norm_eps)[:, None]
+        if cfg.norm != "none":  # every one-hot label of this value gives the row the same norm: label 0's serves
+            d = ref.row_divisor(embed_label(x2, torch.zeros(n, dtype=torch.long, device=x2.device), c, value),
+                                cfg.norm, cfg.norm_eps)
             base = base / d
             z = label / d                                                          # (C, n, N)
         else:

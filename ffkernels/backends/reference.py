@@ -14,15 +14,23 @@ from ..config import FFConfig
 from .contract import check_peer_mean, state_dtype
 
 
+def row_divisor(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """(…, 1): the per-row divisor d of the normalization, x̂ = x / d: "l2" ||x|| + eps, "rms" sqrt(mean x^2) + eps
+    (not defined for "none", where x̂ = x)."""
+    if norm == "l2":
+        return x.norm(dim=-1, keepdim=True) + eps
+    if norm == "rms":
+        return x.pow(2).mean(dim=-1, keepdim=True).sqrt() + eps
+    raise ValueError(f"ffkernels: norm {norm!r} has no row divisor")
+
+
 def normalize(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """Row-wise input normalization: "l2" x/(||x||+eps), "rms" x/(sqrt(mean x^2)+eps), "none" x."""
-    if norm == "l2":
-        return x / (x.norm(dim=-1, keepdim=True) + eps)
-    if norm == "rms":
-        return x / (x.pow(2).mean(dim=-1, keepdim=True).sqrt() + eps)
     if norm == "none":
         return x
-    raise ValueError(f"ffkernels: unknown norm {norm!r}")
+    if norm not in ("l2", "rms"):
+        raise ValueError(f"ffkernels: unknown norm {norm!r}")
+    return x / row_divisor(x, norm, eps)
 
 
 def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias, norm: str, eps: float) -> torch.Tensor:
