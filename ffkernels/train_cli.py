@@ -12,11 +12,33 @@ import time
 import torch
 
 from .augment import check_image_shape
-from .cli_options import HelpFormatter, add_ff_loss_options, add_ff_optimizer_options, add_run_options
+from .cli_options import (
+    HelpFormatter,
+    add_ff_loss_options,
+    add_ff_optimizer_options,
+    add_run_options,
+)
+from .config import OPTIMIZERS
 from .data import LOADERS, load_dataset
+from .layers import NEGATIVES, PREDICT_METHODS
 from .schedules import SCHEDULES, LRScheduler, linear_cooldown, make_schedule
-from .train_common import build_net, describe, epoch_line, finish, recipe_dict, recipe_summary, resolve_recipe
+from .train_common import (
+    build_net,
+    describe,
+    epoch_line,
+    finish,
+    recipe_default,
+    recipe_dict,
+    recipe_summary,
+    resolve_recipe,
+)
 from .training import History, accuracy, train_ff_epoch
+
+
+def _default(attr: str) -> str:
+    """How --help states a recipe option's default (train_common.RECIPE_OPTIONS)."""
+    value = recipe_default(attr)
+    return f"default: {'on' if value is True else value}"
 
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:
@@ -25,27 +47,27 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
     Their defaults (train_common.RECIPE_OPTIONS) are the recipe; with --distributed, the parts it does not support
     are off unless given explicitly, which is refused."""
     p.add_argument("--head", action=argparse.BooleanOptionalAction, default=None,
-                   help="(default: on) train a linear softmax head on the RMS-normalized neutral-label activities of layers 2..L "
+                   help=f"({_default('head')}) train a linear softmax head on the RMS-normalized neutral-label activities of layers 2..L "
                         "(cross-entropy, its own optimizer; its gradient never enters the FF layers); prediction then "
                         "takes one pass instead of one per label")
-    p.add_argument("--head-optimizer", default="adam", choices=["adam", "sgd"],
+    p.add_argument("--head-optimizer", default="adam", choices=OPTIMIZERS,
                    help="the head's optimizer (sgd: momentum 0.9)")
     p.add_argument("--head-lr", type=float, default=1e-3, help="the head's learning rate")
     p.add_argument("--head-weight-decay", type=float, default=0.0, help="the head's weight decay")
     p.add_argument("--lr-schedule", default=None, choices=sorted(SCHEDULES),
-                   help="(default: cooldown) learning-rate multiplier over this run's steps, for every layer and the head: constant; "
+                   help=f"({_default('lr_schedule')}) learning-rate multiplier over this run's steps, for every layer and the head: constant; "
                         "cooldown (constant, then linear to 0 over the last --cooldown-fraction); cosine. A --resume'd "
                         "run starts its own schedule")
     p.add_argument("--cooldown-fraction", type=float, default=0.5, help="--lr-schedule cooldown: the decaying part")
-    p.add_argument("--negatives", default=None, choices=["random", "hard"],
-                   help="(default: hard) wrong label of each negative: random (uniform), or hard (drawn from the model's own scores, "
+    p.add_argument("--negatives", default=None, choices=NEGATIVES,
+                   help=f"({_default('negatives')}) wrong label of each negative: random (uniform), or hard (drawn from the model's own scores, "
                         "the true label excluded: the head's logits with --head, else every label's goodness, "
                         "which costs a forward pass per label)")
     p.add_argument("--jitter", type=int, default=None,
-                   help="(default: 1) shift each training image by a random offset of up to +-K pixels (0: off; image datasets only)")
+                   help=f"({_default('jitter')}) shift each training image by a random offset of up to +-K pixels (0: off; image datasets only)")
     p.add_argument("--peer-norm", type=float, default=None,
-                   help="(default: 0.03) peer-normalization coefficient of every layer (0: off)")
-    p.add_argument("--predict", default=None, choices=["head", "goodness"],
+                   help=f"({_default('peer_norm')}) peer-normalization coefficient of every layer (0: off)")
+    p.add_argument("--predict", default=None, choices=PREDICT_METHODS,
                    help="how the test accuracy is measured (default: head with --head, else goodness)")
 
 
