@@ -17,7 +17,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "ff_cpu_rows.h"
@@ -107,7 +106,7 @@ GradResult ff_grad_cpu(const at::Tensor& x_pos, const at::Tensor& x_neg, const a
   if (peer) r.peer_mean = at::empty({N}, peer_mean.options());
   AT_DISPATCH_FLOATING_TYPES(x_pos.scalar_type(), "ff_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using state_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using state_t = state_type<scalar_t>;
     std::vector<acc_t> c_pos(peer ? B : 0), v(peer ? N : 0);
     normalize_rows<scalar_t>(x_pos.const_data_ptr<scalar_t>(), xhat.data_ptr<scalar_t>(), B, K, opt.norm, opt.norm_eps);
     normalize_rows<scalar_t>(x_neg.const_data_ptr<scalar_t>(), xhat.data_ptr<scalar_t>() + B * K, B, K, opt.norm,

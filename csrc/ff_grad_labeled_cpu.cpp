@@ -13,7 +13,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "ff_cpu_rows.h"
@@ -62,7 +61,7 @@ GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos,
   if (peer) r.peer_mean = at::empty({N}, peer_mean.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ff_grad_labeled_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using state_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using state_t = state_type<scalar_t>;
     std::vector<acc_t> lv(B), cp(B), cn(B), v(peer ? N : 0);
     normalize_without_labels<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), xhat.data_ptr<scalar_t>(), lv.data(), B,
                                               K, C, value, opt.norm, opt.norm_eps);

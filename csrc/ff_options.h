@@ -3,10 +3,16 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "ff_math.h"
 
 namespace ffk {
+
+// The optimizer-state (and peer running mean) element type for parameters of type T: double for double, else
+// float (python_api/ff_api.cpp's state_dtype and ffkernels/backends/contract.py's state_dtype say the same).
+template <typename T>
+using state_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 struct LossOptions {
   Norm norm = Norm::RMS;

@@ -14,7 +14,7 @@ constexpr int64_t kGrain = 1 << 14;
 
 template <typename scalar_t>
 void adam_pass(const ParamState& ps, const OptimOptions& opt) {
-  using state_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using state_t = state_type<scalar_t>;
   const AdamConsts<state_t> c = make_adam_consts<state_t>(opt);
   scalar_t* p = ps.param.data_ptr<scalar_t>();
   const scalar_t* g = ps.grad.const_data_ptr<scalar_t>();
@@ -31,7 +31,7 @@ void adam_pass(const ParamState& ps, const OptimOptions& opt) {
 
 template <typename scalar_t>
 void sgd_pass(const ParamState& ps, const OptimOptions& opt) {
-  using state_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using state_t = state_type<scalar_t>;
   const SGDConsts<state_t> c = make_sgd_consts<state_t>(opt);
   scalar_t* p = ps.param.data_ptr<scalar_t>();
   const scalar_t* g = ps.grad.const_data_ptr<scalar_t>();

@@ -82,7 +82,7 @@ void ff_update_cuda(const ParamState& ps, const at::Tensor& loss, const OptimOpt
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ps.param.scalar_type(), "ff_update_cuda", [&] {
-    using state_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using state_t = state_type<scalar_t>;
     scalar_t* p = ps.param.data_ptr<scalar_t>();
     const scalar_t* g = ps.grad.const_data_ptr<scalar_t>();
     if (opt.optimizer == Optim::Adam) {
