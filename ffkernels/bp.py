@@ -12,10 +12,11 @@ from .backends.reference import layer_forward
 class BPMLP(nn.Module):
     """The backprop baseline: the same MLP as an FFNet (normalize, Linear, ReLU per layer) + a linear head.
 
-    Trained end to end with cross-entropy and ``torch.optim.Adam``.
+    Trained end to end with cross-entropy and ``torch.optim.Adam``. ``num_classes=None``: no head (the layers
+    alone, e.g. trained end to end on FF's goodness loss, ``ffkernels.study.algos``).
     """
 
-    def __init__(self, dims, num_classes: int, norm: str = "rms", norm_eps: float = 1e-8, bias: bool = True,
+    def __init__(self, dims, num_classes: "int | None", norm: str = "rms", norm_eps: float = 1e-8, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
         if len(dims) < 2:
@@ -23,7 +24,7 @@ class BPMLP(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.norm, self.norm_eps = norm, norm_eps
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias, **kw) for a, b in zip(dims[:-1], dims[1:]))
-        self.head = nn.Linear(dims[-1], num_classes, **kw)
+        self.head = nn.Linear(dims[-1], num_classes, **kw) if num_classes is not None else None
 
     def features(self, x) -> list:
         feats = []
@@ -33,6 +34,8 @@ class BPMLP(nn.Module):
         return feats
 
     def forward(self, x):
+        if self.head is None:
+            raise ValueError("ffkernels: this BPMLP has no head (built with num_classes=None); use features()")
         return self.head(self.features(x)[-1])
 
 

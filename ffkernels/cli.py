@@ -7,7 +7,8 @@ import sys
 
 from .cli_options import HelpFormatter
 
-# subcommand -> (module with add_arguments(parser) and run(args), one-line help)
+# subcommand -> (module with add_arguments(parser) and run(args), one-line help); a module may also have
+# preset_defaults(argv) -> {dest: value}: defaults that replace add_arguments' ones (explicit flags still win)
 COMMANDS = {
     "train": ("ffkernels.train_cli", "supervised FF training of an FFNet on an offline dataset"),
     "study": ("ffkernels.study.cli", "FF vs BP self-supervised study: pretext training, linear-probe transfer"),
@@ -27,6 +28,8 @@ def main(argv=None) -> None:
         if argv[:1] == [name]:  # import only the module of the command being run
             modules[name] = importlib.import_module(modname)
             modules[name].add_arguments(sp)
+            if hasattr(modules[name], "preset_defaults"):
+                sp.set_defaults(**modules[name].preset_defaults(argv[1:]))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

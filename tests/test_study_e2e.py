@@ -11,7 +11,8 @@ from ffkernels.cli import main
 from ffkernels.data import load_dataset
 from ffkernels.study import demo
 from ffkernels.study.config import StudyConfig
-from ffkernels.study.runner import _build
+from ffkernels.study.algos import make_trainer
+from ffkernels.study.pretext import get_pretext
 from ffkernels.study.store import StudyFolderError, StudyStore
 
 TINY = ["--dataset", "digits", "--pretext", "supervised", "jigsaw", "--algo", "both", "--hidden", "16", "16",
@@ -97,13 +98,17 @@ def test_non_empty_folder_without_results_is_refused(tmp_path):
         StudyStore(str(tmp_path), StudyConfig())
 
 
-def test_ff_and_bp_of_one_seed_start_from_the_same_weights():
+@pytest.mark.parametrize("algo", ["bp", "bp-goodness-last", "bp-goodness-all"])
+def test_every_algorithm_of_one_seed_starts_from_ffs_weights(algo):
     ds = load_dataset("digits")
     cfg = StudyConfig(hidden=(12, 7))
-    ff, _ = _build("ff", ds, 4, cfg, 3, "cpu", "auto")
-    bp, opt = _build("bp", ds, 4, cfg, 3, "cpu", "auto")
-    assert opt is not None and bp.head.out_features == 4
-    for a, b in zip(ff.layers, bp.layers):
+    trainers = []
+    for a in ("ff", algo):
+        torch.manual_seed(3)
+        trainers.append(make_trainer(a, [ds.in_features, *cfg.hidden], get_pretext("rotation"), 4, cfg, "cpu", "auto"))
+    ff, other = trainers
+    assert (other.net.head is not None and other.net.head.out_features == 4) == (algo == "bp")
+    for a, b in zip(ff.net.layers, other.net.layers):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
 
 

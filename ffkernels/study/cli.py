@@ -1,6 +1,7 @@
 """``ffkernels study``: FF vs BP on self-supervised pretext tasks, transfer by linear probe, report and plots.
 
     ffkernels study --dataset mnist5k --pretext all --algo both --epochs 20 --seeds 3 --out runs/mnist5k
+    ffkernels study --preset paper --out runs/paper      # the paper's setting and ablation (hours on a CPU)
 
 Rerunning into the same --out resumes (finished runs are skipped); a different config there is refused
 unless --overwrite. The defaults follow the paper's network (4 x 2000 ReLU): slow on a CPU, use --hidden.
@@ -14,13 +15,17 @@ import torch
 
 from ..cli_options import HelpFormatter, add_ff_loss_options, add_run_options
 from ..data import LOADERS, DatasetNotFoundError
-from .config import StudyConfig
+from .algos import ALGO_GROUPS, ALGOS
+from .config import PROBES, StudyConfig
+from .paper import PAPER_PRESET
 from .pretext import PRETEXTS
 from .report import console_summary
-from .runner import ALGOS, run_study
+from .runner import run_study
 from .store import REPORT, RESULTS, StudyFolderError
 
 DEFAULTS = StudyConfig()
+PRESETS = {"paper": PAPER_PRESET}
+PROBE_CHOICES = {**{p: (p,) for p in PROBES}, "both": PROBES}
 
 
 def _expand(values, choices, what):
@@ -41,27 +46,39 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="start from a named setting (paper: the paper's network, schedule, probes, tasks and "
+                        "ablation; see docs/study.md); flags given explicitly override it")
     p.add_argument("--dataset", nargs="+", default=["mnist5k"], metavar="NAME",
-                   help=f"one or more of {', '.join(LOADERS)}, or all (default: mnist5k, embedded)")
+                   help=f"one or more of {', '.join(LOADERS)}, or all (mnist5k is embedded: offline)")
     p.add_argument("--pretext", nargs="+", default=["rotation"], metavar="TASK",
-                   help=f"one or more of {', '.join(PRETEXTS)}, or all (default: rotation)")
-    p.add_argument("--algo", default="both", choices=[*ALGOS, "both"], help="FF, BP or both")
+                   help=f"one or more of {', '.join(PRETEXTS)}, or all")
+    p.add_argument("--algo", default="both", choices=[*ALGOS, *ALGO_GROUPS],
+                   help="one algorithm, both (ff + bp) or all (ff, bp and the BP-goodness ablations)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds; tables show mean ± std over them")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+seeds-1")
     p.add_argument("--out", default="ffkernels-study", help="output folder (results.json, report.md, plots)")
     p.add_argument("--data-root", default=None, help="folder of on-disk datasets (default $FFKERNELS_DATA or "
                                                      "~/.cache/ffkernels/data)")
     p.add_argument("--download", action="store_true", help="download missing on-disk datasets with torchvision")
-    p.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), help="layer widths (default: 4 x 2000)")
+    p.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), help="layer widths (4 x 2000: the paper's)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="pretext training epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     p.add_argument("--lr", type=float, default=d.ff_lr, help="FF learning rate, Adam per layer")
     p.add_argument("--bp-lr", type=float, default=d.bp_lr, help="BP learning rate, Adam")
     add_ff_loss_options(p, norm_help="normalization before each layer, FF and BP")
+    p.add_argument("--probe", choices=list(PROBE_CHOICES),
+                   default=next(k for k, v in PROBE_CHOICES.items() if v == d.probes), help="transfer probe: lbfgs (standardized features, L-BFGS), paper (raw features, "
+                                     "Adam for --paper-probe-epochs) or both (tables show both)")
     p.add_argument("--probe-steps", type=int, default=d.probe_steps,
                    help="L-BFGS iterations of the linear probe")
     p.add_argument("--probe-weight-decay", type=float, default=d.probe_weight_decay,
                    help="L2 penalty of the linear probe")
+    p.add_argument("--paper-probe-epochs", type=int, default=d.paper_probe_epochs,
+                   help="epochs of the paper probe (Adam)")
+    p.add_argument("--paper-probe-lr", type=float, default=d.paper_probe_lr, help="Adam lr of the paper probe")
+    p.add_argument("--hybrid-blur-steps", type=int, default=d.hybrid_blur_steps,
+                   help="blurs of the hybrid pretext's random masks")
     p.add_argument("--knn-k", type=int, default=d.knn_k, help="neighbours of the k-NN metric")
     p.add_argument("--tsne-points", type=int, default=d.tsne_points,
                    help="test points per t-SNE map, 0 for none")
@@ -75,7 +92,9 @@ def config_from_args(args) -> StudyConfig:
     try:
         return StudyConfig(hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size, ff_lr=args.lr,
                            bp_lr=args.bp_lr, goodness=args.goodness, threshold=args.threshold, loss=args.loss,
-                           norm=args.norm, probe_steps=args.probe_steps, probe_weight_decay=args.probe_weight_decay,
+                           norm=args.norm, probes=PROBE_CHOICES[args.probe], probe_steps=args.probe_steps,
+                           probe_weight_decay=args.probe_weight_decay, paper_probe_epochs=args.paper_probe_epochs,
+                           paper_probe_lr=args.paper_probe_lr, hybrid_blur_steps=args.hybrid_blur_steps,
                            knn_k=args.knn_k, tsne_points=args.tsne_points, max_train=args.max_train,
                            max_test=args.max_test, eval_every=args.eval_every)
     except ValueError as e:
@@ -106,7 +125,7 @@ def run(args):
         raise SystemExit("ffkernels study: --seeds must be >= 1")
     datasets = _expand(args.dataset, list(LOADERS), "dataset")
     pretexts = _expand(args.pretext, list(PRETEXTS), "pretext task")
-    algos = list(ALGOS) if args.algo == "both" else [args.algo]
+    algos = list(ALGO_GROUPS.get(args.algo, (args.algo,)))
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     try:
         return execute(args, datasets, pretexts, algos, seeds, config_from_args(args))
@@ -114,10 +133,20 @@ def run(args):
         raise SystemExit(str(e)) from e
 
 
+def preset_defaults(argv) -> dict:
+    """The defaults ``--preset NAME`` in ``argv`` stands for ({} without one); set them on the parser before
+    parsing, so that flags given explicitly still override them."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--preset", choices=list(PRESETS), default=None)
+    known, _ = p.parse_known_args(argv)
+    return dict(PRESETS[known.preset]) if known.preset else {}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ffkernels study", description=__doc__,
                                 formatter_class=HelpFormatter)
     add_arguments(p)
+    p.set_defaults(**preset_defaults(argv))
     run(p.parse_args(argv))
 
 

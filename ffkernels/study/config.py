@@ -8,8 +8,9 @@ from typing import Optional
 
 from ..config import GOODNESS, LOSSES, NORMS, FFConfig
 
-STUDY_FORMAT_VERSION = 1
+STUDY_FORMAT_VERSION = 2   # 2: probes, the Adam probe's settings and the hybrid masks' blur became settings
 PAPER_HIDDEN = (2000, 2000, 2000, 2000)
+PROBES = ("lbfgs", "paper")   # see probe.py: standardized L-BFGS; the paper's Adam-trained linear classifier
 _FF = FFConfig()  # the FF-layer settings default to the layer's own defaults
 
 
@@ -27,8 +28,13 @@ class StudyConfig:
     threshold: Optional[float] = None   # None: FFLinear's default (the width for "sum", 1 for "mean")
     loss: str = _FF.loss
     norm: str = _FF.norm          # the normalization before every layer, FF and BP alike
+    probes: tuple = ("lbfgs",)    # the first one fills "transfer"/"best_transfer"; every one fills row["probes"]
     probe_steps: int = 100
     probe_weight_decay: float = 1e-3
+    paper_probe_epochs: int = 100        # the "paper" probe: Adam on the raw features, minibatches
+    paper_probe_lr: float = 1e-3
+    paper_probe_batch_size: int = 100
+    hybrid_blur_steps: int = 6           # the "hybrid" pretext's masks: [1/4, 1/2, 1/4] blurs before the 0.5 cut
     knn_k: int = 10
     tsne_points: int = 1000       # 0: no t-SNE maps
     max_train: Optional[int] = None
@@ -38,15 +44,21 @@ class StudyConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        probes = (self.probes,) if isinstance(self.probes, str) else tuple(self.probes)
+        object.__setattr__(self, "probes", probes)
+        if not probes or len(set(probes)) != len(probes) or any(p not in PROBES for p in probes):
+            raise ValueError(f"ffkernels: study probes must be distinct names among {', '.join(map(repr, PROBES))}, "
+                             f"got {list(probes)}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "probe_steps": self.probe_steps,
-                    "knn_k": self.knn_k, "eval_every": self.eval_every}
+                    "knn_k": self.knn_k, "eval_every": self.eval_every, "paper_probe_epochs": self.paper_probe_epochs,
+                    "paper_probe_batch_size": self.paper_probe_batch_size, "hybrid_blur_steps": self.hybrid_blur_steps}
         positive.update({f"hidden[{i}]": h for i, h in enumerate(self.hidden)})
         for name, v in positive.items():
             if v < 1:
                 raise ValueError(f"ffkernels: study {name} must be >= 1, got {v}")
         if not self.hidden:
             raise ValueError("ffkernels: study hidden needs at least one layer width")
-        for name in ("ff_lr", "bp_lr"):
+        for name in ("ff_lr", "bp_lr", "paper_probe_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ffkernels: study {name} must be > 0, got {getattr(self, name)}")
         for name in ("max_train", "max_test"):
@@ -62,6 +74,7 @@ class StudyConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        d["probes"] = list(self.probes)
         return d
 
     @classmethod

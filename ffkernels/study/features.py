@@ -21,10 +21,12 @@ def _device_dtype(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def ff_features(net: FFNet, x: torch.Tensor, num_labels: int, batch_size: int = FEATURE_BATCH) -> list:
-    """Per layer, the (n, width) activations of ``x`` with the neutral label of ``num_labels`` written in."""
+def ff_features(net: FFNet, x: torch.Tensor, num_labels, batch_size: int = FEATURE_BATCH) -> list:
+    """Per layer, the (n, width) activations of ``x`` with the neutral label of ``num_labels`` written in
+    (``num_labels=None``: ``x`` as it is, for a net trained without labels)."""
     device, dtype = _device_dtype(net)
-    chunks = [net.features(embed_neutral(xb.to(device, dtype), num_labels)) for xb in x.split(batch_size)]
+    chunks = [net.features(xb.to(device, dtype) if num_labels is None else embed_neutral(xb.to(device, dtype), num_labels))
+              for xb in x.split(batch_size)]
     return [torch.cat(layer) for layer in zip(*chunks)]
 
 

@@ -1,8 +1,9 @@
 """PNG plots of a study folder, from results.json and the stored t-SNE maps (matplotlib, Agg canvas; pyplot
 and the global backend are left alone):
 
-- ``transfer_<dataset>.png``: linear-probe accuracy per layer (and all layers), FF vs BP, one panel per pretext
-- ``curves_<dataset>.png``: pretext test accuracy and training loss per epoch, FF vs BP, one column per pretext
+- ``transfer_<dataset>.png``: linear-probe accuracy per layer (and all layers), one line per algorithm, one panel
+  per pretext (the first probe of the config)
+- ``curves_<dataset>.png``: pretext test accuracy and training loss per epoch, one column per pretext
 - ``tsne_<dataset>_<pretext>.png``: t-SNE of the test features, one row per algorithm, one column per layer,
   points coloured by class
 """
@@ -13,10 +14,13 @@ import os
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from .algos import ALGOS
 from .report import ALGO_NAMES, _order, grouped
 from .store import StudyStore
 
-COLORS = {"ff": "tab:red", "bp": "tab:blue"}
+COLORS = {name: a.color for name, a in ALGOS.items()}
+LOSS_NAMES = {"ff": "FF loss (mean over layers)", "bp": "BP cross-entropy",
+              "bp-goodness-last": "BP-G last: goodness loss", "bp-goodness-all": "BP-G all: goodness loss (mean)"}
 
 
 def _figure(nrows: int, ncols: int, width: float, height: float):
@@ -75,7 +79,7 @@ def plot_curves(store: StudyStore, dataset: str) -> str:
             loss = np.array([[np.mean(step) for step in r["curves"]["loss"]] for r in runs])
             acc_ax.plot(curves["eval_epoch"], acc.mean(0), marker=".", color=COLORS[a], label=ALGO_NAMES[a])
             loss_ax.plot(curves["epoch"], loss.mean(0), marker=".", color=COLORS[a],
-                         label="FF loss (mean over layers)" if a == "ff" else "BP cross-entropy")
+                         label=LOSS_NAMES[a])
         acc_ax.set_title(p)
         loss_ax.set_yscale("log")
         loss_ax.set_xlabel("epoch")

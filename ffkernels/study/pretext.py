@@ -9,6 +9,11 @@ Images are tensors (N, C, H, W); every transform works on the whole batch at onc
 | flip         | 2      | 0 as is, 1 mirrored left-right                                           |
 | flip-hv      | 4      | 0 as is, 1 mirrored left-right, 2 upside-down, 3 both                    |
 | jigsaw       | 24     | 2x2 patches reordered: output patch i (row-major) = input patch JIGSAW_PERMUTATIONS[k][i] |
+| hybrid       | (2)    | no label in the input: real images are FF's positives, hybrid images its negatives    |
+
+``hybrid`` is unsupervised FF as in Hinton (2022): a negative mixes two different images through a smooth
+random mask (``hybrid_masks``: random bits, blurred repeatedly with [1/4, 1/2, 1/4] along rows and columns,
+cut at 0.5). It trains FF only; backprop has no counterpart (``PretextTask.kind == "contrast"``).
 """
 from __future__ import annotations
 
@@ -78,12 +83,42 @@ def jigsaw(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return shuffled.reshape(n, g, g, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
 
 
+def hybrid_masks(n: int, height: int, width: int, blur_steps: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 1, height, width) masks of 0/1: random bits, blurred ``blur_steps`` times with [1/4, 1/2, 1/4] along
+    rows then columns (edges replicated), thresholded at 0.5: large smooth regions, as Hinton (2022) describes."""
+    if blur_steps < 1:
+        raise ValueError(f"ffkernels: hybrid masks need blur_steps >= 1, got {blur_steps}")
+    m = torch.randint(0, 2, (n, 1, height, width), generator=generator).float()
+    k = torch.tensor([0.25, 0.5, 0.25])
+    for _ in range(blur_steps):
+        m = torch.nn.functional.conv2d(torch.nn.functional.pad(m, (1, 1, 0, 0), mode="replicate"), k.view(1, 1, 1, 3))
+        m = torch.nn.functional.conv2d(torch.nn.functional.pad(m, (0, 0, 1, 1), mode="replicate"), k.view(1, 1, 3, 1))
+    return (m > 0.5).float()
+
+
+def partners(n: int, generator: torch.Generator) -> torch.Tensor:
+    """For each of ``n >= 2`` items another one, drawn uniformly among the other n - 1."""
+    if n < 2:
+        raise ValueError(f"ffkernels: hybrid images need at least 2 images, got {n}")
+    return (torch.arange(n) + torch.randint(1, n, (n,), generator=generator)) % n
+
+
+def make_hybrid_data(x: torch.Tensor, image_shape, blur_steps: int, generator: torch.Generator):
+    """(x, hybrids) for flat inputs ``x`` (n, features): hybrid i = mask_i * image_i + (1 - mask_i) * image_j with
+    j another image (``partners``) and mask_i from ``hybrid_masks`` (shared by the channels); returned flat."""
+    images = x.reshape(len(x), *image_shape)
+    masks = hybrid_masks(len(x), image_shape[-2], image_shape[-1], blur_steps, generator).to(x.device, x.dtype)
+    other = images[partners(len(x), generator).to(x.device)]
+    return x, (masks * images + (1 - masks) * other).reshape(len(x), -1)
+
+
 @dataclass(frozen=True)
 class PretextTask:
     name: str
     num_labels: Optional[int]                 # None: the dataset's number of classes (supervised)
     transform: Optional[Callable]             # (images, labels) -> images; None: no transform
     description: str
+    kind: str = "label"                       # "label": predict a label; "contrast": real vs hybrid (FF only)
 
     def classes(self, dataset_classes: int) -> int:
         """How many labels the network predicts on this task."""
@@ -96,6 +131,8 @@ PRETEXTS = {
     "flip": PretextTask("flip", 2, flip, "no flip / left-right flip"),
     "flip-hv": PretextTask("flip-hv", 4, flip_hv, "no flip / left-right / upside-down / both"),
     "jigsaw": PretextTask("jigsaw", len(JIGSAW_PERMUTATIONS), jigsaw, "2x2 patches in one of 24 orders"),
+    "hybrid": PretextTask("hybrid", 2, None, "real images vs hybrids of two images (unsupervised FF)",
+                          kind="contrast"),
 }
 
 
@@ -115,7 +152,10 @@ def make_pretext_data(task: PretextTask, x: torch.Tensor, y: torch.Tensor, image
 
     Supervised: ``x`` and ``y`` unchanged. Otherwise every input gets a transform label drawn so that all
     labels are equally frequent (``balanced_labels``), and is transformed accordingly; returned flat.
+    A "contrast" task has no labels: use ``make_hybrid_data``.
     """
+    if task.kind != "label":
+        raise ValueError(f"ffkernels: the {task.name} task has no labels; its data come from make_hybrid_data")
     if task.transform is None:
         return x, y
     labels = balanced_labels(len(x), task.num_labels, generator)

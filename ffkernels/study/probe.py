@@ -1,9 +1,14 @@
-"""Linear probe: multinomial logistic regression on frozen, standardized features, in torch.
+"""Linear probes: multinomial logistic regression on frozen features, in torch. Two of them:
 
-Features are standardized per dimension with the *training* split's mean and standard deviation
-(``Standardizer``); the probe is fit by full-batch L-BFGS (strong-Wolfe line search) from zero weights
-for a fixed number of iterations with an L2 penalty on the weights. The problem is convex and the start is
-fixed, so the result is deterministic for given data; it runs on whatever device the features are on.
+- ``lbfgs`` (``fit_linear_probe``): features standardized per dimension with the *training* split's mean and
+  standard deviation (``Standardizer``), full-batch L-BFGS (strong-Wolfe line search) from zero weights for a
+  fixed number of iterations with an L2 penalty on the weights. Convex with a fixed start: deterministic for
+  given data, and close to the best linear read-out whatever the features' scale.
+- ``paper`` (``fit_adam_probe``): the paper's protocol as far as it is known: a linear classifier on the *raw*
+  frozen features, trained with Adam for a fixed number of epochs of shuffled minibatches (nn.Linear's
+  initialization, no penalty). It depends on the features' scale, as the paper's numbers do.
+
+Both run on whatever device the features are on.
 """
 from __future__ import annotations
 
@@ -82,6 +87,52 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: 
     with torch.no_grad():
         final = float(objective())
     return LinearProbe(w.detach(), b.detach(), final)
+
+
+def fit_adam_probes(xs: list, y: torch.Tensor, num_classes: int, epochs: int, lr: float, batch_size: int,
+                    seed: int) -> list:
+    """One linear classifier per feature tensor of ``xs`` (each (n, d_i), raw), trained side by side: each
+    starts from nn.Linear's initialization drawn from ``torch.Generator().manual_seed(seed)`` and takes
+    ``epochs`` epochs of Adam (``lr``) over the same minibatches of ``batch_size``, in an order drawn from
+    ``manual_seed(seed + 1)``. The classifiers share nothing but the batch order (separate losses, separate
+    parameters, element-wise Adam), so each is exactly what it would be trained alone; together they cost one
+    autograd graph and one optimizer step per batch instead of one per classifier."""
+    if not xs:
+        raise ValueError("ffkernels: the Adam probe needs at least one feature tensor")
+    for x in xs:
+        _check(x, y, num_classes)
+        if len(x) != len(xs[0]) or x.device != xs[0].device:
+            raise ValueError("ffkernels: the Adam probes' features must have the same rows on the same device")
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"ffkernels: the Adam probe needs epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, "
+                         f"{batch_size}, {lr}")
+    xs = [x.float() for x in xs]
+    device = xs[0].device
+    y = y.to(device).long()
+    params = []
+    for x in xs:
+        g = torch.Generator().manual_seed(seed)
+        bound = 1.0 / x.shape[1] ** 0.5  # nn.Linear's default initialization, from our generator
+        w = (torch.rand(num_classes, x.shape[1], generator=g) * 2 - 1) * bound
+        b = (torch.rand(num_classes, generator=g) * 2 - 1) * bound
+        params.append((w.to(device).requires_grad_(), b.to(device).requires_grad_()))
+    opt = torch.optim.Adam([t for wb in params for t in wb], lr=lr)
+    order = torch.Generator().manual_seed(seed + 1)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for idx in torch.randperm(len(y), generator=order).to(device).split(batch_size):
+                opt.zero_grad(set_to_none=True)
+                sum(F.cross_entropy(F.linear(x[idx], w, b), y[idx]) for x, (w, b) in zip(xs, params)).backward()
+                opt.step()
+    with torch.no_grad():
+        return [LinearProbe(w.detach(), b.detach(), float(F.cross_entropy(F.linear(x, w, b), y)))
+                for x, (w, b) in zip(xs, params)]
+
+
+def fit_adam_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, lr: float, batch_size: int,
+                   seed: int) -> LinearProbe:
+    """One linear classifier on raw features ``x``, trained as ``fit_adam_probes`` trains each of its own."""
+    return fit_adam_probes([x], y, num_classes, epochs, lr, batch_size, seed)[0]
 
 
 def probe_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,

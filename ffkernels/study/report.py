@@ -6,10 +6,13 @@ from collections import defaultdict
 
 import numpy as np
 
+from .algos import ALGOS
+from .paper import PAPER_REPORTED_MNIST
 from .pretext import PRETEXTS
 from .store import REPORT, StudyStore
 
-ALGO_NAMES = {"ff": "FF", "bp": "BP"}
+ALGO_NAMES = {name: a.label for name, a in ALGOS.items()}
+PAPER_DATASETS = ("mnist", "mnist5k")   # the reported numbers are MNIST's
 
 
 def mean_std(values, percent: bool = True, digits: int = 1) -> str:
@@ -63,6 +66,48 @@ def summary_table(rows, dataset: str) -> str:
         line += [mean_std([r["samples_per_s"] for r in runs[a]], percent=False, digits=0) for a in algos]
         line.append("/".join(str(len(runs[a])) for a in algos))
         body.append(line)
+    return _md(header, body)
+
+
+def probe_table(rows, dataset: str) -> str:
+    """Per pretext and algorithm, each probe's transfer: best (single layer or all) and the last layer alone."""
+    g = grouped(rows)
+    _, pretexts, algos = _order(rows)
+    probes = list(dict.fromkeys(p for r in rows if r["dataset"] == dataset for p in r.get("probes", {})))
+    header = ["pretext", "algo"] + [f"{p} {what}" for p in probes for what in ("best %", "last layer %", "all %")]
+    body = []
+    for p in pretexts:
+        for a in algos:
+            runs = g.get((dataset, p, a))
+            if runs:
+                body.append([p, ALGO_NAMES[a]] + [mean_std(v) for pr in probes for v in (
+                    [r["probes"][pr]["best"] for r in runs], [r["probes"][pr]["layers"][-1] for r in runs],
+                    [r["probes"][pr]["all"] for r in runs])])
+    return _md(header, body)
+
+
+def paper_table(rows, dataset: str) -> str:
+    """Our transfer next to the paper's reported MNIST numbers, for every (pretext, algo) either has."""
+    g = grouped(rows)
+    _, pretexts, algos = _order(rows)
+    probes = [p for p in ("paper", "lbfgs") if any(p in r.get("probes", {}) for r in rows if r["dataset"] == dataset)]
+    header = ["pretext", "algo", "paper (reported) %"]
+    for p in probes:
+        header += [f"ours, {p} probe, last layer %", f"ours, {p} probe, best %"]
+    header.append("seeds")
+    body = []
+    for p in [t for t in PRETEXTS if t in pretexts or any(k[0] == t for k in PAPER_REPORTED_MNIST)]:
+        for a in ALGO_NAMES:
+            runs = g.get((dataset, p, a), [])
+            reported = PAPER_REPORTED_MNIST.get((p, a))
+            if not runs and reported is None:
+                continue
+            line = [p, ALGO_NAMES[a], "–" if reported is None else f"{reported:.1f}"]
+            for pr in probes:
+                line += [mean_std([r["probes"][pr]["layers"][-1] for r in runs if pr in r.get("probes", {})]),
+                         mean_std([r["probes"][pr]["best"] for r in runs if pr in r.get("probes", {})])]
+            line.append(str(len(runs)))
+            body.append(line)
     return _md(header, body)
 
 
@@ -126,6 +171,18 @@ def console_summary(store: StudyStore) -> str:
     return "\n\n".join(f"{d}\n{summary_table(rows, d)}\n{baseline_lines(store.baseline(d))}" for d in datasets)
 
 
+def probe_description(cfg: dict) -> str:
+    """One sentence per probe of the config, as report.md states them."""
+    text = {"lbfgs": f"`lbfgs`: a linear probe (multinomial logistic regression, {cfg['probe_steps']} L-BFGS "
+                     f"iterations, L2 {cfg['probe_weight_decay']:g}) trained on the frozen features of the training "
+                     "split, each dimension standardized with the training split's mean and std, scored on the test "
+                     "split's classes.",
+            "paper": f"`paper`: a linear classifier on the raw frozen features, {cfg.get('paper_probe_epochs')} "
+                     f"epochs of Adam (lr {cfg.get('paper_probe_lr', 0):g}, batch "
+                     f"{cfg.get('paper_probe_batch_size')}), scored on the test split's classes."}
+    return " ".join(text[p] for p in cfg.get("probes", ["lbfgs"]))
+
+
 def write_report(store: StudyStore) -> str:
     """Write ``report.md`` into the study folder and return its path."""
     rows, cfg = store.rows, store.results["config"]
@@ -135,15 +192,18 @@ def write_report(store: StudyStore) -> str:
         "# Forward-Forward vs backprop: self-supervised pretext training and linear-probe transfer", "",
         f"Network: input-{hidden} (ReLU, `{cfg['norm']}` normalization before each layer), trained {cfg['epochs']} "
         f"epochs, batch {cfg['batch_size']}, Adam (FF lr {cfg['ff_lr']:g} per layer, goodness `{cfg['goodness']}`, "
-        f"loss `{cfg['loss']}`; BP lr {cfg['bp_lr']:g}, linear head + cross-entropy). Config fingerprint "
+        f"loss `{cfg['loss']}`; BP lr {cfg['bp_lr']:g}, linear head + cross-entropy, or no head and FF's goodness loss "
+        f"for the ablation). Config fingerprint "
         f"`{store.results['fingerprint']}`.", "",
         "- **pretext acc**: accuracy on the pretext task over the test split (FF: the label with the highest "
-        "goodness summed over the layers after the first; BP: arg-max of the head).",
-        "- **transfer**: a linear probe (multinomial logistic regression, "
-        f"{cfg['probe_steps']} L-BFGS iterations, L2 {cfg['probe_weight_decay']:g}) trained on the frozen features "
-        "of the training split, each dimension standardized with the training split's mean and std, scored on the "
-        "test split's classes. FF features are computed with the neutral label (1/num_labels in each label slot). "
-        "**best transfer** is the best of the single layers and all layers concatenated.",
+        "goodness summed over the layers after the first; BP: arg-max of the head; BP-G last / BP-G all, the "
+        "ablation trained end to end on FF's goodness loss: the label with the highest goodness at the last layer / "
+        "summed over the layers after the first; `hybrid`: the fraction of test images whose goodness beats that "
+        "of their hybrid image).",
+        "- **transfer**: " + probe_description(cfg) + " Features of the networks that saw labels in their input "
+        "are computed with the neutral label (1/num_labels in each label slot). **best transfer** is the best of "
+        "the single layers and all layers concatenated" + (f", by the `{cfg['probes'][0]}` probe" if
+                                                           len(cfg.get("probes", [])) > 1 else "") + ".",
         f"- **k-NN** ({cfg['knn_k']} neighbours, train split -> test split) and **silhouette** (test split, classes as "
         "clusters) use cosine geometry (each feature vector scaled to unit length): how much class information the "
         "neighbourhoods keep, and how separated the class clusters are. The t-SNE maps use the same geometry.",
@@ -151,7 +211,15 @@ def write_report(store: StudyStore) -> str:
         "negative pass per input).", ""]
     for d in datasets:
         out += [f"## {d}", "", summary_table(rows, d), "", baseline_lines(store.baseline(d)), "",
-                timing_line(rows, d), "", "### Transfer accuracy per layer (%)", "", layer_table(rows, d), "",
+                timing_line(rows, d), ""]
+        if len(cfg.get("probes", ["lbfgs"])) > 1:
+            out += ["### Transfer by probe (%)", "", probe_table(rows, d), ""]
+        if d in PAPER_DATASETS:
+            out += ["### Next to the paper's reported MNIST numbers", "",
+                    "The paper's numbers are as reported (full MNIST; quoted from a secondary summary, see "
+                    "`ffkernels/study/paper.py`); ours come from this folder's results.json. – : not reported / not "
+                    "run (backprop has no counterpart on `hybrid`).", "", paper_table(rows, d), ""]
+        out += ["### Transfer accuracy per layer (%)", "", layer_table(rows, d), "",
                 "### k-NN accuracy per layer (%)", "", cluster_table(rows, d, "knn_accuracy", True), "",
                 "### Silhouette per layer", "", cluster_table(rows, d, "silhouette", False), "",
                 "### Plots", "", f"![transfer per layer](transfer_{d}.png)", "", f"![training curves](curves_{d}.png)",

@@ -1,9 +1,10 @@
-"""Run a study: for every dataset x pretext x algorithm x seed, train on the pretext task, then measure
-transfer (linear probe per layer and on all layers concatenated), cluster quality and t-SNE maps.
+"""Run a study: for every dataset x seed x pretext x algorithm, train on the pretext task, then measure
+transfer (the linear probes per layer and on all layers concatenated), cluster quality and t-SNE maps.
 
-FF and BP of the same seed start from the same weights (FFLinear and nn.Linear share their initialization
-and are built after the same ``torch.manual_seed``), see the same transformed inputs in the same batches
-every epoch, and train for the same epochs with the same batch size.
+Every algorithm of the same seed starts from the same weights (FFLinear and nn.Linear share their
+initialization and are built after the same ``torch.manual_seed``), sees the same transformed inputs in the
+same batches every epoch (and FF and the BP-goodness ablations the same negative labels), and trains for the
+same epochs with the same batch size.
 """
 from __future__ import annotations
 
@@ -14,20 +15,15 @@ import numpy as np
 import torch
 
 from ..data import Dataset, load_dataset, subsample
-from ..layers import FFNet
-from ..bp import BPMLP, make_bp_optimizer
-from ..training import accuracy, bp_accuracy, progress_iter, train_bp_epoch, train_ff_epoch
+from ..training import progress_iter
+from .algos import check_algo, make_trainer, runs_on
 from .config import StudyConfig
 from .embedding import tsne_2d, tsne_points
-from .features import bp_features, ff_features
-from .metrics import cluster_metrics
-from .pretext import PretextTask, get_pretext, make_pretext_data
-from .probe import Standardizer, fit_linear_probe
+from .pretext import PretextTask, get_pretext, make_hybrid_data, make_pretext_data
 from .store import StudyStore, row_key
+from .transfer import baseline, transfer
 
-ALGOS = ("ff", "bp")
 PRETEXT_TEST_SEED = 12345   # the pretext test set is the same for every seed and algorithm
-UNTRAINED_SEED = 0
 
 
 def derived_seed(*parts: int) -> int:
@@ -39,90 +35,45 @@ def _generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(*parts))
 
 
-# ---- transfer ------------------------------------------------------------------------------------------
-
-def transfer(f_train: list, y_train, f_test: list, y_test, num_classes: int, cfg: StudyConfig) -> dict:
-    """Linear-probe test accuracy on each layer's features and on all layers concatenated, plus the
-    cluster metrics of each layer. ``f_train``/``f_test``: one (n, width) tensor per layer."""
-    y_train_d = y_train.to(f_train[0].device)
-
-    def probe(a, b):
-        std = Standardizer.fit(a)
-        return fit_linear_probe(std(a), y_train_d, num_classes, cfg.probe_steps, cfg.probe_weight_decay) \
-            .accuracy(std(b), y_test)
-
-    layers = [probe(a, b) for a, b in zip(f_train, f_test)]
-    everything = probe(torch.cat(f_train, 1), torch.cat(f_test, 1)) if len(f_train) > 1 else layers[0]
-    cluster = [cluster_metrics(a, y_train_d, b, y_test, num_classes, cfg.knn_k) for a, b in zip(f_train, f_test)]
-    best = max(range(len(layers)), key=lambda i: layers[i])
-    best_acc, best_where = (everything, "all") if everything > layers[best] else (layers[best], best + 1)
-    return {"transfer": {"layers": layers, "all": everything}, "best_transfer": best_acc,
-            "best_transfer_layer": best_where,
-            "cluster": {k: [c[k] for c in cluster] for k in ("knn_accuracy", "silhouette")}}
-
-
-def baseline(ds: Dataset, cfg: StudyConfig, device) -> dict:
-    """What transfer must beat: the probe on the raw pixels, and on an untrained network of the same shape."""
-    x_tr, x_te = ds.x_train.to(device), ds.x_test.to(device)
-    pixels = transfer([x_tr], ds.y_train, [x_te], ds.y_test, ds.num_classes, cfg)
-    torch.manual_seed(UNTRAINED_SEED)
-    net = BPMLP([ds.in_features, *cfg.hidden], ds.num_classes, norm=cfg.norm, device=device)
-    untrained = transfer(bp_features(net, ds.x_train), ds.y_train, bp_features(net, ds.x_test), ds.y_test,
-                         ds.num_classes, cfg)
-    return {"pixels": pixels, "untrained": untrained}
+def pretext_data(task: PretextTask, x, y, image_shape, cfg: StudyConfig, generator: torch.Generator):
+    """A label task's (inputs, labels), or a contrast task's (real images, hybrid images)."""
+    if task.kind == "contrast":
+        return make_hybrid_data(x, image_shape, cfg.hybrid_blur_steps, generator)
+    return make_pretext_data(task, x, y, image_shape, generator)
 
 
 # ---- one run -------------------------------------------------------------------------------------------
-
-def _build(algo: str, ds: Dataset, num_labels: int, cfg: StudyConfig, seed: int, device, backend: str):
-    torch.manual_seed(seed)
-    dims = [ds.in_features, *cfg.hidden]
-    if algo == "ff":
-        net = FFNet(dims, goodness=cfg.goodness, threshold=cfg.threshold, loss=cfg.loss, norm=cfg.norm,
-                    lr=cfg.ff_lr, backend=backend, device=device)
-        return net, None
-    net = BPMLP(dims, num_labels, norm=cfg.norm, device=device)
-    return net, make_bp_optimizer(net, lr=cfg.bp_lr)
-
 
 def run_one(ds: Dataset, task: PretextTask, algo: str, seed: int, cfg: StudyConfig, device="cpu",
             backend: str = "auto", progress: bool = False, want_tsne: bool = False):
     """Train one network on the pretext task and measure it. Returns (row, tsne) where tsne is None or
     (labels (n,), [coords (n, 2) per layer])."""
-    if algo not in ALGOS:
-        raise ValueError(f"ffkernels: unknown algorithm {algo!r}; expected one of {', '.join(map(repr, ALGOS))}")
+    check_algo(algo)
     t_start = time.perf_counter()
     num_labels = task.classes(ds.num_classes)
-    x_test_p, y_test_p = make_pretext_data(task, ds.x_test, ds.y_test, ds.image_shape, _generator(PRETEXT_TEST_SEED))
-    net, opt = _build(algo, ds, num_labels, cfg, seed, device, backend)
+    test_data = pretext_data(task, ds.x_test, ds.y_test, ds.image_shape, cfg, _generator(PRETEXT_TEST_SEED))
+    torch.manual_seed(seed)
+    trainer = make_trainer(algo, [ds.in_features, *cfg.hidden], task, num_labels, cfg, device, backend)
 
-    def evaluate():
-        return (accuracy(net, x_test_p, y_test_p, num_labels) if algo == "ff"
-                else bp_accuracy(net, x_test_p, y_test_p))
-
-    # loss: every epoch (FF: one value per layer; BP: the cross-entropy); pretext accuracy: every eval_every epochs
+    # loss: every epoch (FF: one value per layer; BP: the cross-entropy; BP-goodness: one per loss layer);
+    # pretext accuracy: every eval_every epochs
     curves = {"epoch": [], "loss": [], "eval_epoch": [], "pretext_accuracy": []}
     train_seconds = 0.0
     epochs = progress_iter(range(1, cfg.epochs + 1), progress, desc=f"{ds.name}/{task.name}/{algo}/seed{seed}",
-                       leave=False, unit="epoch")
+                           leave=False, unit="epoch")
     for epoch in epochs:
-        x_ep, y_ep = make_pretext_data(task, ds.x_train, ds.y_train, ds.image_shape, _generator(seed, epoch, 0))
-        batches = _generator(seed, epoch, 1)
-        if algo == "ff":
-            st = train_ff_epoch(net, x_ep, y_ep, num_labels, cfg.batch_size, batches, progress, f"epoch {epoch}")
-        else:
-            st = train_bp_epoch(net, opt, x_ep, y_ep, cfg.batch_size, batches, progress, f"epoch {epoch}")
+        data = pretext_data(task, ds.x_train, ds.y_train, ds.image_shape, cfg, _generator(seed, epoch, 0))
+        st = trainer.epoch(data, _generator(seed, epoch, 1), progress, f"epoch {epoch}")
         train_seconds += st.seconds
         curves["epoch"].append(epoch)
         curves["loss"].append(st.loss)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             curves["eval_epoch"].append(epoch)
-            curves["pretext_accuracy"].append(evaluate())
+            curves["pretext_accuracy"].append(trainer.pretext_accuracy(test_data))
             if progress:
                 epochs.set_postfix(pretext_acc=f"{curves['pretext_accuracy'][-1]:.3f}")
 
-    features = (lambda x: ff_features(net, x, num_labels)) if algo == "ff" else (lambda x: bp_features(net, x))
-    f_train, f_test = features(ds.x_train), features(ds.x_test)
+    f_train, f_test = trainer.features(ds.x_train), trainer.features(ds.x_test)
     measured = transfer(f_train, ds.y_train, f_test, ds.y_test, ds.num_classes, cfg)
     tsne = None
     if want_tsne and cfg.tsne_points > 0:
@@ -132,10 +83,9 @@ def run_one(ds: Dataset, task: PretextTask, algo: str, seed: int, cfg: StudyConf
            "pretext_classes": num_labels, "pretext_accuracy": curves["pretext_accuracy"][-1], **measured,
            "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t_start,
            "samples_per_s": len(ds.y_train) * cfg.epochs / train_seconds,
-           "backend": net.backend if algo == "ff" else "torch-autograd", "device": str(device),
+           "backend": trainer.backend, "device": str(device),
            "threads": torch.get_num_threads(), "n_train": len(ds.y_train), "n_test": len(ds.y_test),
-           "features_input": "neutral label (1/num_labels in each label slot)" if algo == "ff" else "plain input",
-           "curves": curves, "config": cfg.to_dict()}
+           "features_input": trainer.features_input, "curves": curves, "config": cfg.to_dict()}
     return row, tsne
 
 
@@ -156,10 +106,11 @@ def run_study(out: str, datasets, pretexts, algos, seeds, cfg: StudyConfig, *, d
     log = log or (lambda *a, **k: None)
     tasks = [get_pretext(p) for p in pretexts]
     for a in algos:
-        if a not in ALGOS:
-            raise ValueError(f"ffkernels: unknown algorithm {a!r}; expected one of {', '.join(map(repr, ALGOS))}")
+        check_algo(a)
     store = StudyStore(out, cfg, overwrite)
-    plan = [row_key(d, t.name, a, s) for d in datasets for t in tasks for s in seeds for a in algos]
+    # seed-major: every task of the first seed finishes before the next seed starts (an interrupted long study
+    # has whole seeds); algorithms without a counterpart on a task (BP on hybrid images) are not planned
+    plan = [row_key(d, t.name, a, s) for d in datasets for s in seeds for t in tasks for a in algos if runs_on(a, t)]
     todo = [k for k in plan if not store.has(k)]
     done = len(plan) - len(todo)
     log(f"ffkernels study: {len(plan)} runs planned in {out!r}"

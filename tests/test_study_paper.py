@@ -1,0 +1,190 @@
+"""The paper's setting in the study: the preset, the Adam probe, the BP-goodness ablation, hybrid negatives, and
+the side-by-side table."""
+import json
+
+import pytest
+import torch
+
+from ffkernels.backends import reference as ref
+from ffkernels.cli import main
+from ffkernels.data import load_dataset
+from ffkernels.labels import embed_label
+from ffkernels.study import cli as study_cli
+from ffkernels.study.algos import ALGO_GROUPS, ALGOS, make_trainer, runs_on
+from ffkernels.study.config import StudyConfig
+from ffkernels.study.paper import PAPER_PRESET, PAPER_REPORTED_MNIST
+from ffkernels.study.pretext import get_pretext, hybrid_masks, make_hybrid_data, partners
+from ffkernels.study.probe import fit_adam_probe, fit_adam_probes
+from ffkernels.study.report import paper_table, probe_table
+from ffkernels.training import train_ff_epoch
+
+from test_probe_metrics import blobs
+
+
+# ---- hybrid negatives -------------------------------------------------------------------------------
+
+def test_hybrid_masks_are_smooth_binary_regions():
+    m = hybrid_masks(64, 28, 28, 6, torch.Generator().manual_seed(0))
+    assert m.shape == (64, 1, 28, 28) and set(m.unique().tolist()) == {0.0, 1.0}
+    assert 0.3 < float(m.mean()) < 0.7
+    same_h = float((m[..., 1:] == m[..., :-1]).float().mean())
+    same_v = float((m[..., 1:, :] == m[..., :-1, :]).float().mean())
+    raw = torch.randint(0, 2, (64, 1, 28, 28), generator=torch.Generator().manual_seed(0)).float()
+    assert same_h > 0.8 and same_v > 0.8 and float((raw[..., 1:] == raw[..., :-1]).float().mean()) < 0.6
+    with pytest.raises(ValueError, match="blur_steps >= 1"):
+        hybrid_masks(2, 4, 4, 0, torch.Generator())
+
+
+def test_hybrid_images_take_every_pixel_from_the_image_or_another_one():
+    g = torch.Generator().manual_seed(1)
+    assert all(bool((partners(n, g) != torch.arange(n)).all()) for n in (2, 3, 50))
+    with pytest.raises(ValueError, match="at least 2 images"):
+        partners(1, g)
+    x = torch.rand(30, 2 * 8 * 8)
+    same, hyb = make_hybrid_data(x, (2, 8, 8), 2, torch.Generator().manual_seed(2))
+    assert same is x and hyb.shape == x.shape
+    g = torch.Generator().manual_seed(2)  # the same draws again: the masks, then the partners
+    m = hybrid_masks(30, 8, 8, 2, g)
+    j = partners(30, g)
+    img = x.reshape(30, 2, 8, 8)
+    assert torch.equal(hyb.reshape(30, 2, 8, 8), m * img + (1 - m) * img[j])
+    from_self = (hyb.reshape(30, 2, 8, 8) == img)
+    assert bool((from_self | (hyb.reshape(30, 2, 8, 8) == img[j])).all()) and 0 < float(from_self.float().mean()) < 1
+
+
+# ---- the paper's probe --------------------------------------------------------------------------------
+
+def test_adam_probes_side_by_side_are_each_the_probe_trained_alone():
+    x, y = blobs(40, num_classes=3, dim=12, seed=0)
+    xs = [x[:, :5], x, x * 3]
+    together = fit_adam_probes(xs, y, 3, 3, 1e-2, 16, seed=7)
+    for a, b in zip(together, [fit_adam_probe(t, y, 3, 3, 1e-2, 16, seed=7) for t in xs]):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    x_te, y_te = blobs(30, num_classes=3, dim=12, seed=1)
+    assert fit_adam_probe(x, y, 3, 30, 1e-2, 16, seed=0).accuracy(x_te, y_te) > 0.95
+    assert not torch.equal(together[1].weight, fit_adam_probe(x, y, 3, 3, 1e-2, 16, seed=8).weight)
+
+
+def test_adam_probe_bad_input():
+    x, y = blobs(10)
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        fit_adam_probe(x, y, 3, 0, 1e-3, 10, 0)
+    with pytest.raises(ValueError, match=r"features \(n, d\) and n labels"):
+        fit_adam_probes([x, x[:5]], y, 3, 1, 1e-3, 10, 0)
+    with pytest.raises(ValueError, match="probe labels must lie"):
+        fit_adam_probe(x, y + 5, 3, 1, 1e-3, 10, 0)
+
+
+# ---- the BP-goodness ablation -------------------------------------------------------------------------
+
+def _trainer(algo, task="rotation", hidden=(12, 9, 7), num_labels=4, seed=0, **cfg):
+    torch.manual_seed(seed)
+    return make_trainer(algo, [64, *hidden], get_pretext(task), num_labels, StudyConfig(hidden=hidden, **cfg),
+                        "cpu", "auto")
+
+
+@pytest.mark.parametrize("where,layers", [("last", [2]), ("all", [0, 1, 2])])
+def test_goodness_bp_loss_is_ffs_loss_at_its_layers_and_trains_end_to_end(where, layers):
+    t = _trainer(f"bp-goodness-{where}", threshold=None)
+    assert t.loss_layers == layers
+    g = torch.Generator().manual_seed(0)
+    xp, xn = torch.rand(10, 64, generator=g), torch.rand(10, 64, generator=g)
+    losses = t.losses(xp, xn)
+    h_pos, h_neg = t.net.features(xp), t.net.features(xn)
+    for got, i in zip(losses, layers):
+        cfg = t.layer_cfgs[i]
+        assert cfg.threshold == [12, 9, 7][i]  # FFLinear's rule: the width for "sum" goodness
+        want = ref.ff_loss(ref.goodness(h_pos[i], "sum"), ref.goodness(h_neg[i], "sum"), cfg)
+        torch.testing.assert_close(got, want)
+    losses.sum().backward()
+    assert float(t.net.layers[0].weight.grad.abs().sum()) > 0  # the first layer learns from the last one's loss
+
+
+def test_goodness_bp_draws_the_same_batches_and_negatives_as_ff():
+    """FF and the ablation see the same data stream: after an epoch from the same generator state, both leave
+    it in the same state (a permutation, then one wrong-label draw per batch)."""
+    x, y = torch.rand(57, 64), torch.randint(0, 4, (57,))
+    states = []
+    for algo in ("ff", "bp-goodness-all"):
+        t = _trainer(algo, batch_size=10)
+        g = torch.Generator().manual_seed(5)
+        if algo == "ff":
+            train_ff_epoch(t.net, x, y, 4, 10, g)
+        else:
+            t.epoch((x, y), g)
+        states.append(g.get_state())
+    assert torch.equal(*states)
+
+
+def test_goodness_bp_predicts_by_the_goodness_of_each_label():
+    t = _trainer("bp-goodness-all")
+    x = torch.rand(6, 64)
+    scores = t.scores(x)
+    for c in range(4):
+        h = t.net.features(embed_label(x, torch.full((6,), c), 4))
+        torch.testing.assert_close(scores[:, c], sum(ref.goodness(h[i], "sum") for i in (1, 2)))
+    assert _trainer("bp-goodness-last").predict_layers == [2]
+    acc = t.pretext_accuracy((x, scores.argmax(1)))
+    assert acc == 1.0
+
+
+def test_only_ff_trains_on_hybrid_images():
+    hybrid = get_pretext("hybrid")
+    assert [a for a in ALGOS if runs_on(a, hybrid)] == ["ff"]
+    assert all(runs_on(a, get_pretext("rotation")) for a in ALGOS)
+    with pytest.raises(ValueError, match="no counterpart on the hybrid task"):
+        _trainer("bp", task="hybrid")
+    assert ALGO_GROUPS == {"both": ("ff", "bp"), "all": tuple(ALGOS)}
+
+
+# ---- the preset, the CLI and the tables ---------------------------------------------------------------
+
+def test_preset_paper_sets_the_defaults_and_explicit_flags_win(monkeypatch):
+    seen = []
+    monkeypatch.setattr(study_cli, "run", seen.append)
+    main(["study", "--preset", "paper", "--epochs", "3", "--pretext", "flip"])
+    main(["study", "--epochs", "3"])
+    paper, plain = seen
+    assert paper.epochs == 3 and paper.pretext == ["flip"]  # explicit
+    assert paper.hidden == [2000] * 4 and paper.lr == paper.bp_lr == 1e-4 and paper.probe == "both"
+    assert paper.algo == "all" and paper.seeds == 2 and paper.eval_every == 10
+    assert {k: getattr(paper, k) for k in PAPER_PRESET if k not in ("epochs", "pretext")} == \
+        {k: v for k, v in PAPER_PRESET.items() if k not in ("epochs", "pretext")}
+    assert plain.probe == "lbfgs" and plain.algo == "both" and plain.lr == StudyConfig().ff_lr
+    cfg = study_cli.config_from_args(paper)
+    assert cfg.probes == ("lbfgs", "paper") and cfg.hidden == (2000,) * 4
+    with pytest.raises(ValueError, match="probes must be distinct"):
+        StudyConfig(probes=("lbfgs", "lbfgs"))
+
+
+def test_tiny_study_with_every_algorithm_hybrid_and_both_probes(tmp_path):
+    out = tmp_path / "s"
+    main(["study", "--dataset", "digits", "--pretext", "supervised", "rotation", "hybrid", "--algo", "all",
+          "--hidden", "16", "16", "--epochs", "2", "--batch-size", "50", "--max-train", "200", "--max-test", "100",
+          "--probe", "both", "--paper-probe-epochs", "2", "--probe-steps", "10", "--knn-k", "3", "--tsne-points", "0",
+          "--threads", "1", "--no-progress", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    assert sorted((r["pretext"], r["algo"]) for r in rows) == sorted(
+        [(p, a) for p in ("supervised", "rotation") for a in ALGOS] + [("hybrid", "ff")])
+    for r in rows:
+        assert set(r["probes"]) == {"lbfgs", "paper"}
+        assert r["transfer"]["layers"] == r["probes"]["lbfgs"]["layers"]  # the first probe is the primary one
+        assert r["best_transfer"] == max(r["probes"]["lbfgs"]["layers"] + [r["probes"]["lbfgs"]["all"]])
+        for p in r["probes"].values():
+            assert p["best"] == max(p["layers"] + [p["all"]]) and all(0 <= a <= 1 for a in p["layers"])
+        assert len(r["curves"]["loss"][0]) == {"ff": 2, "bp": 1, "bp-goodness-last": 1, "bp-goodness-all": 2}[r["algo"]]
+    hybrid = next(r for r in rows if r["pretext"] == "hybrid")
+    assert hybrid["features_input"].startswith("plain input") and 0 <= hybrid["pretext_accuracy"] <= 1
+    assert set(res["baselines"]["digits"]["pixels"]["probes"]) == {"lbfgs", "paper"}
+    report = (out / "report.md").read_text()
+    assert "### Transfer by probe (%)" in report and "| hybrid | FF |" in report
+    assert "BP-G all best transfer %" in report
+
+    table = paper_table(rows, "digits").splitlines()
+    sup_ff = next(line for line in table if line.startswith("| supervised | FF |"))
+    r = next(r for r in rows if (r["pretext"], r["algo"]) == ("supervised", "ff"))
+    assert f"| {PAPER_REPORTED_MNIST[('supervised', 'ff')]:.1f} |" in sup_ff
+    assert f"| {100 * r['probes']['paper']['layers'][-1]:.1f} |" in sup_ff
+    assert any(line.startswith("| jigsaw | FF | 53.7 |") for line in table)  # reported, not run here: "–" for ours
+    assert "lbfgs last layer %" in probe_table(rows, "digits")
