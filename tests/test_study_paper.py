@@ -188,3 +188,20 @@ def test_tiny_study_with_every_algorithm_hybrid_and_both_probes(tmp_path):
     assert f"| {100 * r['probes']['paper']['layers'][-1]:.1f} |" in sup_ff
     assert any(line.startswith("| jigsaw | FF | 53.7 |") for line in table)  # reported, not run here: "–" for ours
     assert "lbfgs last layer %" in probe_table(rows, "digits")
+
+
+def test_report_only_rewrites_the_report_from_results_json(tmp_path, capsys):
+    out = tmp_path / "s"
+    main(["study", "--dataset", "digits", "--pretext", "flip", "--hidden", "8", "--epochs", "1", "--max-train", "100",
+          "--max-test", "50", "--probe-steps", "5", "--knn-k", "3", "--tsne-points", "0", "--threads", "1",
+          "--no-progress", "--out", str(out)])
+    report = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    (out / "transfer_digits.png").unlink()
+    before = (out / "results.json").read_text()
+    main(["study", "--report-only", "--out", str(out)])
+    assert (out / "report.md").read_text() == report and (out / "transfer_digits.png").exists()
+    assert (out / "results.json").read_text() == before  # nothing trained, nothing rewritten
+    assert "from 2 finished runs" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="holds no results.json"):
+        main(["study", "--report-only", "--out", str(tmp_path / "nothing")])

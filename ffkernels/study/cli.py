@@ -21,7 +21,7 @@ from .paper import PAPER_PRESET
 from .pretext import PRETEXTS
 from .report import console_summary
 from .runner import run_study
-from .store import REPORT, RESULTS, StudyFolderError
+from .store import REPORT, RESULTS, StudyFolderError, StudyStore
 
 DEFAULTS = StudyConfig()
 PRESETS = {"paper": PAPER_PRESET}
@@ -42,6 +42,12 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
     add_run_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="discard the results of a study with another config in --out (otherwise refused)")
+
+
+def add_report_only(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite report.md and the plots of --out from its results.json (e.g. after "
+                        "an interrupted study)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,6 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-test", type=int, default=None, help="use at most this many test inputs")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="pretext test accuracy every N epochs")
     add_device_arguments(p)
+    add_report_only(p)
 
 
 def config_from_args(args) -> StudyConfig:
@@ -120,7 +127,25 @@ def execute(args, datasets, pretexts, algos, seeds, cfg: StudyConfig):
     return store
 
 
+def report_only(out: str) -> StudyStore:
+    """Rewrite report.md and the plots of the study folder ``out`` from its results.json; print the summary."""
+    from .plots import write_plots
+    from .report import write_report
+
+    try:
+        store = StudyStore.open(out)
+    except StudyFolderError as e:
+        raise SystemExit(str(e)) from e
+    write_report(store)
+    write_plots(store)
+    print(console_summary(store))
+    print(f"\nwrote {out}/{REPORT} and the plots from {len(store.rows)} finished runs in {out}/{RESULTS}")
+    return store
+
+
 def run(args):
+    if getattr(args, "report_only", False):
+        return report_only(args.out)
     if args.seeds < 1:
         raise SystemExit("ffkernels study: --seeds must be >= 1")
     datasets = _expand(args.dataset, list(LOADERS), "dataset")

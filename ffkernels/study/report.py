@@ -7,7 +7,7 @@ from collections import defaultdict
 import numpy as np
 
 from .algos import ALGOS
-from .paper import PAPER_REPORTED_MNIST
+from .paper import PAPER_REPORTED_MNIST, paper_settings
 from .pretext import PRETEXTS
 from .store import REPORT, StudyStore
 
@@ -84,6 +84,11 @@ def probe_table(rows, dataset: str) -> str:
                     [r["probes"][pr]["best"] for r in runs], [r["probes"][pr]["layers"][-1] for r in runs],
                     [r["probes"][pr]["all"] for r in runs])])
     return _md(header, body)
+
+
+def paper_settings_table() -> str:
+    """The paper preset's settings and where each comes from (docs/study.md shows this table)."""
+    return _md(["setting", "value", "source"], paper_settings())
 
 
 def paper_table(rows, dataset: str) -> str:

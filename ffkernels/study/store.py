@@ -74,6 +74,19 @@ class StudyStore:
                         "rows": [], "baselines": {}}
         self.save()
 
+    @classmethod
+    def open(cls, out: str) -> "StudyStore":
+        """The existing study in ``out``, with the config its results.json was made with (nothing is removed)."""
+        path = os.path.join(os.fspath(out), RESULTS)
+        if not os.path.exists(path):
+            raise StudyFolderError(f"ffkernels: {os.fspath(out)!r} holds no {RESULTS}: nothing to report")
+        saved = cls._read(path)
+        config = StudyConfig.from_dict(saved["config"])
+        if config.fingerprint() != saved["fingerprint"]:
+            raise StudyFolderError(f"ffkernels: {path} was written by another version of the study (its config does "
+                                   f"not give its fingerprint {saved['fingerprint']}); rerun it with this version")
+        return cls(out, config)
+
     @staticmethod
     def _read(path: str) -> dict:
         try:
