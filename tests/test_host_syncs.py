@@ -74,7 +74,7 @@ def syncs_of(fn):
 
 
 # the op backends (the reference checks on the host by design; the Triton interpreter copies to numpy itself)
-STEP_BACKENDS = [p for p in backend_params((CPU, TRITON, CUDA_BACKEND))]
+STEP_BACKENDS = backend_params((CPU, TRITON, CUDA_BACKEND))
 DEPTH = [20, 16, 16, 16, 16]  # four layers
 
 
