@@ -35,10 +35,14 @@ def test_on_device_makes_the_tensors_cuda_device_current(monkeypatch):
     with launch.on_device(SimpleNamespace(device=torch.device("cuda", 1))):
         pass
     assert rec.entered == [torch.device("cuda", 1)]
-    for other in (torch.zeros(2), torch.zeros(2, device="meta")):  # the interpreter's CPU tensors; fakes
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # a traced launch (torch.compile; tests/test_triton_ptxas.py traces without a GPU)
+        fake = torch.empty(2, device="cuda:1")
+    for other in (torch.zeros(2), torch.zeros(2, device="meta"), fake):  # the interpreter's CPU tensors; others
         with launch.on_device(other):
             pass
-    assert rec.entered == [torch.device("cuda", 1)], "only CUDA tensors switch the device"
+    assert rec.entered == [torch.device("cuda", 1)], "only real CUDA tensors switch the device"
 
 
 @pytest.mark.parametrize("backend", backend_params((TRITON,)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
@@ -27,10 +28,11 @@ def launchable(kernel):
 
 def on_device(tensor: torch.Tensor):
     """Context in which ``tensor``'s CUDA device is the current one (so Triton launches there, on that device's
-    current stream); no-op for tensors elsewhere (CPU tensors under the interpreter, meta/fake tensors of other
-    devices)."""
+    current stream); no-op for tensors elsewhere (CPU tensors under the interpreter, meta tensors) and for fake
+    tensors: a traced launch (torch.compile, or tracing the GPU path on a machine without one) runs nothing now,
+    and switching the device would initialize CUDA."""
     device = tensor.device
-    if device.type != "cuda":
+    if device.type != "cuda" or is_fake(tensor):
         return contextlib.nullcontext()
     return torch.cuda.device(device)
 
