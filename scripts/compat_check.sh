@@ -16,7 +16,7 @@ SCRATCH=${2:-$(mktemp -d /tmp/ffkernels-compat.XXXXXX)}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 TESTS=${COMPAT_TESTS:-"tests/test_build.py tests/test_layers.py tests/test_labeled.py tests/test_non_finite.py \
 tests/test_host_syncs.py tests/test_head.py tests/test_peer_norm.py tests/test_bad_op_arguments.py \
-tests/test_opcheck.py tests/test_triton_launch.py tests/test_triton_math_and_settings.py"}
+tests/test_opcheck.py tests/test_triton_launch.py tests/test_triton_math_and_settings.py tests/test_triton_ptxas.py"}
 
 "$PY" - <<'EOF' || { echo "compat_check: $PY cannot import torch" >&2; exit 2; }
 import importlib, sys
