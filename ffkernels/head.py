@@ -91,24 +91,36 @@ class SoftmaxHead(nn.Module):
 
         ``logits``: this head's logits of ``features`` if already computed (they are not recomputed). The
         gradient (softmax - one-hot)^T features / B is one (C, B) x (B, D) GEMM; the update is the backend's
-        fused Adam/SGD. A non-finite loss raises NonFiniteLossError and changes nothing.
+        fused Adam/SGD. A non-finite loss raises NonFiniteLossError and changes nothing (one host sync).
         """
+        loss = self._step(features, labels, logits)
+        if not bool(torch.isfinite(loss)):
+            self._raise_non_finite(loss)
+        self.step_count += 1
+        return loss.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def _step(self, features, labels, logits=None, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``step`` without the host check (FFNet reads it with the FF layers' losses, in one sync): the update is
+        skipped on the device when the loss is not finite, or when the 0-d bool ``gate`` is False. Returns the
+        loss in fp32 (fp64 for fp64 heads); the caller advances ``step_count`` exactly when the update ran."""
         f = features.detach()
         z = self(f) if logits is None else logits.detach()
         logp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
         y = torch.as_tensor(labels, device=z.device).long().reshape(-1, 1)
         loss = -logp.gather(1, y).mean()
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteLossError(f"ffkernels: the head's cross-entropy is not finite ({loss.item()}); its "
-                                     "weights and optimizer state were left unchanged")
         dz = logp.exp_()
         dz.scatter_add_(1, y, torch.full_like(y, -1, dtype=dz.dtype))
         grad = (dz.t() / f.shape[0]).to(f.dtype) @ f
         w = self.weight.detach()
+        guard = loss if gate is None else torch.where(gate, loss, torch.full_like(loss, float("nan")))
         get_backend(self.backend).update(w, None, grad, None, tuple(getattr(self, n) for n in self._state_names()),
-                                         (), self.step_count + 1, self.config)
-        self.step_count += 1
-        return loss.to(w.dtype)
+                                         (), self.step_count + 1, self.config, loss=guard)
+        return loss
+
+    def _raise_non_finite(self, loss: torch.Tensor) -> None:
+        raise NonFiniteLossError(f"ffkernels: the head's cross-entropy is not finite ({loss.item()}); its "
+                                 "weights and optimizer state were left unchanged")
 
     def extra_repr(self) -> str:
         c = self.config

@@ -14,15 +14,41 @@ def _check(x: torch.Tensor, num_classes: int) -> None:
 
 def embed_label(x: torch.Tensor, labels: torch.Tensor, num_classes: int, value: float = 1.0) -> torch.Tensor:
     """A copy of ``x`` (…, K) whose first ``num_classes`` features are the one-hot ``labels`` times ``value``."""
+    labels = _labels_like(x, labels, num_classes)
+    check_label_range(labels, num_classes)
+    return embed_label_unchecked(x, labels, num_classes, value)
+
+
+def _labels_like(x: torch.Tensor, labels, num_classes: int) -> torch.Tensor:
     _check(x, num_classes)
     labels = torch.as_tensor(labels, device=x.device)
     if labels.shape != x.shape[:-1]:
         raise ValueError(f"ffkernels: labels must have shape {tuple(x.shape[:-1])}, got {tuple(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"ffkernels: labels must lie in [0, {num_classes}), got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """ValueError unless every label lies in [0, num_classes). Reads the labels on the host (a sync on a GPU)."""
+    if labels.numel():
+        lo, hi = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"ffkernels: labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+
+
+def labels_out_of_range(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """0-d bool tensor on the labels' device: whether some label lies outside [0, num_classes). No host sync."""
+    labels = labels.long()
+    return ((labels < 0) | (labels >= num_classes)).any()
+
+
+def embed_label_unchecked(x: torch.Tensor, labels: torch.Tensor, num_classes: int, value: float = 1.0) -> torch.Tensor:
+    """``embed_label`` without reading the labels on the host (no sync): a label outside [0, num_classes) gets
+    all-zero label slots instead of an error, so the caller checks ``labels_out_of_range`` itself. Bit for bit
+    ``embed_label`` otherwise (the one-hot built by comparison: the same 0/1 times value)."""
+    labels = _labels_like(x, labels, num_classes)
     out = x.clone()
-    out[..., :num_classes] = torch.nn.functional.one_hot(labels.long(), num_classes).to(x.dtype) * value
+    classes = torch.arange(num_classes, device=x.device)
+    out[..., :num_classes] = (labels.long().unsqueeze(-1) == classes).to(x.dtype) * value
     return out
 
 

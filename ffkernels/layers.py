@@ -13,8 +13,34 @@ from .backends import reference as ref
 from .backends.contract import check_ff_inputs, state_dtype
 from .config import FFConfig
 from .head import SoftmaxHead, rms_features
-from .labels import embed_label, embed_neutral, hard_negatives, wrong_labels
+from .labels import (check_label_range, embed_label_unchecked, embed_neutral, hard_negatives,
+                     labels_out_of_range, wrong_labels)
 from .step_state import extra_state, load_extra_state
+
+
+def _non_finite_error(loss: torch.Tensor) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"ffkernels: the FF loss is not finite ({loss.item()}); the weights and optimizer state were "
+        "left unchanged. Check the inputs for NaN/inf, or lower the learning rate.")
+
+
+def _raise_label_range(x, labels_pos, labels_neg, num_classes: int) -> None:
+    for labels in (labels_pos, labels_neg):
+        check_label_range(torch.as_tensor(labels, device=x.device), num_classes)
+
+
+def _nan_first_row_if(bad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its first row set to NaN where the 0-d bool ``bad`` is True (in place, no host sync).
+
+    This is how a sweep carries "an earlier layer's step was not finite" to the next layer without reading it on
+    the host: a NaN row makes that layer's loss NaN (every backend propagates NaN through the normalization, the
+    GEMM and relu), so its update is skipped on the device like any non-finite step. Where ``bad`` is False the
+    values are untouched, bit for bit.
+    """
+    x = x.contiguous()
+    if x.numel():
+        x.view(-1, x.shape[-1])[:1].masked_fill_(bad, float("nan"))
+    return x
 
 
 class FFLinear(nn.Module):
@@ -159,9 +185,7 @@ class FFLinear(nn.Module):
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not bool(torch.isfinite(loss)):
-            raise NonFiniteLossError(
-                f"ffkernels: the FF loss is not finite ({loss.item()}); the weights and optimizer state were "
-                "left unchanged. Check the inputs for NaN/inf, or lower the learning rate.")
+            raise _non_finite_error(loss)
 
     def _param_views(self):
         return self.weight.detach(), (self.bias.detach() if self.bias is not None else None)
@@ -171,15 +195,22 @@ class FFLinear(nn.Module):
 
         Returns loss, h_pos, h_neg, g_pos, g_neg (computed with the weights before the update) and updates
         the layer in place. Raises NonFiniteLossError, changing nothing, if the loss is not finite.
+        One host sync (reading whether the loss is finite).
         """
+        out = self._step(x_pos, x_neg)
+        self._check_finite(out.loss)
+        self.step_count += 1
+        return out
+
+    def _step(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> FFStepOutput:
+        """``ff_step`` without the host check: the backend skips the update on the device when the loss is not
+        finite; the caller reads the loss and advances ``step_count`` exactly when it is finite."""
         xp, xn, lead = self._flatten_inputs(x_pos, x_neg)
         w, b = self._param_views()
         with torch.no_grad():
             out = get_backend(self.backend).step(xp, xn, w, b, self._states("weight"),
                                                  self._states("bias") if b is not None else (),
                                                  self.step_count + 1, self.config, peer_mean=self._peer_mean())
-        self._check_finite(out.loss)
-        self.step_count += 1
         return FFStepOutput(out.loss, out.h_pos.reshape(*lead, -1), out.h_neg.reshape(*lead, -1),
                             out.g_pos.reshape(lead), out.g_neg.reshape(lead))
 
@@ -189,20 +220,42 @@ class FFLinear(nn.Module):
 
         Positive and negative share every feature but the label slots, so backends that can (``cpu``) compute
         the shared part once: B-row GEMMs instead of 2B-row ones. Others build the pair and call ``ff_step``.
+        One host sync (the loss and, where the pair is built here, the labels' range, read together).
         """
-        fused = getattr(get_backend(self.backend), "step_labeled", None)
-        if fused is None or not isinstance(x, torch.Tensor) or x.dim() != 2:
-            return self.ff_step(embed_label(x, labels_pos, num_classes, value),
-                                embed_label(x, labels_neg, num_classes, value))
+        out, labels_bad = self._step_labeled(x, labels_pos, labels_neg, num_classes, value)
+        if labels_bad is None:
+            self._check_finite(out.loss)
+        else:
+            bad_labels, bad_loss = torch.stack([labels_bad, ~torch.isfinite(out.loss)]).tolist()
+            if bad_labels:
+                _raise_label_range(x, labels_pos, labels_neg, num_classes)
+            if bad_loss:
+                raise _non_finite_error(out.loss)
+        self.step_count += 1
+        return out
+
+    def _step_labeled(self, x, labels_pos, labels_neg, num_classes: int, value: float = 1.0, pair: bool = False):
+        """(``ff_step_labeled`` without the host check, labels_bad): labels_bad is None when the backend's fused
+        labeled step ran (its op checks the labels), else a 0-d bool tensor (labels outside [0, num_classes)) for
+        the caller to read; the pair was then built without reading the labels and, with bad labels, made NaN so
+        the update is skipped on the device. ``pair=True`` builds the pair whatever the backend."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ffkernels: x must be a torch.Tensor, got {type(x).__name__}")
+        fused = None if pair else getattr(get_backend(self.backend), "step_labeled", None)
+        if fused is None or x.dim() != 2:
+            yp = torch.as_tensor(labels_pos, device=x.device)
+            yn = torch.as_tensor(labels_neg, device=x.device)
+            xp = embed_label_unchecked(x, yp, num_classes, value)
+            xn = embed_label_unchecked(x, yn, num_classes, value)
+            bad = labels_out_of_range(yp, num_classes) | labels_out_of_range(yn, num_classes)
+            return self._step(_nan_first_row_if(bad, xp), xn), bad
         check_ff_inputs(x, x, self.weight, self.bias)
         w, b = self._param_views()
         with torch.no_grad():
             out = fused(x.detach(), torch.as_tensor(labels_pos), torch.as_tensor(labels_neg), num_classes,
                         float(value), w, b, self._states("weight"), self._states("bias") if b is not None else (),
                         self.step_count + 1, self.config, peer_mean=self._peer_mean())
-        self._check_finite(out.loss)
-        self.step_count += 1
-        return out
+        return out, None
 
     def ff_grad(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> FFGradOutput:
         """The local FF gradient (and loss, h, g) without updating anything (see ``ff_update``).
@@ -364,7 +417,7 @@ class FFNet(nn.Module):
         If layer l's loss is not finite, NonFiniteLossError is raised naming it: layers before l have taken
         their (finite) step, layer l and those after it are unchanged.
         """
-        return self._sweep(lambda layer: layer.ff_step(x_pos, x_neg), return_outputs)
+        return self._sweep(lambda layer: layer._step(x_pos, x_neg), return_outputs)
 
     def ff_step_labeled(self, x: torch.Tensor, labels_pos: torch.Tensor, labels_neg: Optional[torch.Tensor],
                         num_classes: int, value: float = 1.0, return_outputs: bool = False, *,
@@ -397,41 +450,88 @@ class FFNet(nn.Module):
             with torch.no_grad():
                 feats = self.head_features(x, value).reshape(-1, self.head.in_features)
                 logits = self.head(feats)
+        # labels clamped into [0, C) where they index a tensor (hard negatives, the head's gather): out-of-range
+        # labels must not fault on the device before the one host check at the end, which then raises for them
+        y_pos = torch.as_tensor(labels_pos, device=self.layers[0].weight.device)
+        y_safe = y_pos.long().clamp(0, num_classes - 1)
         if labels_neg is None:
             if negatives == "random":
                 labels_neg = wrong_labels(torch.as_tensor(labels_pos), num_classes, generator)
             else:
                 scores = logits if logits is not None else self.goodness_scores(x, num_classes, value=value)
-                y = torch.as_tensor(labels_pos, device=scores.device)
-                labels_neg = hard_negatives(scores.reshape(-1, num_classes), y.reshape(-1), generator,
-                                            temperature).reshape(y.shape)
-        if first_layer == "shared":
-            def first(layer):
-                return layer.ff_step_labeled(x, labels_pos, labels_neg, num_classes, value)
-        else:
-            def first(layer):
-                return layer.ff_step(embed_label(x, labels_pos, num_classes, value),
-                                     embed_label(x, labels_neg, num_classes, value))
-        out = self._sweep(first, return_outputs)
-        head_loss = None
-        if self.head is not None:
-            y = torch.as_tensor(labels_pos, device=feats.device).reshape(-1)
-            head_loss = self.head.step(feats, y, logits)
-        return out._replace(head_loss=head_loss, labels_neg=labels_neg)
+                labels_neg = hard_negatives(scores.reshape(-1, num_classes), y_safe.to(scores.device).reshape(-1),
+                                            generator, temperature).reshape(y_pos.shape)
 
-    def _sweep(self, first_step, return_outputs: bool) -> FFNetStepOutput:
+        def first(layer):
+            out, labels_bad = layer._step_labeled(x, labels_pos, labels_neg, num_classes, value,
+                                                  pair=first_layer == "pair")
+            if labels_bad is not None:
+                checks.append(labels_bad.reshape(1))
+            return out
+
+        checks = []
+        out = self._sweep(first, return_outputs, checks,
+                          lambda: _raise_label_range(x, labels_pos, labels_neg, num_classes),
+                          None if self.head is None else (feats, y_safe.to(feats.device).reshape(-1), logits))
+        return out._replace(labels_neg=labels_neg)
+
+    def _sweep(self, first_step, return_outputs: bool, checks=None, raise_labels=None, head=None) -> FFNetStepOutput:
+        """Every layer's step, then one host sync for all of them (docs/design.md, "Host syncs").
+
+        Each layer's update is skipped on the device when its loss is not finite; a non-finite loss also turns the
+        first row of the next layer's input to NaN (``_nan_first_row_if``), so every later layer's loss is NaN and
+        its update skipped too. After the sweep one read of all the losses (and ``checks``: 1-element bool tensors,
+        True = bad, e.g. the labels' range) decides: all fine, every step_count advances; else the step counts of
+        the layers that stepped (finite loss) advance and the error names the first failure.
+        """
+        checks = [] if checks is None else checks
         losses, outputs = [], []
         x_pos = x_neg = None
-        for i, layer in enumerate(self.layers):
-            try:
-                out = first_step(layer) if i == 0 else layer.ff_step(x_pos, x_neg)
-            except NonFiniteLossError as e:
-                raise NonFiniteLossError(f"ffkernels: layer {i}: {e} (layers 0..{i - 1} were updated)") from e
-            losses.append(out.loss)
-            if return_outputs:
-                outputs.append(out)
-            x_pos, x_neg = out.h_pos, out.h_neg
-        return FFNetStepOutput(torch.stack(losses), outputs if return_outputs else None)
+        try:
+            for i, layer in enumerate(self.layers):
+                out = first_step(layer) if i == 0 else layer._step(x_pos, x_neg)
+                losses.append(out.loss)
+                if return_outputs:
+                    outputs.append(out)
+                x_pos, x_neg = out.h_pos, out.h_neg
+                if i + 1 < len(self.layers):
+                    x_pos = _nan_first_row_if(~torch.isfinite(out.loss), x_pos)
+        except BaseException:
+            self._account_steps(losses)  # the layers that ran did step where their loss was finite
+            raise
+        stacked = torch.stack(losses)
+        ff_bad = ~torch.isfinite(stacked)
+        flags = torch.cat(checks + [ff_bad]) if checks else ff_bad
+        head_loss = None
+        if head is not None:  # (features, labels, logits): its update only if every FF check passed, on the device
+            head_loss = self.head._step(*head, gate=~flags.any())  # fp32 (fp64 for fp64 heads)
+            flags = torch.cat([flags, ~torch.isfinite(head_loss).reshape(1)])
+        if bool(flags.any()):  # the one host sync of the step
+            self._raise_after_sweep(losses, flags[:len(checks)], raise_labels, head_loss)
+        for layer in self.layers:
+            layer.step_count += 1
+        if head is not None:
+            self.head.step_count += 1
+        return FFNetStepOutput(stacked, outputs if return_outputs else None,
+                               None if head_loss is None else head_loss.to(self.head.weight.dtype))
+
+    def _account_steps(self, losses) -> None:
+        """Advance the step count of each layer that ran whose loss is finite (its update happened)."""
+        if losses:
+            for layer, ok in zip(self.layers, torch.isfinite(torch.stack(losses)).tolist()):
+                layer.step_count += int(ok)
+
+    def _raise_after_sweep(self, losses, check_flags, raise_labels, head_loss) -> None:
+        """The failure path of ``_sweep`` (host reads are free here): advance what stepped, raise the first error."""
+        self._account_steps(losses)
+        if bool(check_flags.any()):
+            raise_labels()
+            raise ValueError("ffkernels: a check of the step's inputs failed")  # not reached: raise_labels raises
+        for i, loss in enumerate(losses):
+            if not bool(torch.isfinite(loss)):
+                raise NonFiniteLossError(f"ffkernels: layer {i}: {_non_finite_error(loss)} "
+                                         f"(layers 0..{i - 1} were updated)")
+        self.head._raise_non_finite(head_loss)
 
     # ---- inference -----------------------------------------------------------------------------------
 
@@ -493,7 +593,8 @@ class FFNet(nn.Module):
         base = img @ w[:, c:].t()                                                  # (n, N), the one GEMM
         label = (value * w[:, :c].t()).unsqueeze(1)                                # (C, 1, N)
         if cfg.norm != "none":  # every one-hot label of this value gives the row the same norm: label 0's serves
-            d = ref.row_divisor(embed_label(x2, torch.zeros(n, dtype=torch.long, device=x2.device), c, value),
+            d = ref.row_divisor(embed_label_unchecked(x2, torch.zeros(n, dtype=torch.long, device=x2.device), c,
+                                                      value),
                                 cfg.norm, cfg.norm_eps)
             base = base / d
             z = label / d                                                          # (C, n, N)

@@ -47,11 +47,11 @@ def accuracy(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: int, bat
     one, else goodness) equals ``y``."""
     device = net.layers[0].weight.device
     dtype = net.layers[0].weight.dtype
-    correct = 0
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for xb, yb in zip(x.split(batch_size), y.to(device).split(batch_size)):
         pred = net.predict(xb.to(device, dtype), num_classes, method=method)
-        correct += int((pred.cpu() == yb).sum())
-    return correct / max(1, len(y))
+        correct += (pred == yb).sum()
+    return int(correct) / max(1, len(y))  # one host read
 
 
 def train_ff_epoch(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int,
@@ -79,9 +79,10 @@ def train_ff_epoch(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: in
     first_layer = "shared" if shared_first_layer else "pair"
     perm = torch.randperm(len(y), generator=generator)
     batches = perm.split(batch_size)
-    sums = torch.zeros(len(net.layers), dtype=torch.float64)
-    head_sum = torch.zeros((), dtype=torch.float64)
     has_head = getattr(net, "head", None) is not None
+    # running sums on the device, read once at the end of the epoch: no host sync per step (docs/design.md)
+    sums = torch.zeros(len(net.layers) + 1, dtype=torch.float64, device=device)  # per-layer losses, then the head's
+    shown = _LossDisplay(device) if progress else None
     t0 = time.perf_counter()
     bar = progress_iter(batches, progress, desc=desc, leave=False, unit="batch")
     for i, idx in enumerate(bar):
@@ -98,29 +99,56 @@ def train_ff_epoch(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: in
             out = net.ff_step(xp.to(device, dtype, non_blocking=True), xn.to(device, dtype, non_blocking=True))
         if scheduler is not None:
             scheduler.step()
-        losses = out.losses.double().cpu()
-        sums += losses
+        sums[:-1] += out.losses.detach().to(device, torch.float64)
         head_loss = getattr(out, "head_loss", None)
         if head_loss is not None:
-            head_sum += head_loss.double().cpu()
-        if progress and i % 10 == 0:
-            bar.set_postfix(loss=" ".join(f"{v:.3f}" for v in losses.tolist()))
+            sums[-1] += head_loss.detach().to(device, torch.float64)
+        if shown is not None and i % 10 == 0:
+            shown.update(bar, out.losses)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     secs = time.perf_counter() - t0
     n = max(1, len(batches))
-    return EpochStats(0, (sums / n).tolist(), secs, len(y) / secs,
-                      head_loss=float(head_sum) / n if has_head else None)
+    means = (sums / n).tolist()  # the epoch's one host read of the losses
+    return EpochStats(0, means[:-1], secs, len(y) / secs, head_loss=means[-1] if has_head else None)
+
+
+class _LossDisplay:
+    """The progress bar's loss postfix without a host sync: on a GPU each shown step's losses are copied to pinned
+    host memory asynchronously and displayed at a later update once that copy has finished (an event query, which
+    never waits); on the CPU they are shown at once."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending = None  # (host copy, event) of a GPU copy in flight
+
+    def update(self, bar, losses: torch.Tensor) -> None:
+        if not self.cuda:
+            self._show(bar, losses.detach().double())
+            return
+        if self.pending is not None and self.pending[1].query():
+            self._show(bar, self.pending[0])
+            self.pending = None
+        if self.pending is None:
+            host = torch.empty(losses.shape, dtype=torch.float64, pin_memory=True)
+            host.copy_(losses.detach().double(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(losses.device))
+            self.pending = (host, event)
+
+    @staticmethod
+    def _show(bar, losses: torch.Tensor) -> None:
+        bar.set_postfix(loss=" ".join(f"{v:.3f}" for v in losses.tolist()))
 
 
 @torch.no_grad()
 def bp_accuracy(model: BPMLP, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     """Fraction of ``x`` whose arg-max logit of the BP model equals ``y``."""
     p = next(model.parameters())
-    correct = 0
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        correct += int((model(xb.to(p.device, p.dtype)).argmax(-1).cpu() == yb).sum())
-    return correct / max(1, len(y))
+    correct = torch.zeros((), dtype=torch.long, device=p.device)
+    for xb, yb in zip(x.split(batch_size), y.to(p.device).split(batch_size)):
+        correct += (model(xb.to(p.device, p.dtype)).argmax(-1) == yb).sum()
+    return int(correct) / max(1, len(y))  # one host read
 
 
 def train_bp_epoch(model: BPMLP, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -131,16 +159,17 @@ def train_bp_epoch(model: BPMLP, optimizer: torch.optim.Optimizer, x: torch.Tens
     p = next(model.parameters())
     perm = torch.randperm(len(y), generator=generator)
     batches = perm.split(batch_size)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros(1, dtype=torch.float64, device=p.device)  # on the device, read once (as train_ff_epoch)
+    shown = _LossDisplay(p.device) if progress else None
     t0 = time.perf_counter()
     bar = progress_iter(batches, progress, desc=desc, leave=False, unit="batch")
     for i, idx in enumerate(bar):
         loss = bp_step(model, optimizer, x[idx].to(p.device, p.dtype, non_blocking=True),
                        y[idx].to(p.device, non_blocking=True))
-        total += loss.double().cpu()
-        if progress and i % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+        total += loss.detach().to(p.device, torch.float64)
+        if shown is not None and i % 10 == 0:
+            shown.update(bar, loss.reshape(1))
     if p.device.type == "cuda":
         torch.cuda.synchronize(p.device)
     secs = time.perf_counter() - t0
-    return EpochStats(0, [float(total) / max(1, len(batches))], secs, len(y) / secs)
+    return EpochStats(0, (total / max(1, len(batches))).tolist(), secs, len(y) / secs)

@@ -121,3 +121,59 @@ def test_ffnet_names_the_failing_layer(backend):
         net.ff_step(xp, xp)
     for layer, snap in zip(net.layers, before):
         _assert_unchanged(layer, snap)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("labeled", [False, True], ids=["ff_step", "ff_step_labeled-head"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_ffnet_middle_layer_failure_leaves_it_and_the_later_layers(backend, labeled):
+    """Layer 2 of 4 overflows (h finite, h^2 = inf): layers 0, 1 step; layers 2, 3 (whose RMS-normalized input is
+    finite, so its own loss would be finite) and the head keep everything, peer_mean and step_count included. The
+    sweep reads the losses once at the end: layer 3 is held back on the device (docs/design.md, "Host syncs")."""
+    torch.manual_seed(0)
+    dev = backend.device
+    net = FFNet([20, 16, 16, 16, 16], backend=backend.name, device=dev, **PEER,
+                **(dict(head=True, num_classes=4) if labeled else {}))
+    x = torch.rand(6, 20).to(dev)
+    y = torch.tensor([0, 1, 2, 3, 0, 1], device=dev)
+
+    def step():
+        if labeled:
+            return net.ff_step_labeled(x, y, (y + 1) % 4, 4)
+        return net.ff_step(x, x.flip(0))
+
+    step()
+    with torch.no_grad():
+        net.layers[2].weight.abs_().mul_(1e30)
+    before = [_snapshot(layer) for layer in net.layers]
+    head_before = _snapshot(net.head) if labeled else None
+    with pytest.raises(NonFiniteLossError, match=r"layer 2: .*not finite.*layers 0\.\.1 were updated"):
+        step()
+    assert [layer.step_count for layer in net.layers] == [2, 2, 1, 1]
+    for i, layer in enumerate(net.layers):
+        if i < 2:
+            assert not torch.equal(layer.weight, before[i]["weight"])
+            assert not torch.equal(layer.peer_mean, before[i]["peer_mean"])
+        else:
+            _assert_unchanged(layer, before[i])
+    if labeled:
+        _assert_unchanged(net.head, head_before)
+        assert net.head.step_count == 1
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_ffnet_bad_labels_on_the_pair_path_change_nothing(backend):
+    """The pair is built without reading the labels on the host; out-of-range labels are found by the step's one
+    host check, which raises ValueError with nothing updated (the first layer's input was made NaN on the device)."""
+    torch.manual_seed(0)
+    dev = backend.device
+    net = FFNet([20, 16, 16], backend=backend.name, device=dev, **PEER, head=True, num_classes=4)
+    x = torch.rand(3, 20).to(dev)
+    before = [_snapshot(m) for m in (*net.layers, net.head)]
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\), got values in \[0, 7\]"):
+        net.ff_step_labeled(x, torch.tensor([0, 1, 7], device=dev), torch.tensor([1, 2, 3], device=dev), 4,
+                            first_layer="pair")
+    for m, snap in zip((*net.layers, net.head), before):
+        _assert_unchanged(m, snap)
+        assert m.step_count == 0

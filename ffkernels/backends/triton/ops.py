@@ -1,7 +1,8 @@
 """The Triton backend's torch.library ops: ``ffkernels_triton::ff_grad``, ``ff_update`` and ``ff_step``.
 
 The same schemas as the compiled ``ffkernels::`` ops (python_api/ff_api.cpp; docs/design.md, "The ops"):
-the options as one string (``FFConfig.op_options``), ``None`` for unused state. On GPUs they are ``torch.library.triton_op``s: torch.compile sees the kernels inside
+the options as one string (``FFConfig.op_options``), ``None`` for unused state. Every kernel launch runs inside
+``on_device(weight)`` (launch.py): Triton launches on the current CUDA device, which need not be the tensors'. On GPUs they are ``torch.library.triton_op``s: torch.compile sees the kernels inside
 (launched through ``wrap_triton``) and can schedule them. Under the Triton interpreter the kernels are
 plain Python functions that torch cannot trace, so the same functions are registered as opaque
 ``custom_op``s with fake kernels instead. Both declare what they mutate, so ``torch.library.opcheck``
@@ -20,6 +21,7 @@ from ...config import FFConfig
 from .. import contract
 from . import settings
 from .forward_kernel import ff_forward_kernel, launch_forward
+from .launch import on_device
 from .loss_kernel import launch_loss
 from .optim_args import optim_args
 from .update_kernel import launch_update
@@ -92,9 +94,10 @@ def ff_grad(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor]
     cfg = FFConfig.from_op_options(options)
     x_pos, x_neg, weight, bias = _check_inputs(x_pos, x_neg, weight, bias, in_place=False)
     peer_mean = _check_peer_mean(peer_mean, weight, cfg, in_place=False)
-    loss_t, h_pos, h_neg, g_pos, g_neg, coef, den, peer = _forward(x_pos, x_neg, weight, bias, cfg, peer_mean)
-    grad_w, grad_b = launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss_t, weight, bias, cfg.norm,
-                                        peer=peer)
+    with on_device(weight):  # Triton launches on the current device: make it the tensors' one
+        loss_t, h_pos, h_neg, g_pos, g_neg, coef, den, peer = _forward(x_pos, x_neg, weight, bias, cfg, peer_mean)
+        grad_w, grad_b = launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss_t, weight, bias, cfg.norm,
+                                            peer=peer)
     return loss_t, h_pos, h_neg, g_pos, g_neg, grad_w, grad_b if grad_b is not None else weight.new_empty(0)
 
 
@@ -114,9 +117,10 @@ def ff_update(weight: Tensor, bias: Optional[Tensor], grad_weight: Tensor, grad_
     is given and not finite."""
     update, grads = _update_args(weight, bias, grad_weight, grad_bias, state1_weight, state2_weight, state1_bias,
                                  state2_bias, loss, step, options)
-    launch_update(weight, grads[0], state1_weight, state2_weight, loss, update)
-    if bias is not None:
-        launch_update(bias, grads[1], state1_bias, state2_bias, loss, update)
+    with on_device(weight):
+        launch_update(weight, grads[0], state1_weight, state2_weight, loss, update)
+        if bias is not None:
+            launch_update(bias, grads[1], state1_bias, state2_bias, loss, update)
 
 
 def _update_args(weight, bias, grad_weight, grad_bias, s1w, s2w, s1b, s2b, loss, step, options):
@@ -150,9 +154,10 @@ def ff_step(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor]
     normalization kernel 3 also commits peer_mean <- r' then (and only then)."""
     states = (state1_weight, state2_weight, state1_bias, state2_bias)
     x_pos, x_neg, cfg, update, peer_mean = _step_args(x_pos, x_neg, weight, bias, states, peer_mean, step, options)
-    loss_t, h_pos, h_neg, g_pos, g_neg, coef, den, peer = _forward(x_pos, x_neg, weight, bias, cfg, peer_mean)
-    launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss_t, weight, bias, cfg.norm, update=update,
-                       states=states, peer=peer)
+    with on_device(weight):
+        loss_t, h_pos, h_neg, g_pos, g_neg, coef, den, peer = _forward(x_pos, x_neg, weight, bias, cfg, peer_mean)
+        launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss_t, weight, bias, cfg.norm, update=update,
+                           states=states, peer=peer)
     return loss_t, h_pos, h_neg, g_pos, g_neg
 
 
