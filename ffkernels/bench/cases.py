@@ -37,6 +37,8 @@ from ..labels import wrong_labels
 from ..layers import FFLinear
 
 DEFAULT_SHAPES = "256x784x2000,256x2000x2000"
+# on a GPU also the large batches where the GEMMs should dominate (4096x2000x2000 is the shape of issue 12's target)
+GPU_SHAPES = "256x784x2000,256x2000x2000,4096x2000x2000,4096x4096x4096"
 NUM_CLASSES = 10  # label slots of the labeled first-layer case
 QUICK_SHAPES = "16x40x24,16x24x24"
 
