@@ -499,3 +499,84 @@ def test_cuda_build_check_parses_archs(monkeypatch):
         reason = machine.extension_rebuild_reason((9, 0))
         assert (reason is None) if expect is None else (expect in reason), (archs, reason)
 
+
+# ---- scripts/gpu_check.sh: its time budget, its guard, its phase runner (run here, without a GPU) ------------------
+
+GPU_CHECK = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+needs_bash = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("timeout")),
+                                reason="needs bash and coreutils' timeout")
+
+
+def _script_bounds() -> dict:
+    text = GPU_CHECK.read_text()
+    line = re.search(r'^BOUNDS="([^"]*)"$', text, re.M)
+    assert line, "gpu_check.sh has no BOUNDS=\"phase=seconds ...\" line"
+    return {name: int(sec) for name, sec in (p.split("=") for p in line.group(1).split())}
+
+
+def test_gpu_check_phase_bounds_fit_one_ten_minute_command():
+    text = GPU_CHECK.read_text()
+    bounds = _script_bounds()
+    assert sum(bounds.values()) <= 540, bounds
+    assert int(re.search(r"^TOTAL_LIMIT=(\d+)", text, re.M).group(1)) <= 540
+    # every phase the script runs has a budget, and the header comment states the same budgets
+    used = set(re.findall(r"^\s*(?:run_phase|pytest_phase|record) ([a-z][a-z-]*) ", text, re.M))
+    assert used - {"stop"} == set(bounds), (used, bounds)
+    for name, sec in bounds.items():
+        assert re.search(rf"^#   {re.escape(name)} +{sec} ", text, re.M), f"header comment lacks '{name} {sec}'"
+
+
+@needs_bash
+def test_gpu_check_syntax_and_plan():
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+    plan = subprocess.run(["bash", str(GPU_CHECK), "--plan"], capture_output=True, text=True, check=True).stdout
+    assert f"total               {sum(_script_bounds().values())} (limit 540" in plan
+    bad = subprocess.run(["bash", str(GPU_CHECK), "--nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+@needs_bash
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the guard of a machine without a GPU")
+def test_gpu_check_without_a_gpu_exits_2_after_recording_why(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "torch sees no CUDA GPU" in proc.stderr
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert re.match(r"preflight +ok ", summary[1]) and re.match(r"stop +no-gpu ", summary[2])
+    assert "GPU: none" in (out / "env.txt").read_text() and (out / "preflight.log").exists()
+
+
+@needs_bash
+def test_gpu_check_phase_runner_bounds_interrupts_and_goes_on(tmp_path):
+    """The script's run_phase, sourced: a phase at its bound gets SIGINT (a Python module run like `python -m` under
+    the script's SIGINT handler reports, even as a background job that ignores SIGINT), one that ignores SIGINT is
+    killed, a failure is recorded, unused time goes to the next phase, and every phase runs."""
+    (tmp_path / "sleeper.py").write_text(
+        "import sys, time\nprint('started', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+        "    print('interrupted: saving', flush=True)\n    sys.exit(3)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    script = f"""
+        source {shlex.quote(str(GPU_CHECK))}
+        OUT={shlex.quote(str(out))}; PYTHON={shlex.quote(sys.executable)}; STATUS=0; T0=$(date +%s)
+        BOUNDS="quick=5 sleepy=3 stubborn=3 broken=2"; GRACE=1
+        export PYTHONPATH={shlex.quote(str(tmp_path))}
+        run_phase quick true
+        run_phase sleepy "$PYTHON" -c "$PY_INT" sleeper
+        run_phase stubborn bash -c 'trap "" INT; sleep 30'
+        run_phase broken false
+        echo "STATUS=$STATUS"
+    """
+    # in the background, as a non-interactive shell starts its jobs: SIGINT ignored unless a handler is installed
+    proc = subprocess.run(["bash", "-c", f"bash -c {shlex.quote(script)} & wait $!"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert "STATUS=1" in proc.stdout, proc.stdout + proc.stderr
+    lines = {ln.split()[0]: ln.split() for ln in (out / "summary.txt").read_text().splitlines()}
+    assert lines["quick"][1] == "ok"
+    assert lines["sleepy"][1] == "timeout"
+    assert int(lines["sleepy"][4].rstrip("s")) >= 7  # 3 s of its own + what "quick" left of its 5
+    assert "interrupted: saving" in (out / "sleepy.log").read_text()
+    assert lines["stubborn"][1] == "killed" and lines["broken"][1] == "failed"
