@@ -500,6 +500,25 @@ def test_cuda_build_check_parses_archs(monkeypatch):
         assert (reason is None) if expect is None else (expect in reason), (archs, reason)
 
 
+
+def test_fused_cases_do_not_wait_for_the_device(monkeypatch):
+    """fused-*/labeled-* call the backend's step as ffkernels.ff_step does, not FFLinear.ff_step, whose finiteness
+    check (bool(isfinite(loss))) synchronizes with a GPU every step."""
+    from ffkernels.bench.cases import fused_case, labeled_case
+    from ffkernels.layers import FFLinear
+
+    def no_sync(self, loss):
+        raise AssertionError("a host-side finiteness check ran")
+    monkeypatch.setattr(FFLinear, "_check_finite", no_sync)
+    backend = "cpu" if "cpu" in available_backends() else "reference"
+    shape = LayerShape(4, 12, 8)
+    steps = [fused_case(backend).build(shape, torch.device("cpu"), torch.float32)]
+    if has_labeled_step(backend):
+        steps.append(labeled_case(backend).build(shape, torch.device("cpu"), torch.float32))
+    for step in steps:
+        first, second = step(), step()
+        assert torch.isfinite(first.loss) and not torch.equal(first.h_pos, second.h_pos)  # it trains
+
 # ---- scripts/gpu_check.sh: its time budget, its guard, its phase runner (run here, without a GPU) ------------------
 
 GPU_CHECK = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
