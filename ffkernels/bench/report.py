@@ -45,6 +45,11 @@ def _layer_cells(r: dict) -> list:
             _fmt(r["ff_bp_ratio_per_sample"], ".2f"), _fmt(r["ff_bp_dx_ratio_per_sample"], ".2f")]
 
 
+def floor_flops(batch: int, in_features: int, out_features: int) -> int:
+    """FLOPs of the floor: z = x̂Wᵀ and dW = Gᵀx̂ over the 2B rows, 2·(2B)·K·N each."""
+    return 2 * 2 * (2 * batch) * in_features * out_features
+
+
 def layer_table(rows: list, markdown: bool = False) -> str:
     """One block per shape (and dtype, when the rows have several): every case's time and its ratios to the
     floor, the reference and BP; then the cases that failed, with their errors."""
@@ -58,8 +63,14 @@ def layer_table(rows: list, markdown: bool = False) -> str:
         title = (f"layer {rs[0]['in_features']} -> {rs[0]['out_features']}, B = {b} real samples "
                  f"(FF: {2 * b} rows = {b} pos + {b} neg; BP: {b} rows)" + (f", {dtype}" if several else ""))
         block = _block(title, _table(header, [_layer_cells(r) for r in rs], markdown), markdown)
-        failed = [f"{'- ' if markdown else '  '}{r['case']} failed: {r['error']}" for r in rs if r.get("error")]
-        blocks.append("\n".join([block, *([""] * markdown), *failed]) if failed else block)
+        notes = [f"{'- ' if markdown else '  '}{r['case']} failed: {r['error']}" for r in rs if r.get("error")]
+        floor = next((r for r in rs if r["case"] == "floor" and r.get("time")), None)
+        if floor is not None:  # what the GEMMs achieved: compare with the GEMM rate docs/gpu-sizing.md assumes
+            flops = floor_flops(floor["batch"], floor["in_features"], floor["out_features"])
+            notes.append(f"{'- ' if markdown else '  '}floor: {flops / 1e9:.2f} GFLOP (two GEMMs over {2 * b} rows) "
+                         f"in {floor['time']['median_ms']:.3f} ms = {flops / floor['time']['median_s'] / 1e12:.3g} "
+                         "TFLOP/s")
+        blocks.append("\n".join([block, *([""] * markdown), *notes]) if notes else block)
     return "\n\n".join(blocks)
 
 
