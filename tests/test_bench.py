@@ -599,3 +599,26 @@ def test_gpu_check_phase_runner_bounds_interrupts_and_goes_on(tmp_path):
     assert int(lines["sleepy"][4].rstrip("s")) >= 7  # 3 s of its own + what "quick" left of its 5
     assert "interrupted: saving" in (out / "sleepy.log").read_text()
     assert lines["stubborn"][1] == "killed" and lines["broken"][1] == "failed"
+
+
+
+# ---- scripts/gpu_sizing.py: the sizing table on paper ----------------------------------------------------------
+
+def test_gpu_sizing_doc_is_generated_from_the_script(monkeypatch):
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "gpu_sizing.py"), "--stdout"], capture_output=True,
+                          text=True, check=True)
+    assert proc.stdout == (root / "docs" / "gpu-sizing.md").read_text() + "\n", \
+        "docs/gpu-sizing.md is stale: run python scripts/gpu_sizing.py"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_sizing", root / "scripts" / "gpu_sizing.py")
+    sizing = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_sizing", sizing)  # dataclasses look their module up there
+    spec.loader.exec_module(sizing)
+    r = sizing.estimate(4096, 2000, 2000, sizing.MODES[0])  # the target shape in bf16
+    assert r["gflop"] == pytest.approx(2 * 2 * 8192 * 2000 * 2000 / 1e9)
+    assert r["floor_us"] == pytest.approx(report.floor_flops(4096, 2000, 2000) / 790e12 * 1e6)
+    # normalize 2RKe + epilogue 3RNe + grad_b RNe + Adam NK(3e+16), R = 8192, e = 2; sum_pairs 8B
+    assert r["cuda"]["mb"] * 1e6 == pytest.approx(2 * 8192 * 2000 * 2 + 4 * 8192 * 2000 * 2 + 2000 * 2000 * 22
+                                                  + 8 * 4096)
