@@ -169,7 +169,8 @@ def document() -> str:
           f"{c['mb']:.0f} MB besides its GEMMs ({c['bytes_us']:.0f} µs at {ACHIEVABLE_TBPS:g} TB/s) plus "
           f"{c['extra_us'] - c['bytes_us']:.0f} µs of launches and the single-block loss sum: **{c['ratio']:.2f}× the "
           "floor, over the 1.3 target** unless L2 keeps part of the 33 MB intermediates (x̂, z) between kernels [A3], "
-          "or the floor runs below 790 TFLOP/s while the extra passes do not slow down. The extra is the normalize pass "
+          "or the floor runs below 790 TFLOP/s while the extra passes do not slow down. The extra is the normalize "
+          "pass "
           "(x read and x̂ written), the epilogue's three passes over z/h, the grad_b read and the Adam pass; the first "
           "three are what fusing the row scale and the epilogue into the GEMMs (as the Triton kernels do) removes.",
           f"- The Triton backend moves only {t['mb']:.0f} MB besides its GEMMs and has 3 launches: "
@@ -187,7 +188,8 @@ def document() -> str:
           "- The bench's `fused-*` cases call the step without the host-side finiteness check of `FFLinear.ff_step` "
           "(`bool(torch.isfinite(loss))`, a device synchronization every step). Training through `FFLinear.ff_step` / "
           f"`FFNet.ff_step` adds the host's per-step time (~{HOST_STEP_US:g} µs [A6]) to every layer step, since the "
-          f"GPU then idles while Python issues the next one: at the target that alone is ~{HOST_STEP_US / tgt['floor_us']:.2f}× "
+          "GPU then idles while Python issues the next one: at the target that alone is "
+          f"~{HOST_STEP_US / tgt['floor_us']:.2f}× "
           "the floor on top of the ratio above.", "",
           "## Compare with the first run", "",
           "From `bench.json` (or the tables of `bench.md`), per shape and dtype:", "",
@@ -204,9 +206,10 @@ def document() -> str:
           f"- **[A1] peaks** — NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200), SXM, dense (the sheet's "
           f"\"with sparsity\" figures halved): BF16 tensor core {PEAK_TFLOPS['bf16']:g} TFLOP/s, TF32 tensor core "
           f"{PEAK_TFLOPS['tf32']:g}, FP32 (no tensor cores) {PEAK_TFLOPS['fp32']:g}; HBM3e {PEAK_TBPS:g} TB/s. The "
-          "H200 NVL (PCIe card, 600 W) is ~15% lower in compute (835 / 418 / 60) with the same bandwidth; the machine's "
-          "variant is in `env.txt` (nvidia-smi name and power limit) after the first run.",
-          f"- **[A2] achievable rates** — large cuBLAS GEMMs at ~80% of the peak: {ACHIEVABLE_TFLOPS['bf16']:g} TFLOP/s "
+          "H200 NVL (PCIe card, 600 W) is ~15% lower in compute (835 / 418 / 60) with the same bandwidth; the "
+          "machine's variant is in `env.txt` (nvidia-smi name and power limit) after the first run.",
+          "- **[A2] achievable rates** — large cuBLAS GEMMs at ~80% of the peak: "
+          f"{ACHIEVABLE_TFLOPS['bf16']:g} TFLOP/s "
           f"bf16 (issue 12's figure), {ACHIEVABLE_TFLOPS['tf32']:g} TF32, {ACHIEVABLE_TFLOPS['fp32']:g} FP32 "
           f"(SGEMM, torch's default for fp32); streaming kernels at ~90% of HBM: {ACHIEVABLE_TBPS:g} TB/s. "
           "Small GEMMs (B = 256) get much less than 80%.",

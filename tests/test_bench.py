@@ -364,7 +364,8 @@ def test_network_failures_are_recorded_and_saved_per_depth(monkeypatch, restore_
                                 on_depth=lambda rows: saved.append(len(rows)))
     assert saved == [3, 6, 9]
     rows = {(r["algo"], r["depth"]): r for r in out["rows"]}
-    assert rows["ff-labeled", 2]["error"] == "RuntimeError: CUDA out of memory" and rows["ff-labeled", 2]["time"] is None
+    assert rows["ff-labeled", 2]["error"] == "RuntimeError: CUDA out of memory"
+    assert rows["ff-labeled", 2]["time"] is None
     assert rows["bp", 3]["error"] == "memory: RuntimeError: worker died" and rows["bp", 3]["samples_per_s"] > 0
     assert rows["ff", 3]["transient_alloc_bytes"] == 5 and rows["bp", 2]["transient_alloc_bytes"] == 40
     growth = out["summary"]["bytes_per_added_layer"]  # failed rows left out of the fits
@@ -518,6 +519,35 @@ def test_fused_cases_do_not_wait_for_the_device(monkeypatch):
     for step in steps:
         first, second = step(), step()
         assert torch.isfinite(first.loss) and not torch.equal(first.h_pos, second.h_pos)  # it trains
+
+
+def test_machine_record_of_a_gpu_run(monkeypatch):
+    """machine_info's CUDA branch, without a GPU: the device's name, memory, compute capability and whether the
+    build has kernels for it."""
+    from types import SimpleNamespace
+
+    from ffkernels.bench import machine
+
+    props = SimpleNamespace(name="NVIDIA H200", total_memory=141 * 10 ** 9, major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(machine, "extension_rebuild_reason", lambda cap: f"no kernels for {cap}")
+    info = machine.machine_info("cuda")
+    assert (info["gpu_name"], info["gpu_capability"], info["gpu_memory_bytes"]) == ("NVIDIA H200", "9.0", 141 * 10 ** 9)
+    assert info["cuda_build_reason"] == "no kernels for 9.0" and "fp32_matmul_tf32" in info
+    assert "GPU NVIDIA H200" in machine.describe(info)
+
+
+def test_tf32_switch_is_restored():
+    from ffkernels.backends.triton import get_fp32_precision
+    from ffkernels.bench import cli as bench_cli
+
+    cublas, triton_precision = torch.backends.cuda.matmul.allow_tf32, get_fp32_precision()
+    before = bench_cli._set_tf32(True)
+    try:
+        assert torch.backends.cuda.matmul.allow_tf32 is True and get_fp32_precision() == "tf32"
+    finally:
+        bench_cli._restore_tf32(before)
+    assert (torch.backends.cuda.matmul.allow_tf32, get_fp32_precision()) == (cublas, triton_precision)
 
 # ---- scripts/gpu_check.sh: its time budget, its guard, its phase runner (run here, without a GPU) ------------------
 

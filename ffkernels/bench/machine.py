@@ -60,8 +60,8 @@ def extension_rebuild_reason(capability) -> "str | None":
         return "ffkernels._C was built without CUDA kernels"
     archs = parse_archs(_ext.cuda_archs())
     if cap not in archs:
-        return f"ffkernels._C has CUDA kernels for {', '.join(archs) or 'no arch'} (cuda_archs {_ext.cuda_archs()!r}), " \
-               f"not for this GPU's {cap}"
+        return (f"ffkernels._C has CUDA kernels for {', '.join(archs) or 'no arch'} "
+                f"(cuda_archs {_ext.cuda_archs()!r}), not for this GPU's {cap}")
     return None
 
 
