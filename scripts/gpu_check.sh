@@ -38,7 +38,7 @@ TOTAL_LIMIT=540   # the sum of BOUNDS may not exceed this (checked by tests/test
 GRACE=5           # seconds between SIGINT and SIGKILL at the end of a phase (inside its bound; a quarter of
                   # the bound at most)
 
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python)}"  # python3 where no python
 # Python with a SIGINT handler that raises KeyboardInterrupt once (even where the caller ignores SIGINT, as a
 # non-interactive shell does for background jobs) and ignores any repeat (`timeout` signals the command and
 # then its process group): pytest prints its summary, the bench saves its results. Then runs the module
