@@ -2,12 +2,19 @@
 the pieces that can be checked without timing anything: shape parsing, backend choice, the step-count of the
 timer, the memory meter and the memory accounting. No assertion here depends on how fast anything ran."""
 import json
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from ffkernels import BackendUnavailableError, available_backends
-from ffkernels.bench import memory
+from ffkernels.bench import memory, report
 from ffkernels.bench.cases import QUICK_SHAPES, LayerShape, fused_backends, has_labeled_step, parse_shapes
 from ffkernels.bench.network import NetConfig, measure_memory, summarize, time_configs
 from ffkernels.bench.timing import measure, measure_many
@@ -220,3 +227,428 @@ def test_config_rejects_bad_values():
         NetConfig("ff", 1, 8, 4, in_features=5)
     with pytest.raises(ValueError, match="depth"):
         NetConfig("ff", 0, 8, 4)
+
+
+# ---- failures are recorded, results are saved as they come, several dtypes, the targets (issue 12) ----------------
+
+def _fake_case(name, kind="fused", backend=None, build=None):
+    from ffkernels.bench.cases import LayerCase
+
+    return LayerCase(name, kind, backend, 2, build or (lambda shape, device, dtype: (lambda: None)))
+
+
+def _raise_on_call(n, exc):
+    """A build whose step raises ``exc`` on its n-th call (1-based)."""
+    def build(shape, device, dtype):
+        calls = []
+
+        def step():
+            calls.append(1)
+            if len(calls) == n:
+                raise exc
+        return step
+    return build
+
+
+def _layer_argv(tmp_path, *extra, shapes="4x12x8,4x12x6"):
+    return ["bench", "--device", "cpu", "--no-network", "--shapes", shapes, "--repeats", "2", "--warmup", "1",
+            "--min-time", "0", "--no-progress", "--json", str(tmp_path / "b.json"), *extra]
+
+
+def test_measure_many_records_errors_and_times_the_rest():
+    def fail_in_warmup():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    calls = []
+
+    def fail_later():  # warm-up call, repeat 1, then fails in repeat 2
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("boom")
+    errors = {}
+    fns = {"ok": lambda: None, "oom": fail_in_warmup, "late": fail_later}
+    times = measure_many(fns, "cpu", warmup=1, repeats=3, errors=errors)
+    assert set(times) == {"ok"} and times["ok"].repeats == 3
+    assert errors == {"oom": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", "late": "ValueError: boom"}
+    assert set(fns) == {"ok"}  # the failed steps are dropped, so what they hold can be freed
+    with pytest.raises(RuntimeError, match="out of memory"):  # without an errors dict a failure propagates
+        measure_many({"oom": fail_in_warmup}, "cpu", warmup=1, repeats=1)
+
+
+def test_a_failing_case_is_recorded_and_the_rest_is_measured(tmp_path, monkeypatch, restore_threads, capsys):
+    import ffkernels.bench.layer as layer_mod
+
+    def build_fails(shape, device, dtype):
+        raise RuntimeError("triton.compiler.errors.CompilationError: at 12:4")
+    cases = [_fake_case("fused-a", backend="a"), _fake_case("fused-b", backend="b", build=build_fails),
+             _fake_case("fused-c", backend="c", build=_raise_on_call(3, RuntimeError("CUDA out of memory"))),
+             _fake_case("reference", "reference"), _fake_case("floor", "floor")]
+    monkeypatch.setattr(layer_mod, "layer_cases", lambda backends: cases)
+    with pytest.raises(SystemExit) as exit_info:
+        main(_layer_argv(tmp_path, "--markdown", str(tmp_path / "b.md")))
+    assert exit_info.value.code == 1  # failures do not stop the run, but the exit status says so
+    assert "4 case(s) failed" in capsys.readouterr().err
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["complete"] is True
+    rows = {(r["shape"], r["case"]): r for r in result["layer"]["rows"]}
+    assert len(rows) == 2 * len(cases)
+    for shape in ("4x12x8", "4x12x6"):
+        assert rows[shape, "fused-b"]["error"] == "RuntimeError: triton.compiler.errors.CompilationError: at 12:4"
+        assert rows[shape, "fused-c"]["error"] == "RuntimeError: CUDA out of memory"
+        for case in ("fused-b", "fused-c"):
+            assert rows[shape, case]["time"] is None and rows[shape, case]["ratio_to_floor"] is None
+        for case in ("fused-a", "reference", "floor"):
+            assert "error" not in rows[shape, case] and rows[shape, case]["time"]["repeats"] == 2
+        assert rows[shape, "fused-a"]["ratio_to_floor"] > 0
+    md = (tmp_path / "b.md").read_text()
+    assert "| fused-b | error |" in md and "- fused-c failed: RuntimeError: CUDA out of memory" in md
+
+
+def test_json_is_rewritten_after_every_shape(tmp_path, monkeypatch, restore_threads):
+    import ffkernels.bench.layer as layer_mod
+
+    js = tmp_path / "b.json"
+    seen = {}
+
+    def probe(shape, device, dtype):  # what is on disk when each shape's cases are built
+        seen[str(shape)] = json.loads(js.read_text()) if js.exists() else None
+        return lambda: None
+    monkeypatch.setattr(layer_mod, "layer_cases", lambda backends: [_fake_case("fused-a", build=probe),
+                                                                    _fake_case("floor", "floor")])
+    main(_layer_argv(tmp_path, shapes="4x12x8,4x12x6,4x12x4"))
+    assert [seen[s]["complete"] for s in ("4x12x8", "4x12x6", "4x12x4")] == [False] * 3
+    assert [len(seen[s]["layer"]["rows"]) for s in ("4x12x8", "4x12x6", "4x12x4")] == [0, 2, 4]
+    assert {r["shape"] for r in seen["4x12x4"]["layer"]["rows"]} == {"4x12x8", "4x12x6"}
+    final = json.loads(js.read_text())
+    assert final["complete"] is True and len(final["layer"]["rows"]) == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["b.json"]  # atomic writes leave no temporary file
+
+
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch, restore_threads):
+    import ffkernels.bench.layer as layer_mod
+
+    def build(shape, device, dtype):
+        if shape.out_features == 6:
+            raise KeyboardInterrupt  # SIGINT (gpu_check.sh's bound) while the second shape is built
+        return lambda: None
+    monkeypatch.setattr(layer_mod, "layer_cases", lambda backends: [_fake_case("fused-a", build=build)])
+    with pytest.raises(SystemExit) as exit_info:
+        main(_layer_argv(tmp_path, "--markdown", str(tmp_path / "b.md")))
+    assert exit_info.value.code == 130
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["complete"] is False and "interrupted" in result["interrupted"]
+    assert [r["shape"] for r in result["layer"]["rows"]] == ["4x12x8"]
+    assert "INCOMPLETE" in (tmp_path / "b.md").read_text()
+
+
+def test_network_failures_are_recorded_and_saved_per_depth(monkeypatch, restore_threads):
+    import ffkernels.bench.network as net_mod
+
+    real_build = net_mod._build
+
+    def build(cfg, x, y):
+        if cfg.algo == "ff-labeled" and cfg.depth == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real_build(cfg, x, y)
+
+    def fake_memory(cfg):  # no worker processes: FF keeps 10 per layer + 5, BP needs 20 more per layer
+        persistent = 10 * cfg.depth
+        if cfg.algo == "bp" and cfg.depth == 3:
+            raise RuntimeError("worker died")
+        peak = persistent + (5 if cfg.algo != "bp" else 20 * cfg.depth)
+        return {"persistent_bytes": persistent, "peak_alloc_bytes": peak, "peak_rss_bytes": None}
+    monkeypatch.setattr(net_mod, "_build", build)
+    monkeypatch.setattr(net_mod, "measure_memory_isolated", fake_memory)
+    saved = []
+    out = net_mod.bench_network([1, 2, 3], width=8, batch=4, in_features=12, device="cpu", dtype="float32",
+                                warmup=0, repeats=1, min_time=0, threads=1, progress=False,
+                                on_depth=lambda rows: saved.append(len(rows)))
+    assert saved == [3, 6, 9]
+    rows = {(r["algo"], r["depth"]): r for r in out["rows"]}
+    assert rows["ff-labeled", 2]["error"] == "RuntimeError: CUDA out of memory"
+    assert rows["ff-labeled", 2]["time"] is None
+    assert rows["bp", 3]["error"] == "memory: RuntimeError: worker died" and rows["bp", 3]["samples_per_s"] > 0
+    assert rows["ff", 3]["transient_alloc_bytes"] == 5 and rows["bp", 2]["transient_alloc_bytes"] == 40
+    growth = out["summary"]["bytes_per_added_layer"]  # failed rows left out of the fits
+    assert growth["transient_alloc_bytes"]["ff"] == pytest.approx(0)
+    assert growth["transient_alloc_bytes"]["bp"] == pytest.approx(20)
+    assert out["summary"]["by_dtype"] == {"float32": growth}
+
+
+def test_several_dtypes_in_one_run(tmp_path, monkeypatch, restore_threads):
+    import ffkernels.bench.layer as layer_mod
+
+    built = []
+
+    def build(shape, device, dtype):
+        built.append((str(shape), dtype))
+        return lambda: None
+    monkeypatch.setattr(layer_mod, "layer_cases", lambda backends: [_fake_case("fused-a", build=build)])
+    main(_layer_argv(tmp_path, "--dtype", "float32,bf16"))
+    result = json.loads((tmp_path / "b.json").read_text())
+    s = result["settings"]
+    assert s["dtypes"] == ["float32", "bfloat16"] and s["dtype"] == "float32,bfloat16"
+    assert "--dtype float32,bfloat16" in s["command"]
+    assert built == [("4x12x8", torch.float32), ("4x12x6", torch.float32), ("4x12x8", torch.bfloat16),
+                     ("4x12x6", torch.bfloat16)]  # dtype by dtype
+    assert [(r["shape"], r["dtype"]) for r in result["layer"]["rows"]] == [
+        ("4x12x8", "float32"), ("4x12x6", "float32"), ("4x12x8", "bfloat16"), ("4x12x6", "bfloat16")]
+    by_dtype = result["layer"]["by_dtype"]
+    assert set(by_dtype) == {"float32", "bfloat16"}
+    if "cpu" in available_backends():  # the C++ kernels are fp32/fp64: skipped in bf16 only
+        assert "cpu" in by_dtype["float32"]["backends"] and "cpu" not in by_dtype["bfloat16"]["backends"]
+    text = report.text_report(result)
+    assert text.count("BP: 4 rows), float32") == 2 and text.count("BP: 4 rows), bfloat16") == 2  # per shape, dtype
+
+
+def test_dtype_option_and_device_defaults():
+    import argparse
+
+    from ffkernels.bench import cli as bench_cli
+    from ffkernels.bench.cases import DEFAULT_SHAPES, GPU_SHAPES
+
+    def settings(*argv):
+        p = argparse.ArgumentParser()
+        bench_cli.add_arguments(p)
+        return bench_cli._settings(p.parse_args(list(argv)))
+    s = settings("--device", "cpu")
+    assert s["dtypes"] == ["float32"] and s["dtype"] == "float32"
+    assert s["shapes"] == DEFAULT_SHAPES and s["batch"] == 256  # CPU defaults unchanged
+    s = settings("--device", "cuda", "--dtype", "bf16,fp32,bfloat16")
+    assert s["dtypes"] == ["bfloat16", "float32"]
+    assert s["shapes"] == GPU_SHAPES == "256x784x2000,256x2000x2000,4096x2000x2000,4096x4096x4096"
+    assert s["batch"] == 4096
+    assert settings("--device", "cuda", "--quick")["shapes"] == QUICK_SHAPES
+    assert settings("--device", "cuda", "--shapes", "8x8x8", "--batch", "9")["shapes"] == "8x8x8"
+    for bad in ("float33", "", "float32,,nope"):
+        with pytest.raises(SystemExit):
+            settings("--dtype", bad)
+
+
+def _target_result(fused_ratios, floor_ok=True, net_rows=None, shape="4096x2000x2000", dtype="bfloat16"):
+    floor_ms = 10.0
+    rows = [{"shape": shape, "dtype": dtype, "case": "floor", "kind": "floor",
+             "time": {"median_ms": floor_ms} if floor_ok else None, "ratio_to_floor": 1.0 if floor_ok else None,
+             **({} if floor_ok else {"error": "RuntimeError: CUDA out of memory"})}]
+    for case, ratio in fused_ratios.items():
+        row = {"shape": shape, "dtype": dtype, "case": case, "kind": case.split("-")[0]}
+        if ratio is None:
+            row.update(time=None, ratio_to_floor=None, error="CompilationError: x")
+        else:
+            row.update(time={"median_ms": ratio * floor_ms}, ratio_to_floor=ratio if floor_ok else None)
+        rows.append(row)
+    return {"settings": {"dtype": dtype}, "layer": {"rows": rows},
+            "network": {"rows": net_rows} if net_rows is not None else None}
+
+
+def _net_rows(ff_per_layer, bp_per_layer, depths=(2, 4, 8), dtype="bfloat16"):
+    rows = []
+    for d in depths:
+        for algo, extra in (("ff", ff_per_layer), ("bp", bp_per_layer)):
+            persistent = 40 * 2 ** 20 * d
+            rows.append({"algo": algo, "depth": d, "dtype": dtype, "persistent_bytes": persistent,
+                         "peak_alloc_bytes": persistent + 30 * 2 ** 20 + extra * d})
+    return rows
+
+
+def test_targets_met_not_met_and_not_measured():
+    from ffkernels.bench import targets
+
+    def status(result, target):
+        return [(t.get("case") or t.get("dtype"), t["status"]) for t in targets.evaluate(result)
+                if t["target"] == target]
+    mib = 2 ** 20
+    r = _target_result({"fused-cuda": 1.2, "fused-triton": 1.45, "labeled-cuda": 0.7},
+                       net_rows=_net_rows(0, 50 * mib))
+    assert status(r, "floor") == [("fused-cuda", "met"), ("fused-triton", "not met")]  # labeled-* not a target
+    assert status(r, "memory") == [("bfloat16", "met")]
+    assert status(_target_result({"fused-cuda": None}), "floor") == [("fused-cuda", "not measured")]
+    assert status(_target_result({"fused-cuda": 1.1}, floor_ok=False), "floor") == [("fused-cuda", "not measured")]
+    assert status(_target_result({"fused-cuda": 1.0}, shape="256x2000x2000"), "floor") == [(None, "not measured")]
+    assert status(_target_result({"fused-cuda": 1.0}, dtype="float32"), "floor") == [(None, "not measured")]
+    assert status(_target_result({}), "floor") == [(None, "not measured")]
+    assert status(_target_result({}), "memory") == [(None, "not measured")]
+    assert status(_target_result({}, net_rows=_net_rows(20 * mib, 50 * mib)), "memory") == [("bfloat16", "not met")]
+    assert status(_target_result({}, net_rows=_net_rows(0, 0)), "memory") == [("bfloat16", "not met")]  # BP flat too
+    assert status(_target_result({}, net_rows=_net_rows(0, 50 * mib, depths=(4,))), "memory") == [
+        ("bfloat16", "not measured")]
+    lines = targets.lines(r)
+    assert any(line.strip().startswith("MET") and "1.20x the floor" in line for line in lines)
+    assert any(line.strip().startswith("NOT MET") and "fused-triton" in line for line in lines)
+    md = report.targets_block(r, markdown=True)
+    assert "- **met**: fused step <= 1.3x the GEMM floor at 4096x2000x2000 bfloat16" in md
+
+
+def test_quick_report_shows_the_targets(quick_run):
+    text = quick_run[2].read_text()
+    assert "targets (issue 12" in text and "**not measured**: fused step <= 1.3x" in text
+    assert {t["target"] for t in quick_run[0]["targets"]} == {"floor", "memory"}
+
+
+def test_cuda_build_check_parses_archs(monkeypatch):
+    from ffkernels.bench import machine
+
+    assert machine.parse_archs("8.0;9.0+PTX") == ["8.0", "9.0"]
+    assert machine.parse_archs("8.0 9.0a, sm_100") == ["8.0", "9.0", "10.0"]
+    assert machine.parse_archs("") == []
+    ext = machine._ext
+    for loaded, with_cuda, archs, expect in ((False, False, "", "not built"), (True, False, "", "without CUDA"),
+                                             (True, True, "8.0;8.6", "not for this GPU's 9.0"),
+                                             (True, True, "8.0;9.0", None)):
+        monkeypatch.setattr(ext, "loaded", lambda v=loaded: v)
+        monkeypatch.setattr(ext, "built_with_cuda", lambda v=with_cuda: v)
+        monkeypatch.setattr(ext, "cuda_archs", lambda v=archs: v)
+        reason = machine.extension_rebuild_reason((9, 0))
+        assert (reason is None) if expect is None else (expect in reason), (archs, reason)
+
+
+
+def test_fused_cases_do_not_wait_for_the_device(monkeypatch):
+    """fused-*/labeled-* call the backend's step as ffkernels.ff_step does, not FFLinear.ff_step, whose finiteness
+    check (bool(isfinite(loss))) synchronizes with a GPU every step."""
+    from ffkernels.bench.cases import fused_case, labeled_case
+    from ffkernels.layers import FFLinear
+
+    def no_sync(self, loss):
+        raise AssertionError("a host-side finiteness check ran")
+    monkeypatch.setattr(FFLinear, "_check_finite", no_sync)
+    backend = "cpu" if "cpu" in available_backends() else "reference"
+    shape = LayerShape(4, 12, 8)
+    steps = [fused_case(backend).build(shape, torch.device("cpu"), torch.float32)]
+    if has_labeled_step(backend):
+        steps.append(labeled_case(backend).build(shape, torch.device("cpu"), torch.float32))
+    for step in steps:
+        first, second = step(), step()
+        assert torch.isfinite(first.loss) and not torch.equal(first.h_pos, second.h_pos)  # it trains
+
+
+def test_machine_record_of_a_gpu_run(monkeypatch):
+    """machine_info's CUDA branch, without a GPU: the device's name, memory, compute capability and whether the
+    build has kernels for it."""
+    from types import SimpleNamespace
+
+    from ffkernels.bench import machine
+
+    props = SimpleNamespace(name="NVIDIA H200", total_memory=141 * 10 ** 9, major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(machine, "extension_rebuild_reason", lambda cap: f"no kernels for {cap}")
+    info = machine.machine_info("cuda")
+    assert (info["gpu_name"], info["gpu_capability"], info["gpu_memory_bytes"]) == ("NVIDIA H200", "9.0", 141 * 10 ** 9)
+    assert info["cuda_build_reason"] == "no kernels for 9.0" and "fp32_matmul_tf32" in info
+    assert "GPU NVIDIA H200" in machine.describe(info)
+
+
+def test_tf32_switch_is_restored():
+    from ffkernels.backends.triton import get_fp32_precision
+    from ffkernels.bench import cli as bench_cli
+
+    cublas, triton_precision = torch.backends.cuda.matmul.allow_tf32, get_fp32_precision()
+    before = bench_cli._set_tf32(True)
+    try:
+        assert torch.backends.cuda.matmul.allow_tf32 is True and get_fp32_precision() == "tf32"
+    finally:
+        bench_cli._restore_tf32(before)
+    assert (torch.backends.cuda.matmul.allow_tf32, get_fp32_precision()) == (cublas, triton_precision)
+
+# ---- scripts/gpu_check.sh: its time budget, its guard, its phase runner (run here, without a GPU) ------------------
+
+GPU_CHECK = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+needs_bash = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("timeout")),
+                                reason="needs bash and coreutils' timeout")
+
+
+def _script_bounds() -> dict:
+    text = GPU_CHECK.read_text()
+    line = re.search(r'^BOUNDS="([^"]*)"$', text, re.M)
+    assert line, "gpu_check.sh has no BOUNDS=\"phase=seconds ...\" line"
+    return {name: int(sec) for name, sec in (p.split("=") for p in line.group(1).split())}
+
+
+def test_gpu_check_phase_bounds_fit_one_ten_minute_command():
+    text = GPU_CHECK.read_text()
+    bounds = _script_bounds()
+    assert sum(bounds.values()) <= 540, bounds
+    assert int(re.search(r"^TOTAL_LIMIT=(\d+)", text, re.M).group(1)) <= 540
+    # every phase the script runs has a budget, and the header comment states the same budgets
+    used = set(re.findall(r"^\s*(?:run_phase|pytest_phase|record) ([a-z][a-z-]*) ", text, re.M))
+    assert used - {"stop"} == set(bounds), (used, bounds)
+    for name, sec in bounds.items():
+        assert re.search(rf"^#   {re.escape(name)} +{sec} ", text, re.M), f"header comment lacks '{name} {sec}'"
+
+
+@needs_bash
+def test_gpu_check_syntax_and_plan():
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+    plan = subprocess.run(["bash", str(GPU_CHECK), "--plan"], capture_output=True, text=True, check=True).stdout
+    assert f"total               {sum(_script_bounds().values())} (limit 540" in plan
+    bad = subprocess.run(["bash", str(GPU_CHECK), "--nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+@needs_bash
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the guard of a machine without a GPU")
+def test_gpu_check_without_a_gpu_exits_2_after_recording_why(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "torch sees no CUDA GPU" in proc.stderr
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert re.match(r"preflight +ok ", summary[1]) and re.match(r"stop +no-gpu ", summary[2])
+    assert "GPU: none" in (out / "env.txt").read_text() and (out / "preflight.log").exists()
+
+
+@needs_bash
+def test_gpu_check_phase_runner_bounds_interrupts_and_goes_on(tmp_path):
+    """The script's run_phase, sourced: a phase at its bound gets SIGINT (a Python module run like `python -m` under
+    the script's SIGINT handler reports, even as a background job that ignores SIGINT), one that ignores SIGINT is
+    killed, a failure is recorded, unused time goes to the next phase, and every phase runs."""
+    (tmp_path / "sleeper.py").write_text(
+        "import sys, time\nprint('started', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+        "    print('interrupted: saving', flush=True)\n    sys.exit(3)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    script = f"""
+        source {shlex.quote(str(GPU_CHECK))}
+        OUT={shlex.quote(str(out))}; PYTHON={shlex.quote(sys.executable)}; STATUS=0; T0=$(date +%s)
+        BOUNDS="quick=5 sleepy=3 stubborn=3 broken=2"; GRACE=1
+        export PYTHONPATH={shlex.quote(str(tmp_path))}
+        run_phase quick true
+        run_phase sleepy "$PYTHON" -c "$PY_INT" sleeper
+        run_phase stubborn bash -c 'trap "" INT; sleep 30'
+        run_phase broken false
+        echo "STATUS=$STATUS"
+    """
+    # in the background, as a non-interactive shell starts its jobs: SIGINT ignored unless a handler is installed
+    proc = subprocess.run(["bash", "-c", f"bash -c {shlex.quote(script)} & wait $!"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert "STATUS=1" in proc.stdout, proc.stdout + proc.stderr
+    lines = {ln.split()[0]: ln.split() for ln in (out / "summary.txt").read_text().splitlines()}
+    assert lines["quick"][1] == "ok"
+    assert lines["sleepy"][1] == "timeout"
+    assert int(lines["sleepy"][4].rstrip("s")) >= 7  # 3 s of its own + what "quick" left of its 5
+    assert "interrupted: saving" in (out / "sleepy.log").read_text()
+    assert lines["stubborn"][1] == "killed" and lines["broken"][1] == "failed"
+
+
+
+# ---- scripts/gpu_sizing.py: the sizing table on paper ----------------------------------------------------------
+
+def test_gpu_sizing_doc_is_generated_from_the_script(monkeypatch):
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "gpu_sizing.py"), "--stdout"], capture_output=True,
+                          text=True, check=True)
+    assert proc.stdout == (root / "docs" / "gpu-sizing.md").read_text() + "\n", \
+        "docs/gpu-sizing.md is stale: run python scripts/gpu_sizing.py"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_sizing", root / "scripts" / "gpu_sizing.py")
+    sizing = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_sizing", sizing)  # dataclasses look their module up there
+    spec.loader.exec_module(sizing)
+    r = sizing.estimate(4096, 2000, 2000, sizing.MODES[0])  # the target shape in bf16
+    assert r["gflop"] == pytest.approx(2 * 2 * 8192 * 2000 * 2000 / 1e9)
+    assert r["floor_us"] == pytest.approx(report.floor_flops(4096, 2000, 2000) / 790e12 * 1e6)
+    # normalize 2RKe + epilogue 3RNe + grad_b RNe + Adam NK(3e+16), R = 8192, e = 2; sum_pairs 8B
+    assert r["cuda"]["mb"] * 1e6 == pytest.approx(2 * 8192 * 2000 * 2 + 4 * 8192 * 2000 * 2 + 2000 * 2000 * 22
+                                                  + 8 * 4096)

@@ -3,12 +3,16 @@
 A shape ``BxKxN`` is one layer ``K -> N`` fed ``B`` real samples. Every case below processes those
 ``B`` samples once per call, so time per real sample is ``time / B`` for all of them:
 
-- ``fused-<backend>``: ``FFLinear.ff_step(x_pos, x_neg)`` on that backend: B positive + B negative
-  rows, forward, goodness, loss, exact local gradient and the in-place Adam update, in one fused op.
-- ``labeled-<backend>``: ``FFLinear.ff_step_labeled(x, y_pos, y_neg, 10)``, the supervised *first*
-  layer's step on backends that have it: pos and neg are x with a label written in, so they share
-  every feature but the label slots and the GEMMs run over B rows instead of 2B (same loss, gradient
-  and update as ``fused-<backend>`` on the pair).
+- ``fused-<backend>``: the fused step of an ``FFLinear`` on that backend, called as
+  ``functional.ff_step`` calls it (on the layer's weight, bias and optimizer-state buffers): B positive +
+  B negative rows, forward, goodness, loss, exact local gradient and the in-place Adam update, in one
+  fused op. Not through ``FFLinear.ff_step``, whose non-finite-loss check (``bool(isfinite(loss))``)
+  waits for the device every step: on a GPU that would time the host's Python overhead plus the
+  kernels back to back, not the step (the whole-network part goes through ``FFNet.ff_step`` and pays it).
+- ``labeled-<backend>``: the same for the supervised *first* layer's step (``step_labeled`` of the
+  backend, as ``FFLinear.ff_step_labeled`` calls it) on backends that have it: pos and neg are x with a
+  label written in, so they share every feature but the label slots and the GEMMs run over B rows
+  instead of 2B (same loss, gradient and update as ``fused-<backend>`` on the pair).
 - ``reference``: the same FF step with autograd and ``torch.optim.Adam`` (``reference.FFLayerRef``).
 - ``bp``: a backprop step of the same layer (same normalization, ``nn.Linear``, ReLU) on the B
   samples, as the *first* layer of a BP network: the input needs no gradient. Loss: the mean over rows
@@ -31,12 +35,14 @@ from torch import nn
 from .._types import BackendUnavailableError
 from ..backends import BACKENDS, available_backends, resolve_backend
 from ..backends import reference as ref
-from .. import bp
+from .. import bp, functional
 from ..config import FFConfig
 from ..labels import wrong_labels
 from ..layers import FFLinear
 
 DEFAULT_SHAPES = "256x784x2000,256x2000x2000"
+# on a GPU also the large batches where the GEMMs should dominate (4096x2000x2000 is the shape of issue 12's target)
+GPU_SHAPES = "256x784x2000,256x2000x2000,4096x2000x2000,4096x4096x4096"
 NUM_CLASSES = 10  # label slots of the labeled first-layer case
 QUICK_SHAPES = "16x40x24,16x24x24"
 
@@ -103,23 +109,44 @@ def _ff_inputs(shape: LayerShape, device, dtype):
     return x_pos, x_neg
 
 
+def _layer_tensors(shape: LayerShape, backend: str, device, dtype):
+    """An FFLinear's parameters and optimizer-state buffers (its init, its defaults), for calling a step on them
+    directly: (weight, bias, states of weight, states of bias, config)."""
+    layer = FFLinear(shape.in_features, shape.out_features, backend=backend, device=device, dtype=dtype)
+    cfg = layer.config
+    states = {p: tuple(getattr(layer, f"{s}_{p}") for s in cfg.state_names) for p in ("weight", "bias")}
+    return layer.weight.detach(), layer.bias.detach(), states["weight"], states["bias"], cfg
+
+
 def _build_fused(backend: str):
     def build(shape: LayerShape, device, dtype):
-        layer = FFLinear(shape.in_features, shape.out_features, backend=backend, device=device, dtype=dtype)
+        w, b, st_w, st_b, cfg = _layer_tensors(shape, backend, device, dtype)
         x_pos, x_neg = _ff_inputs(shape, device, dtype)
-        return lambda: layer.ff_step(x_pos, x_neg)
+        count = [0]
+
+        def step():  # no host synchronization: a non-finite loss skips the update on the device
+            count[0] += 1
+            return functional.ff_step(x_pos, x_neg, w, b, st_w, st_b, count[0], cfg, backend=backend)
+        return step
     return build
 
 
 def _build_labeled(backend: str):
     def build(shape: LayerShape, device, dtype):
-        layer = FFLinear(shape.in_features, shape.out_features, backend=backend, device=device, dtype=dtype)
+        w, b, st_w, st_b, cfg = _layer_tensors(shape, backend, device, dtype)
         x = _ff_inputs(shape, device, dtype)[0]
         gen = torch.Generator().manual_seed(0)
         labels_pos = torch.randint(0, NUM_CLASSES, (shape.batch,), generator=gen)
         labels_neg = wrong_labels(labels_pos, NUM_CLASSES, generator=gen)
         labels_pos, labels_neg = labels_pos.to(device), labels_neg.to(device)
-        return lambda: layer.ff_step_labeled(x, labels_pos, labels_neg, NUM_CLASSES)
+        step_labeled = BACKENDS[backend].step_labeled
+        count = [0]
+
+        def step():  # the call of FFLinear.ff_step_labeled, without its host-side finiteness check
+            count[0] += 1
+            with torch.no_grad():
+                return step_labeled(x, labels_pos, labels_neg, NUM_CLASSES, 1.0, w, b, st_w, st_b, count[0], cfg)
+        return step
     return build
 
 

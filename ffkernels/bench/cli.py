@@ -2,9 +2,14 @@
 FF-vs-BP training throughput and peak memory as depth grows. Prints tables; ``--json`` and ``--plot`` save them.
 
     ffkernels bench                                  # CPU (or the GPU when there is one), fp32
-    ffkernels bench --device cuda --dtype bfloat16 --json gpu.json --plot gpu.png
+    ffkernels bench --device cuda --dtype bfloat16,float32 --json gpu.json --plot gpu.png
     ffkernels bench --quick                          # tiny shapes, few repeats (a smoke run)
     ffkernels bench --json cpu.json --markdown cpu.md --plot cpu.png
+
+A case that fails (CUDA out of memory, a Triton compile error, a missing kernel) is recorded with its error
+and the rest goes on; the exit status is then 1. With ``--json`` (and ``--markdown``) the file is rewritten
+after every shape and every network depth, so a run that is killed leaves what it measured; on Ctrl-C / SIGINT
+the run stops, writes what it has and exits with 130. The issue-12 targets are evaluated in every report.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 
 import torch
 
@@ -19,10 +25,11 @@ from .._types import BackendUnavailableError
 from ..backends import BACKEND_NAMES
 from ..cli_options import HelpFormatter
 from . import report
-from .cases import DEFAULT_SHAPES, QUICK_SHAPES, fused_backends, parse_shapes
+from .cases import DEFAULT_SHAPES, GPU_SHAPES, QUICK_SHAPES, fused_backends, parse_shapes
 from .layer import bench_layers
 from .machine import machine_info
-from .network import DTYPES, bench_network
+from .memory import methods as memory_methods
+from .network import DTYPES, MEMORY_STEPS, bench_network, summarize
 
 SCHEMA = "ffkernels-bench/1"
 
@@ -37,6 +44,19 @@ DEFAULTS = {
     "warmup": (3, 1),
     "min_time": (0.05, 0.0),
 }
+# the defaults that differ with --device cuda (not --quick): the large shapes, and a network batch where the
+# activations BP stores are not lost next to the weights (B = 4096, the batch of issue 12's target shape)
+CUDA_DEFAULTS = {"shapes": GPU_SHAPES, "batch": 4096}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype_list(text: str) -> list:
+    names = [DTYPE_ALIASES.get(v.strip().lower(), v.strip().lower()) for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in DTYPES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected comma-separated dtypes, some of {', '.join(DTYPES)} (or "
+                                         f"{', '.join(DTYPE_ALIASES)}), got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def _int_list(text: str) -> list:
@@ -62,20 +82,28 @@ def _positive_int(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to run (default: cuda when a GPU is present, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and input dtype")
+    p.add_argument("--dtype", type=_dtype_list, default="float32",
+                   help=f"parameter and input dtype, or several comma-separated (each measured in turn, layer steps "
+                        f"then networks), some of {', '.join(DTYPES)}")
+    p.add_argument("--tf32", action="store_true",
+                   help="fp32 matmuls on TF32 tensor cores (CUDA): torch.backends.cuda.matmul.allow_tf32 (cuBLAS: "
+                        "the floor, reference, BP and the cuda backend's GEMMs) and the Triton backend's fp32 dot "
+                        "precision 'tf32'")
     p.add_argument("--backends", default=None,
                    help=f"comma-separated fused backends to measure, some of "
                         f"{', '.join(b for b in BACKEND_NAMES if b != 'reference')} (default: every built one that "
                         "runs on the device and dtype; the reference step is always measured)")
     p.add_argument("--shapes", default=None,
                    help=f"layer shapes BxKxN (B real samples = rows of x_pos = rows of x_neg, K -> N), "
-                        f"comma-separated (default: {DEFAULTS['shapes'][0]})")
+                        f"comma-separated (default: {DEFAULTS['shapes'][0]}; with --device cuda "
+                        f"{CUDA_DEFAULTS['shapes']})")
     p.add_argument("--depths", type=_int_list, default=None,
                    help=f"network depths for FF vs BP (default: {DEFAULTS['depths'][0]})")
     p.add_argument("--width", type=_positive_int, default=None,
                    help=f"network layer width (default: {DEFAULTS['width'][0]})")
     p.add_argument("--batch", type=_positive_int, default=None,
-                   help=f"network batch: real samples per step (default: {DEFAULTS['batch'][0]})")
+                   help=f"network batch: real samples per step (default: {DEFAULTS['batch'][0]}; with --device cuda "
+                        f"{CUDA_DEFAULTS['batch']})")
     p.add_argument("--in-features", type=_positive_int, default=None,
                    help=f"network input size (default: {DEFAULTS['in_features'][0]}, MNIST)")
     p.add_argument("--repeats", type=_positive_int, default=None,
@@ -90,7 +118,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tiny shapes and networks, few repeats: a smoke run, not a measurement")
     p.add_argument("--no-layer", action="store_true", help="skip the layer-step benchmark")
     p.add_argument("--no-network", action="store_true", help="skip the whole-network FF-vs-BP benchmark")
-    p.add_argument("--json", default=None, metavar="FILE", help="write every result and the machine record here")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write every result and the machine record here (rewritten after every shape and depth)")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of throughput and memory vs depth")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the tables as Markdown (for docs)")
     p.add_argument("--from-json", default=None, metavar="FILE",
@@ -99,25 +128,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args) -> dict:
-    """The effective options: given ones, else the --quick or the normal defaults."""
+    """The effective options: given ones, else the --quick, the --device cuda or the normal defaults."""
     s = {k: getattr(args, k) for k in DEFAULTS}
     for k, (normal, quick) in DEFAULTS.items():
         if s[k] is None:
-            s[k] = quick if args.quick else normal
+            s[k] = quick if args.quick else CUDA_DEFAULTS.get(k, normal) if args.device == "cuda" else normal
     if isinstance(s["depths"], str):
         s["depths"] = _int_list(s["depths"])
     if s["warmup"] < 0:
         raise ValueError(f"--warmup must be >= 0, got {s['warmup']}")
     if not s["min_time"] >= 0:
         raise ValueError(f"--min-time must be >= 0, got {s['min_time']}")
-    s.update(device=args.device, dtype=args.dtype, quick=args.quick, threads=torch.get_num_threads())
+    dtypes = _dtypes(args)
+    s.update(device=args.device, dtype=",".join(dtypes), dtypes=dtypes, quick=args.quick,
+             threads=torch.get_num_threads(), tf32=bool(getattr(args, "tf32", False)))
     s["command"] = reproduce_command(s, args)
     return s
+
+
+def _dtypes(args) -> list:
+    return _dtype_list(args.dtype) if isinstance(args.dtype, str) else list(args.dtype)
 
 
 def reproduce_command(s: dict, args) -> str:
     """A command line that repeats this run with every option spelled out."""
     parts = ["ffkernels", "bench", "--device", s["device"], "--dtype", s["dtype"], "--threads", str(s["threads"])]
+    if s.get("tf32"):
+        parts.append("--tf32")
     if args.backends:
         parts += ["--backends", args.backends]
     if not args.no_layer:
@@ -130,6 +167,33 @@ def reproduce_command(s: dict, args) -> str:
     return shlex.join(parts)
 
 
+def _set_tf32(on: bool) -> dict:
+    """Turn TF32 fp32 matmuls on or off (cuBLAS and the Triton backend); returns the previous settings."""
+    from ..backends.triton import get_fp32_precision, set_fp32_precision
+
+    before = {"cublas": torch.backends.cuda.matmul.allow_tf32, "triton": get_fp32_precision()}
+    torch.backends.cuda.matmul.allow_tf32 = on
+    set_fp32_precision("tf32" if on else "ieee")
+    return before
+
+
+def _restore_tf32(before: dict) -> None:
+    from ..backends.triton import set_fp32_precision
+
+    torch.backends.cuda.matmul.allow_tf32 = before["cublas"]
+    set_fp32_precision(before["triton"])
+
+
+def _save(args, result: dict, t0: "float | None" = None) -> None:
+    """Rewrite --json and --markdown with what is measured so far (atomically)."""
+    if t0 is not None:
+        result["wall_s"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        report.write_json(args.json, result)
+    if args.markdown:
+        report.write_markdown(args.markdown, result)
+
+
 def _run(args) -> dict:
     if args.no_layer and args.no_network:
         raise ValueError("--no-layer and --no-network leave nothing to measure")
@@ -140,22 +204,71 @@ def _run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    t0 = time.perf_counter()
     s = _settings(args)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device = torch.device(args.device)
     timing = {"warmup": s["warmup"], "repeats": s["repeats"], "min_time": s["min_time"]}
-    result = {"schema": SCHEMA, "machine": machine_info(device), "settings": s,
-              "layer": None, "network": None}
-    if not args.no_layer:
+    plans = {}
+    if not args.no_layer:  # a requested backend that cannot run in one of the dtypes fails before measuring
         requested = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
-        backends, skipped = fused_backends(device, dtype, requested)
-        rows = bench_layers(parse_shapes(s["shapes"]), device, dtype, backends, progress=not args.no_progress,
-                            **timing)
-        result["layer"] = {"backends": backends, "skipped": skipped, "rows": rows}
-    if not args.no_network:
-        result["network"] = bench_network(s["depths"], width=s["width"], batch=s["batch"],
-                                          in_features=s["in_features"], device=device, dtype=args.dtype,
-                                          threads=args.threads, progress=not args.no_progress, **timing)
+        plans = {name: fused_backends(device, DTYPES[name], requested) for name in s["dtypes"]}
+        shapes = parse_shapes(s["shapes"])
+    result = {"schema": SCHEMA, "machine": machine_info(device), "settings": s, "complete": False,
+              "layer": None if args.no_layer else {"backends": [], "skipped": [], "rows": [], "by_dtype": {}},
+              "network": None if args.no_network else {"memory_method": memory_methods(device, MEMORY_STEPS),
+                                                       "rows": [], "summary": summarize([])}}
+    before = _set_tf32(True) if s["tf32"] else None
+    save = lambda: _save(args, result, t0)  # noqa: E731
+    try:
+        save()
+        for name in s["dtypes"]:  # dtype by dtype: its layer steps, then its networks
+            if not args.no_layer:
+                _run_layers(result, name, plans[name], shapes, device, timing, save, not args.no_progress)
+            if not args.no_network:
+                _run_networks(args, result, name, s, device, timing, save)
+        result["complete"] = True
+    except KeyboardInterrupt:
+        result["interrupted"] = "interrupted (Ctrl-C / SIGINT) before the end"
+    finally:
+        if before is not None:
+            _restore_tf32(before)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def _run_layers(result, name, plan, shapes, device, timing, save, progress) -> None:
+    layer = result["layer"]
+    backends, skipped = plan
+    layer["by_dtype"][name] = {"backends": backends, "skipped": skipped}
+    layer["backends"] += [b for b in backends if b not in layer["backends"]]
+    layer["skipped"] += [pair for pair in skipped if pair not in layer["skipped"]]
+    base = list(layer["rows"])
+
+    def on_shape(rows):
+        layer["rows"] = base + rows
+        save()
+    bench_layers(shapes, device, DTYPES[name], backends, progress=progress, on_shape=on_shape, **timing)
+
+
+def _run_networks(args, result, name, s, device, timing, save) -> None:
+    net = result["network"]
+    base = list(net["rows"])
+
+    def on_depth(rows):
+        net["rows"] = base + rows
+        net["summary"] = summarize(net["rows"])
+        save()
+    bench_network(s["depths"], width=s["width"], batch=s["batch"], in_features=s["in_features"], device=device,
+                  dtype=name, threads=args.threads, progress=not args.no_progress, on_depth=on_depth, **timing)
+
+
+def failures(result: dict) -> list:
+    """"what failed" lines: every layer case and network configuration with an error."""
+    out = [f"layer {r['shape']} {r.get('dtype', '')} {r['case']}: {r['error']}"
+           for r in (result.get("layer") or {}).get("rows", []) if r.get("error")]
+    out += [f"network depth {r['depth']} {r.get('dtype', '')} {r['algo']}: {r['error']}"
+            for r in (result.get("network") or {}).get("rows", []) if r.get("error")]
+    return out
 
 
 def _load(path: str) -> dict:
@@ -174,12 +287,12 @@ def _report(args, result: dict) -> None:
     if args.json:
         report.write_json(args.json, result)
         print(f"wrote {args.json}")
-    if args.plot:
-        report.write_plot(args.plot, result)
-        print(f"wrote {args.plot}")
     if args.markdown:
         report.write_markdown(args.markdown, result)
         print(f"wrote {args.markdown}")
+    if args.plot:  # last: a plot that fails (no matplotlib) loses none of the tables
+        report.write_plot(args.plot, result)
+        print(f"wrote {args.plot}")
 
 
 def run(args) -> dict:
@@ -189,6 +302,16 @@ def run(args) -> dict:
     except (ValueError, BackendUnavailableError) as e:
         msg = str(e)
         raise SystemExit(msg if msg.startswith("ffkernels") else f"ffkernels bench: {msg}") from e
+    if args.from_json:
+        return result
+    if result.get("interrupted"):
+        print(f"ffkernels bench: {result['interrupted']}; the report holds what was measured", file=sys.stderr)
+        raise SystemExit(130)
+    failed = failures(result)
+    if failed:
+        print(f"ffkernels bench: {len(failed)} case(s) failed (recorded in the report):\n  " + "\n  ".join(failed),
+              file=sys.stderr)
+        raise SystemExit(1)
     return result
 
 

@@ -15,6 +15,10 @@ training: at the allocator level on both devices, and as peak RSS on the CPU (me
 On the CPU the memory of each configuration is measured in a fresh subprocess
 (``python -m ffkernels.bench.network_worker``) so that it owns its RSS high-water mark. Timing runs in
 this process, the three algorithms of a depth together with interleaved repeats.
+
+A configuration that fails (building it, a training step or its memory measurement raises: CUDA out of
+memory, a Triton compile error, a missing kernel) gets a row with ``error`` and None for what it lacks; the
+others are still measured. Rows carry their dtype; the summary is per dtype (``by_dtype``).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from ..labels import ff_pair, wrong_labels
 from ..layers import FFNet
 from . import memory
 from .progress import progress_bar
-from .timing import measure_many
+from .timing import describe_error, measure_many, release_memory
 
 ALGOS = ("ff", "ff-labeled", "bp")
 FF_ALGOS = ("ff", "ff-labeled")
@@ -161,17 +165,29 @@ def measure_memory(cfg: NetConfig) -> dict:
     return {**result, "peak_alloc_bytes": memory.cpu_allocator_peak(build_and_train), "peak_rss_bytes": peak}
 
 
-def time_configs(configs: list, *, warmup: int, repeats: int, min_time: float) -> dict:
+def time_configs(configs: list, *, warmup: int, repeats: int, min_time: float, errors: "dict | None" = None) -> dict:
     """{algo: (Timing, backend)} for configurations that differ only in ``algo``, on one shared batch, their
-    repeats interleaved (timing.measure_many) so that load drifting during the run slows them alike."""
+    repeats interleaved (timing.measure_many) so that load drifting during the run slows them alike.
+
+    ``errors`` None: a failure propagates. A dict: it gets {algo: error} for every configuration whose build
+    or step raised, and the result has no entry for it."""
     cfg0 = configs[0]
     if any(replace(c, algo=cfg0.algo) != cfg0 for c in configs):
         raise ValueError("ffkernels bench: time_configs takes configurations that differ only in algo")
     x, y = make_batch(cfg0)
-    built = {c.algo: _build(c, x, y) for c in configs}
-    times = measure_many({algo: b[0] for algo, b in built.items()}, cfg0.device, warmup=warmup, repeats=repeats,
-                         min_time=min_time)
-    return {algo: (times[algo], built[algo][2]) for algo in built}
+    built = {}
+    for c in configs:
+        if errors is None:
+            built[c.algo] = _build(c, x, y)
+            continue
+        try:
+            built[c.algo] = _build(c, x, y)
+        except Exception as e:  # noqa: BLE001 (recorded in its row; the others go on)
+            errors[c.algo] = describe_error(e)
+            release_memory(cfg0.device)
+    steps = {algo: b[0] for algo, b in built.items()}
+    times = measure_many(steps, cfg0.device, warmup=warmup, repeats=repeats, min_time=min_time, errors=errors)
+    return {algo: (times[algo], built[algo][2]) for algo in built if algo in times}
 
 
 def _package_root() -> str:
@@ -201,59 +217,113 @@ def _linear_slope(xs, ys):
     return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
 
 
-def summarize(rows: list) -> dict:
-    """Per depth, each FF variant against BP: time per real sample and peak memory (allocator) ratios;
-    memory growth per added layer (least-squares slope over depth) for each algorithm and measure."""
-    by = {(r["algo"], r["depth"]): r for r in rows}
-    per_depth = []
-    for d in sorted({r["depth"] for r in rows}):
-        bp = by.get(("bp", d))
-        for algo in FF_ALGOS:
-            ff = by.get((algo, d))
-            if ff and bp:
-                per_depth.append({"depth": d, "algo": algo,
-                                  "ff_bp_ratio_per_sample": ff["ms_per_sample"] / bp["ms_per_sample"],
-                                  "ff_bp_peak_alloc_ratio": _ratio(ff["peak_alloc_bytes"], bp["peak_alloc_bytes"])})
+GROWTH_KEYS = ("peak_alloc_bytes", "peak_rss_bytes", "persistent_bytes", "transient_alloc_bytes")
+
+
+def _growth(rows: list) -> dict:
+    """{measure: {algo: bytes per added layer}} over ``rows`` of one dtype (None where fewer than two depths)."""
     growth = {}
-    for key in ("peak_alloc_bytes", "peak_rss_bytes", "persistent_bytes"):
+    for key in GROWTH_KEYS:
         growth[key] = {}
         for algo in sorted({r["algo"] for r in rows}, key=ALGOS.index):
-            pts = [(r["depth"], r[key]) for r in rows if r["algo"] == algo and r[key] is not None]
+            pts = [(r["depth"], r[key]) for r in rows if r["algo"] == algo and r.get(key) is not None]
             growth[key][algo] = _linear_slope([p[0] for p in pts], [p[1] for p in pts]) if pts else None
-    return {"per_depth": per_depth, "bytes_per_added_layer": growth}
+    return growth
+
+
+def row_dtype(row: dict, default: str = "float32") -> str:
+    """The dtype of a network row (rows of results saved before rows carried it: ``default``)."""
+    return row.get("dtype") or default
+
+
+def summarize(rows: list) -> dict:
+    """Per depth, each FF variant against BP: time per real sample and peak memory (allocator) ratios;
+    memory growth per added layer (least-squares slope over depth) for each algorithm and measure:
+    ``by_dtype`` {dtype: {measure: {algo: slope}}}, and ``bytes_per_added_layer`` the same for the one dtype of a
+    single-dtype run (None with several). ``transient_alloc_bytes`` = peak alloc - persistent: what training
+    needs beyond what the model keeps between steps (activations, temporaries)."""
+    rows = [r for r in rows if not r.get("error")]
+    dtypes = list(dict.fromkeys(row_dtype(r) for r in rows))
+    by = {(row_dtype(r), r["algo"], r["depth"]): r for r in rows}
+    per_depth = []
+    for dt in dtypes:
+        for d in sorted({r["depth"] for r in rows if row_dtype(r) == dt}):
+            bp = by.get((dt, "bp", d))
+            for algo in FF_ALGOS:
+                ff = by.get((dt, algo, d))
+                if ff and bp:
+                    entry = {"depth": d, "algo": algo,
+                             "ff_bp_ratio_per_sample": _ratio(ff.get("ms_per_sample"), bp.get("ms_per_sample")),
+                             "ff_bp_peak_alloc_ratio": _ratio(ff.get("peak_alloc_bytes"), bp.get("peak_alloc_bytes"))}
+                    if len(dtypes) > 1 or "dtype" in ff:
+                        entry["dtype"] = dt
+                    per_depth.append(entry)
+    by_dtype = {dt: _growth([r for r in rows if row_dtype(r) == dt]) for dt in dtypes}
+    return {"per_depth": per_depth,
+            "bytes_per_added_layer": by_dtype[dtypes[0]] if len(dtypes) == 1 else None,
+            "by_dtype": by_dtype}
 
 
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def _error_row(cfg: NetConfig, backend, error: str) -> dict:
+    return {**asdict(cfg), "backend": backend, "threads": torch.get_num_threads(), "time": None,
+            "samples_per_s": None, "ms_per_sample": None, "persistent_bytes": None, "peak_alloc_bytes": None,
+            "peak_rss_bytes": None, "transient_alloc_bytes": None, "error": error}
+
+
 def bench_network(depths, *, width: int, batch: int, in_features: int, device, dtype: str, backend: str = "auto",
-                  warmup: int, repeats: int, min_time: float, threads=None, progress: bool = True) -> dict:
+                  warmup: int, repeats: int, min_time: float, threads=None, progress: bool = True,
+                  on_depth=None) -> dict:
     """FF, FF with the labeled first layer, and BP at every depth: {"memory_method": {"alloc", "rss"}, "rows",
     "summary"}. Per depth the three are timed together in this process (interleaved repeats); then the memory of
-    each is measured alone: on the CPU in a fresh subprocess (it owns its RSS high-water mark)."""
+    each is measured alone: on the CPU in a fresh subprocess (it owns its RSS high-water mark). A configuration
+    that fails gets a row with ``error``. ``on_depth(rows)``, when given, is called after every depth."""
     device = torch.device(device)
     isolate = device.type == "cpu"
     if isolate and memory.rss_unavailable_reason():
         raise RuntimeError(f"ffkernels bench: cannot measure CPU memory: {memory.rss_unavailable_reason()} "
                            "(run without the network part: --no-network)")
     rows = []
-    with progress_bar(total=len(depths) * (1 + len(ALGOS)), desc="networks", enabled=progress) as bar:
+    with progress_bar(total=len(depths) * (1 + len(ALGOS)), desc=f"networks {dtype}", enabled=progress) as bar:
         for depth in depths:
             configs = [NetConfig(algo=a, depth=depth, width=width, batch=batch, in_features=in_features,
                                  device=str(device), dtype=dtype, backend=backend, threads=threads) for a in ALGOS]
             bar.set_postfix_str(f"depth {depth}: timing")
-            timed = time_configs(configs, warmup=warmup, repeats=repeats, min_time=min_time)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            errors = {}
+            try:
+                timed = time_configs(configs, warmup=warmup, repeats=repeats, min_time=min_time, errors=errors)
+            except Exception as e:  # noqa: BLE001 (the shared batch could not be made: every config fails)
+                timed = {}
+                errors = {c.algo: describe_error(e) for c in configs}
+            release_memory(device)
             bar.update()
             for cfg in configs:
                 bar.set_postfix_str(f"depth {depth}: memory of {cfg.algo}")
-                mem = measure_memory_isolated(cfg) if isolate else measure_memory(cfg)
+                if cfg.algo not in timed:
+                    rows.append(_error_row(cfg, None, errors.get(cfg.algo, "not measured")))
+                    bar.update()
+                    continue
                 t, used_backend = timed[cfg.algo]
+                try:
+                    mem = measure_memory_isolated(cfg) if isolate else measure_memory(cfg)
+                except Exception as e:  # noqa: BLE001
+                    release_memory(device)
+                    rows.append({**_error_row(cfg, used_backend, f"memory: {describe_error(e)}"),
+                                 "time": t.to_dict(), "samples_per_s": cfg.batch / t.median_s,
+                                 "ms_per_sample": t.median_s * 1e3 / cfg.batch})
+                    bar.update()
+                    continue
+                transient = (mem["peak_alloc_bytes"] - mem["persistent_bytes"]
+                             if mem.get("peak_alloc_bytes") is not None and mem.get("persistent_bytes") is not None
+                             else None)
                 rows.append({**asdict(cfg), "backend": used_backend, "threads": torch.get_num_threads(),
                              "time": t.to_dict(), "samples_per_s": cfg.batch / t.median_s,
-                             "ms_per_sample": t.median_s * 1e3 / cfg.batch, **mem})
+                             "ms_per_sample": t.median_s * 1e3 / cfg.batch, **mem,
+                             "transient_alloc_bytes": transient})
                 bar.update()
+            if on_depth is not None:
+                on_depth(rows)
     return {"memory_method": memory.methods(device, MEMORY_STEPS), "rows": rows, "summary": summarize(rows)}
