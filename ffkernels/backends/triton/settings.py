@@ -83,12 +83,12 @@ def is_aligned(*tensors, sizes=()) -> bool:
 def forward_config(dtype: torch.dtype, N: int, K: int, B: int, aligned: bool = True, labeled: bool = False) -> dict:
     """Kernel 1's (and 1L's, ``labeled``) tile, ``m`` rows x ``n`` units x ``k`` features per step, and ``warps``:
       fp32         64 x 64 x 32, 4 warps; 8 warps unaligned
-      fp16/bf16    64 x 128 x 64, 4 warps (1L: 8, its epilogue holds two h tiles and their gathered label columns);
-                   64 x 64 x 32, 8 warps unaligned"""
+      fp16/bf16    64 x 128 x 64, 4 warps; 64 x 64 x 32, 8 warps unaligned
+    and kernel 1L always 8 warps: its epilogue holds two h tiles and their gathered label columns."""
     if interpreting():
         return {"m": block(B, 128), "n": block(N, 128), "k": block(K, 128), "warps": NUM_WARPS}
     if dtype == torch.float32:
-        m, n, k, warps = 64, 64, 32, (NUM_WARPS if aligned else 8)
+        m, n, k, warps = 64, 64, 32, (NUM_WARPS if aligned and not labeled else 8)
     elif aligned:
         m, n, k, warps = 64, 128, 64, (8 if labeled else NUM_WARPS)
     else:
