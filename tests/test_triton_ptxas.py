@@ -152,10 +152,12 @@ SCRIPT = textwrap.dedent("""
     assert not spilled, spilled
     print("no spills")
 
-    # 3. the fused steps trace into their launches
+    # 3. the fused steps trace into their launches (with a split over the rows: kernel 3b once per parameter)
     backend = importlib.import_module(pkg).TritonBackend()
-    for labeled in (False, True):
-        for peer in (False, True):
+    for labeled, peer, splits in ((False, False, 1), (False, True, 1), (True, False, 1), (True, True, 1),
+                                  (False, True, 2), (True, True, 2)):
+        B = 7 if splits == 1 else 300
+        with settings.force_row_splits(splits):
             cfg = FFConfig(threshold=19.0, peer_norm=0.5 if peer else 0.0)
             graphs = []
             def keep(gm, inputs):
@@ -167,16 +169,17 @@ SCRIPT = textwrap.dedent("""
                                                       peer_mean=r))
                 return tuple(backend.step(x_pos, x_neg, w, b, (s1w, s2w), (s1b, s2b), 3, cfg, peer_mean=r))
             with FakeTensorMode():
-                shapes = [(7, 33), (7, 33), (19, 33), (19,), (19, 33), (19, 33), (19,), (19,), (19,)]
+                shapes = [(B, 33), (B, 33), (19, 33), (19,), (19, 33), (19, 33), (19,), (19,), (19,)]
                 args = [torch.empty(s, device="cuda") for s in shapes]
-                args += [torch.zeros(7, dtype=torch.int64, device="cuda")] * 2
+                args += [torch.zeros(B, dtype=torch.int64, device="cuda")] * 2
                 aot_function(step, fw_compiler=keep)(*args)
             code = graphs[0]
-            assert code.count("triton_kernel_wrapper_functional(") == 3, code
+            assert code.count("triton_kernel_wrapper_functional(") == (3 if splits == 1 else 5), code
             assert code.count("'PEER': True") == (3 if peer else 0), code  # kernels 1-3 with the peer code
             assert code.count("'LABELED': True") == (1 if labeled else 0), code
-            if peer:
-                assert "triton_kernel_wrapper_functional_proxy_2['r_ptr']" in code, code  # r: an output of kernel 3
+            if peer:  # r: an output of kernel 3 (of 3b for the weight with a split)
+                writer = 2 if splits == 1 else 3
+                assert f"triton_kernel_wrapper_functional_proxy_{{writer}}['r_ptr']" in code, code
     print("traced")
 """).format(package=TRITON_PACKAGE)
 

@@ -220,7 +220,7 @@ def ff_weight_grad_kernel(
 @triton.jit
 def ff_split_reduce_kernel(
     part_ptr, splits, numel,  # (splits, numel) fp32 partial gradients of one parameter
-    p_ptr, g_ptr, s1_ptr, s2_ptr,  # the parameter (dtype of g), out: its gradient (OPTIM_NONE); fp32 state
+    p_ptr, g_ptr, s1_ptr, s2_ptr,  # the parameter; out with OPTIM_NONE: its gradient (else None); fp32 state
     loss_ptr, r_new_ptr, r_ptr, n_r,  # the loss; with PEER_COMMIT: r <- r' for the first n_r elements
     step_size, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, momentum, weight_decay, first,
     OPTIM: tl.constexpr, MOMENTUM: tl.constexpr, PEER_COMMIT: tl.constexpr, BLOCK: tl.constexpr,
@@ -235,7 +235,7 @@ def ff_split_reduce_kernel(
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(splits):
         acc += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0)
-    g = acc.to(g_ptr.dtype.element_ty)
+    g = acc.to(p_ptr.dtype.element_ty)  # the gradient as a materialized grad would hold it
     if OPTIM == OPTIM_NONE:
         tl.store(g_ptr + offs, g, mask=ok)
     else:
@@ -254,7 +254,7 @@ def _split_reduce(part, splits: int, param, grad, states, loss, update: OptimArg
     numel = param.numel()
     r_new, r = peer_commit if peer_commit is not None else (None, None)
     launchable(ff_split_reduce_kernel)[(triton.cdiv(numel, REDUCE_BLOCK),)](
-        part, splits, numel, param, grad if grad is not None else param, *states, loss, r_new, r,
+        part, splits, numel, param, grad, *states, loss, r_new, r,
         r.numel() if r is not None else 0, **update.scalars,
         OPTIM=update.optim, MOMENTUM=update.momentum_buffer, PEER_COMMIT=peer_commit is not None,
         BLOCK=REDUCE_BLOCK)
