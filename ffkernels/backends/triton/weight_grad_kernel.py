@@ -233,8 +233,10 @@ def ff_split_reduce_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(splits):
-        acc += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0)
+    ptrs = part_ptr + offs
+    for _ in range(splits):  # advancing the pointers (64-bit) by numel: no int32 product s * numel
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += numel
     g = acc.to(p_ptr.dtype.element_ty)  # the gradient as a materialized grad would hold it
     if OPTIM == OPTIM_NONE:
         tl.store(g_ptr + offs, g, mask=ok)
