@@ -44,11 +44,6 @@ inline acc_t row_goodness(double sum_sq, acc_t scale) {
   return static_cast<acc_t>(static_cast<scalar_t>(static_cast<double>(scale) * sum_sq));
 }
 
-// The divisor d of a row (x_hat = x / d) from its sum of squares over K features.
-inline double row_divisor(double sum_sq, int64_t K, Norm norm, double eps) {
-  return 1.0 / row_scale<double>(sum_sq, K, norm, eps);
-}
-
 // Peer normalization (ff_math.h) from the positive rows' h (B, N) and the running mean r: writes r' (rounded to
 // the state dtype, as stored) and v_j = dL_peer/dz+_ij (the same for every positive row i); returns L_peer.
 // m_j sums in double over the rows in order, each thread owning a range of columns, so nothing depends on the

@@ -36,7 +36,7 @@ void normalize_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t K, N
         for (int64_t k = 0; k < K; ++k) orow[k] = xr[k];
         continue;
       }
-      // x / d with d = 1 / row_scale: divide (not multiply) to round like the reference does
+      // x / d (ff_math.h row_divisor, the oracle's formula): divide, as the reference does
       const acc_t d = static_cast<acc_t>(row_divisor(sum_squares(xr, 0, K), K, norm, eps));
       for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<scalar_t>(static_cast<acc_t>(xr[k]) / d);
     }

@@ -34,7 +34,7 @@ GradResult ff_grad_cpu(const at::Tensor& x_pos, const at::Tensor& x_neg, const a
 void ff_update_cpu(const ParamState& p, const at::Tensor& loss, const OptimOptions& opt);
 
 // Supervised first layer: x_pos/x_neg are x with labels label_pos/label_neg (int64, (B,)) written one-hot
-// times `value` into features [0, C). Same outputs as ff_grad_cpu on the explicit pair, B-row GEMMs.
+// times `value` into features [0, C). Same outputs as ff_grad_cpu on the explicit pair, B-row GEMMs (CPU and CUDA).
 GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos, const at::Tensor& label_neg,
                                int64_t C, double value, const at::Tensor& weight, const at::Tensor& bias,
                                const at::Tensor& peer_mean, const LossOptions& opt);
@@ -43,6 +43,9 @@ GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos,
 GradResult ff_grad_cuda(const at::Tensor& x_pos, const at::Tensor& x_neg, const at::Tensor& weight,
                         const at::Tensor& bias, const at::Tensor& peer_mean, const LossOptions& opt);
 void ff_update_cuda(const ParamState& p, const at::Tensor& loss, const OptimOptions& opt);
+GradResult ff_grad_labeled_cuda(const at::Tensor& x, const at::Tensor& label_pos, const at::Tensor& label_neg,
+                                int64_t C, double value, const at::Tensor& weight, const at::Tensor& bias,
+                                const at::Tensor& peer_mean, const LossOptions& opt);
 #endif
 
 }  // namespace ffk

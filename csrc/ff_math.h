@@ -48,16 +48,19 @@ FF_HD T sigmoid(T x) {
   return e / (T(1) + e);
 }
 
-// ---- input normalization: a per-row scale r, so that x_hat = r * x -------------------------------
+// ---- input normalization: a per-row divisor d, so that x_hat = x / d ---------------------------------
+// Exactly the oracle's formula (ffkernels/backends/reference.py, row_divisor): "l2" sqrt(sum x^2) + eps,
+// "rms" sqrt(sum x^2 / K) + eps, "none" 1. Every kernel divides by d (never multiplies by a reciprocal), so
+// x_hat rounds like the reference's x / d and nothing overflows or turns into NaN for tiny rows with eps = 0.
 
 template <typename T>
-FF_HD T row_scale(T sum_sq, int64_t K, Norm norm, T eps) {
+FF_HD T row_divisor(T sum_sq, int64_t K, Norm norm, T eps) {
   using std::sqrt;
   switch (norm) {
     case Norm::L2:
-      return T(1) / (sqrt(sum_sq) + eps);
+      return sqrt(sum_sq) + eps;
     case Norm::RMS:
-      return T(1) / (sqrt(sum_sq / T(K)) + eps);
+      return sqrt(sum_sq / T(K)) + eps;
     default:
       return T(1);
   }

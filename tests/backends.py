@@ -59,6 +59,7 @@ class Backend:
         """torch.ops.<namespace>, its ops registered."""
         if self.namespace == "ffkernels_triton":
             importlib.import_module(f"{TRITON_PACKAGE}.ops")
+            importlib.import_module(f"{TRITON_PACKAGE}.labeled")
         return getattr(torch.ops, self.namespace)
 
     def op(self, name: str):
@@ -95,7 +96,7 @@ def _cuda_reason():
 
 
 COMPILED_OPS = ("ff_grad", "ff_update", "ff_step")
-LABELED_OPS = ("ff_grad_labeled", "ff_step_labeled")  # the supervised first layer: CPU kernels only
+LABELED_OPS = ("ff_grad_labeled", "ff_step_labeled")  # the supervised first layer (B-row GEMMs)
 
 # the reference runs the oracle's own math (autograd, torch.optim on the state it is given): shapes and options reach
 # no code of its own, so it runs the small sweep (every option combination once, shapes up to 128 wide)
@@ -103,9 +104,10 @@ REFERENCE = Backend("reference", "cpu", (FP32, FP64), None, (), None, sweep="sma
 CPU = Backend("cpu", "cpu", (FP32, FP64), "ffkernels", COMPILED_OPS + LABELED_OPS, _cpu_reason())
 # Triton runs the reduced sweep: under the interpreter every kernel program runs in Python (~50x slower per step than
 # the C++ kernels); on a GPU every new specialization is a JIT compile
-TRITON = Backend("triton", "cpu" if INTERPRET or not CUDA else "cuda", (FP32,), "ffkernels_triton", COMPILED_OPS,
+TRITON = Backend("triton", "cpu" if INTERPRET or not CUDA else "cuda", (FP32,), "ffkernels_triton",
+                 COMPILED_OPS + LABELED_OPS,
                  _triton_reason(), interpreted=INTERPRET or not CUDA, sweep="reduced")
-CUDA_BACKEND = Backend("cuda", "cuda", (FP32, FP64), "ffkernels", COMPILED_OPS, _cuda_reason())
+CUDA_BACKEND = Backend("cuda", "cuda", (FP32, FP64), "ffkernels", COMPILED_OPS + LABELED_OPS, _cuda_reason())
 
 ALL = (REFERENCE, CPU, TRITON, CUDA_BACKEND)
 BY_NAME = {b.name: b for b in ALL}

@@ -1,6 +1,8 @@
 """The CUDA C++ backend in float16/bfloat16 on a GPU (float32/float64 run in the behaviour tests, like every backend):
 against the same-precision reference, FlashAttention style (tolerance.py); fp32 optimizer state; a non-finite loss
-changes nothing; the gradient is bitwise reproducible. Skipped without a GPU and a CUDA build."""
+changes nothing; the gradient is bitwise reproducible. Also what the behaviour tests' small batches do not reach: the
+pair epilogue with several pairs per block (B > 512), for the plain and the labeled first layer (whose fp16/bf16 are
+checked here too). Skipped without a GPU and a CUDA build."""
 import itertools
 
 import pytest
@@ -10,7 +12,7 @@ import ffkernels
 import oracle
 from backends import CUDA_BACKEND
 from ffkernels import FFConfig, NonFiniteLossError, functional
-from tolerance import FP32_CPU, check, lowp, one_rounding
+from tolerance import FP32_CPU, check, check_outputs, lowp, one_rounding, rule_for
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(CUDA_BACKEND.skip_reason is not None,
                                                   reason=f"cuda: {CUDA_BACKEND.skip_reason}")]
@@ -166,4 +168,61 @@ def test_grad_is_bitwise_reproducible(dtype):
     for _ in range(3):
         again = functional.ff_grad(x_pos, x_neg, w, b, backend="cuda")
         for name, a, c in zip(first._fields, first, again):
+            assert torch.equal(a, c), name
+
+
+# the pair epilogue takes several pairs per block from B = 513 pairs on (csrc/cuda/ff_rows.cuh pairs_per_block): the
+# bias gradient's block partials and the labeled layer's label columns, at B where a block holds 3 pairs (the last
+# one fewer), against the oracle; labeled or on the explicit pair, with peer normalization
+MANY_PAIRS = 1100
+
+
+def _grad_case(dtype, labeled, peer, seed=5, B=MANY_PAIRS, K=70, N=300, C=10):
+    gen = torch.Generator().manual_seed(seed)
+    cfg = FFConfig(threshold=float(N), peer_norm=0.3 if peer else 0.0, loss="symba" if labeled else "hinton")
+    x_pos = torch.randn(B, K, generator=gen, dtype=torch.float64) + 0.5
+    x_neg = 1.5 * torch.randn(B, K, generator=gen, dtype=torch.float64)
+    w = torch.randn(N, K, generator=gen, dtype=torch.float64) / K ** 0.5
+    b = torch.randn(N, generator=gen, dtype=torch.float64) / K ** 0.5
+    r = torch.rand(N, generator=gen, dtype=torch.float64) if peer else None
+    y_pos, y_neg = torch.randint(0, C, (B,), generator=gen), torch.randint(0, C, (B,), generator=gen)
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+    t = [a.to("cuda", dtype) for a in (x_pos, x_neg, w, b)] + [r.to("cuda", state) if peer else None]
+    if labeled:
+        x = t[0]
+        raw = torch.ops.ffkernels.ff_grad_labeled(x, y_pos.cuda(), y_neg.cuda(), C, 1.0, t[2], t[3], t[4],
+                                                  cfg.op_options)
+        ours = ffkernels.FFGradOutput(*raw)
+        pair = [ffkernels.embed_label(x, y_pos.cuda(), C), ffkernels.embed_label(x, y_neg.cuda(), C)]
+    else:
+        ours = functional.ff_grad(*t[:4], cfg, peer_mean=t[4], backend="cuda")
+        pair = t[:2]
+    same = oracle.ff_grad(*pair, t[2], t[3], cfg, t[4])
+    exact = oracle.ff_grad(*[p.double() for p in pair], t[2].double(), t[3].double(), cfg,
+                           t[4].double() if peer else None)
+    return ours, same, exact, cfg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("labeled", [False, True], ids=["pair", "labeled"])
+@pytest.mark.parametrize("peer", [False, True], ids=["plain", "peer"])
+def test_grad_with_several_pairs_per_block(dtype, labeled, peer):
+    ours, same, exact, cfg = _grad_case(dtype, labeled, peer)
+    check_outputs("", ours, same, exact, cfg, rule_for(dtype, gpu=True))
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("B", [7, MANY_PAIRS], ids=str)
+@pytest.mark.parametrize("peer", [False, True], ids=["plain", "peer"])
+def test_lowp_labeled_grad_within_reference_error(dtype, B, peer):
+    ours, same, exact, cfg = _grad_case(dtype, True, peer, B=B)
+    for name, a in zip(ours._fields, ours):
+        assert a.dtype == dtype, f"{name} is returned in the input dtype"
+    check_outputs("", ours, same, exact, cfg, lowp(dtype))
+
+
+def test_labeled_grad_is_bitwise_reproducible():
+    first = _grad_case(torch.float32, True, True)[0]
+    for _ in range(2):
+        for name, a, c in zip(first._fields, first, _grad_case(torch.float32, True, True)[0]):
             assert torch.equal(a, c), name

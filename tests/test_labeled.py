@@ -1,6 +1,6 @@
 """The supervised first layer: FFLinear.ff_step_labeled(x, y_pos, y_neg, C) is the step on the explicit pair
-embed_label(x, y_pos), embed_label(x, y_neg). Backends with a fused labeled step (cpu: x normalized once, B-row
-GEMMs shared by positive and negative) run the full sweep; the others build the pair and are checked once."""
+embed_label(x, y_pos), embed_label(x, y_neg). Backends with a fused labeled step (cpu, cuda, triton: x normalized once,
+B-row GEMMs shared by positive and negative) run the full sweep; the others build the pair and are checked once."""
 import itertools
 
 import pytest

@@ -29,7 +29,7 @@ from tolerance import CENTRAL_DIFFERENCES, FORMULA, check, check_outputs, rule_f
 from trajectories import run_and_compare
 
 LAM, MU = 0.5, 0.7
-FUSED_LABELED = [b for b in ALL if "ff_step_labeled" in b.op_names]  # a labeled kernel (the CPU's)
+FUSED_LABELED = [b for b in ALL if "ff_step_labeled" in b.op_names]  # a labeled kernel (cpu, cuda, triton)
 
 
 def _sdt(dtype):

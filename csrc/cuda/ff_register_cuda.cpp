@@ -6,7 +6,7 @@ namespace ffk {
 namespace {
 
 constexpr DeviceKernels kCudaKernels{"CUDA", /*half_precision=*/true, &ff_grad_cuda, &ff_update_cuda,
-                                     /*grad_labeled=*/nullptr};
+                                     &ff_grad_labeled_cuda};
 
 }  // namespace
 }  // namespace ffk

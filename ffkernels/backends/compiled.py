@@ -103,4 +103,5 @@ def cpu_backend() -> CompiledBackend:
 
 
 def cuda_backend() -> CompiledBackend:
-    return CompiledBackend("cuda", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+    """The CUDA kernels, with the supervised first-layer step too."""
+    return CompiledBackend("cuda", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16), labeled=True)

@@ -13,16 +13,16 @@ from . import settings
 
 
 class TritonBackend(OpBackend):
-    """grad / update / step of docs/design.md with the Triton kernels (see docs/triton.md)."""
+    """grad / update / step / step_labeled of docs/design.md with the Triton kernels (see docs/triton.md)."""
 
     def __init__(self):
-        super().__init__("triton", "ffkernels_triton")
+        super().__init__("triton", "ffkernels_triton", labeled=True)
         self._registered = False
 
     @property
     def ops(self):
         if not self._registered:
-            from . import ops  # noqa: F401  (registers torch.ops.ffkernels_triton)
+            from . import labeled, ops  # noqa: F401  (register torch.ops.ffkernels_triton)
 
             self._registered = True
         return super().ops

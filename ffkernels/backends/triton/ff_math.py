@@ -4,6 +4,13 @@ Same formulas and the same names as the C++ header (which is the one the CPU and
 change them together. Only plain ``tl`` math is used -- no libdevice, which the interpreter lacks:
 ``log1p`` is built from ``tl.log`` in the classic accurate form, ``softplus``/``sigmoid`` never
 exponentiate a positive number. The norm/goodness/loss codes match the C++ enums.
+
+Rounding on a GPU: a plain ``/`` on fp32 compiles to the approximate ``div.full.f32`` (up to 2 ulp) and
+``tl.exp``/``tl.log`` to ``ex2.approx``/``lg2.approx``, while the interpreter computes everything exactly
+rounded. Every division here is ``tl.div_rn`` and every square root ``tl.sqrt_rn`` (IEEE, as in the C++
+kernels), so the row divisor, the goodness scale, the loss terms and the coefficients c_i differ from the
+interpreter's only through exp and log: a relative error of about 2^-22 in e^-|t| and log(1 + u), which
+softplus and sigmoid pass on without amplification (tests/tolerance.py states the GPU rule).
 """
 import triton
 import triton.language as tl
@@ -30,7 +37,7 @@ def log1p(u):
     """log(1 + u) for u >= 0, accurate for tiny u: log(w) * u / (w - 1) with w = 1 + u (Goldberg)."""
     w = 1.0 + u
     d = w - 1.0
-    return tl.where(d == 0.0, u, tl.log(w) * (u / tl.where(d == 0.0, 1.0, d)))
+    return tl.where(d == 0.0, u, tl.log(w) * tl.div_rn(u, tl.where(d == 0.0, 1.0, d)))
 
 
 @triton.jit
@@ -42,7 +49,7 @@ def softplus(x):
 @triton.jit
 def sigmoid(x):
     e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return tl.div_rn(tl.where(x >= 0.0, 1.0, e), 1.0 + e)
 
 
 @triton.jit
@@ -54,11 +61,12 @@ def is_finite(x):
 
 @triton.jit
 def row_denominator(sum_sq, K, eps, NORM: tl.constexpr):
-    """d with x_hat = x / d: ||x|| + eps ("l2"), sqrt(mean x^2) + eps ("rms"); 1/row_scale in ff_math.h."""
+    """d with x_hat = x / d: ||x|| + eps ("l2"), sqrt(mean x^2) + eps ("rms"): row_divisor of ff_math.h and of the
+    oracle (backends/reference.py), with IEEE division and square root."""
     if NORM == NORM_L2:
         d = tl.sqrt_rn(sum_sq) + eps
     elif NORM == NORM_RMS:
-        d = tl.sqrt_rn(sum_sq / K) + eps
+        d = tl.sqrt_rn(tl.div_rn(sum_sq, K * 1.0)) + eps
     else:
         d = tl.full(sum_sq.shape, 1.0, tl.float32)
     return d
@@ -70,7 +78,7 @@ def row_denominator(sum_sq, K, eps, NORM: tl.constexpr):
 def goodness_scale(N, GOODNESS: tl.constexpr):
     """g = s * sum_j h_j^2: s = 1 ("sum") or 1/N ("mean")."""
     if GOODNESS == GOODNESS_MEAN:
-        s = 1.0 / N
+        s = tl.div_rn(1.0, N * 1.0)
     else:
         s = 1.0
     return s
@@ -81,7 +89,7 @@ def pair_terms(g_pos, g_neg, threshold, symba_alpha, B, LOSS: tl.constexpr):
     """Contribution of pair i to L, and dL/dg_pos_i, dL/dg_neg_i (the batch reduction included)."""
     if LOSS == LOSS_SYMBA:
         # L = sum_i softplus(-alpha (g+ - g-)) / B
-        inv_b = 1.0 / B
+        inv_b = tl.div_rn(1.0, B * 1.0)
         a = -symba_alpha * (g_pos - g_neg)
         d = symba_alpha * sigmoid(a) * inv_b
         loss = softplus(a) * inv_b
@@ -89,7 +97,7 @@ def pair_terms(g_pos, g_neg, threshold, symba_alpha, B, LOSS: tl.constexpr):
         dg_neg = d
     else:
         # L = [sum_i softplus(theta - g+) + sum_i softplus(g- - theta)] / (2B)
-        inv_2b = 1.0 / (2.0 * B)
+        inv_2b = tl.div_rn(1.0, 2.0 * B)
         ap = threshold - g_pos
         an = g_neg - threshold
         loss = (softplus(ap) + softplus(an)) * inv_2b

@@ -86,8 +86,8 @@ def launch_forward(x_pos, x_neg, weight, bias, norm: str, norm_eps: float, peer:
     with ``peer``, the partial column sums of h_pos (M-tiles, N) (else None)."""
     B, K = x_pos.shape
     N = weight.shape[0]
-    tiles = settings.max_tiles(weight.dtype)
-    bm, bn, bk = settings.block(B, tiles["m"]), settings.block(N, tiles["n"]), settings.block(K, tiles["k"])
+    cfg = settings.forward_config(weight.dtype, N, K, B, settings.is_aligned(x_pos, x_neg, weight, sizes=(N, K)))
+    bm, bn, bk = cfg["m"], cfg["n"], cfg["k"]
     h_pos = x_pos.new_empty((B, N))
     h_neg = x_pos.new_empty((B, N))
     n_tiles = triton.cdiv(N, bn)
@@ -101,5 +101,5 @@ def launch_forward(x_pos, x_neg, weight, bias, norm: str, norm_eps: float, peer:
         B, N, K, norm_eps,
         NORM=NORM_CODES[norm], HAS_BIAS=bias is not None, PEER=peer,
         INPUT_PRECISION=settings.dot_precision(weight.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=settings.NUM_WARPS)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["warps"])
     return h_pos, h_neg, ss_part, den, colsum_part

@@ -8,6 +8,7 @@ fp32 accumulation.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -54,16 +55,111 @@ def block(n: int, hi: int) -> int:
     return b
 
 
-# Largest tile edges. The interpreter runs a program per tile in Python, so fewer, larger tiles are much
-# faster there; on GPUs the edges bound registers/shared memory (fp32 tiles use twice the space of fp16).
-# These are fixed, not autotuned: the fused step updates W in place, so autotuning it would need the
-# parameters and optimizer state restored after every trial.
-def max_tiles(dtype: torch.dtype) -> dict:
-    if interpreting():
-        return {"m": 128, "n": 128, "k": 128, "rows": 128}
-    if dtype == torch.float32:
-        return {"m": 64, "n": 64, "k": 32, "rows": 32}
-    return {"m": 64, "n": 128, "k": 64, "rows": 64}
-
-
+# Tile sizes and warps per kernel. The interpreter runs a program per tile in Python, so fewer, larger tiles are
+# much faster there (128 edges whatever the dtype). On GPUs the tiles bound registers and shared memory: each config
+# below is one whose every kernel variant (options, peer normalization) compiles for sm_90 without register spills
+# (tests/test_triton_ptxas.py compiles them and reports registers and spills). They are fixed, not autotuned: the
+# fused step updates W in place, so autotuning it would need the parameters and optimizer state restored after
+# every trial; and they have not been timed on hardware.
+#
+# "aligned": every row length the kernel walks (N, K) is a multiple of 16 elements and the tensors are 16-byte
+# aligned, which is what Triton's specialization needs to vectorize the loads; otherwise every element gets its
+# own address and load, and the unaligned configs (more warps, smaller tiles) keep that in registers.
 NUM_WARPS = 4
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    try:
+        return t.data_ptr() % 16 == 0
+    except RuntimeError:  # no data while torch.compile traces: storages are aligned, so a view is where it starts
+        return t.storage_offset() * t.element_size() % 16 == 0
+
+
+def is_aligned(*tensors, sizes=()) -> bool:
+    """Whether Triton's specialization sees every tensor 16-byte aligned and every size a multiple of 16."""
+    return all(t is None or _aligned16(t) for t in tensors) and all(n % 16 == 0 for n in sizes)
+
+
+def forward_config(dtype: torch.dtype, N: int, K: int, B: int, aligned: bool = True, labeled: bool = False) -> dict:
+    """Kernel 1's (and 1L's, ``labeled``) tile, ``m`` rows x ``n`` units x ``k`` features per step, and ``warps``:
+      fp32         64 x 64 x 32, 4 warps; 8 warps unaligned
+      fp16/bf16    64 x 128 x 64, 4 warps; 64 x 64 x 32, 8 warps unaligned
+    and kernel 1L always 8 warps: its epilogue holds two h tiles and their gathered label columns."""
+    if interpreting():
+        return {"m": block(B, 128), "n": block(N, 128), "k": block(K, 128), "warps": NUM_WARPS}
+    if dtype == torch.float32:
+        m, n, k, warps = 64, 64, 32, (NUM_WARPS if aligned and not labeled else 8)
+    elif aligned:
+        m, n, k, warps = 64, 128, 64, (8 if labeled else NUM_WARPS)
+    else:
+        m, n, k, warps = 64, 64, 32, 8
+    return {"m": block(B, m), "n": block(N, n), "k": block(K, k), "warps": warps}
+
+
+# ---- kernel 3 (weight_grad_kernel.py) --------------------------------------------------------------------------
+
+def weight_grad_config(dtype: torch.dtype, N: int, K: int, B: int, aligned: bool = True,
+                       labeled: bool = False) -> dict:
+    """Kernel 3's W tile (``n`` x ``k``), the rows it reduces per step (``rows``) and its ``warps``:
+      fp32              32 x 64 tile, 32 rows per step, 4 warps; 64 x 32 and 8 warps unaligned
+      fp16/bf16         128 x 64 tile, 64 rows per step, 8 warps (the Adam epilogue holds the tile's p, m, v and
+                        gradient in registers: at 4 warps it spilled); 64 x 64 unaligned
+      fp16/bf16, 1L     64 x 64 tile, 32 rows per step, 8 warps (``labeled``: each step forms both sides' dL/dz
+                        and, in the tiles with label columns, both explicit rows)
+    """
+    if interpreting():
+        return {"n": block(N, 128), "k": block(K, 128), "rows": block(B, 128), "warps": NUM_WARPS}
+    if dtype == torch.float32:
+        n, k, rows, warps = (32, 64, 32, 4) if aligned else (64, 32, 32, 8)
+    elif labeled:
+        n, k, rows, warps = 64, 64, 32, 8
+    else:
+        n, k, rows, warps = (128 if aligned else 64), 64, 64, 8
+    return {"n": block(N, n), "k": block(K, k), "rows": block(B, rows), "warps": warps}
+
+
+# The split of kernel 3 over the rows. Kernel 3 has one program per W tile, (N/BN)(K/BK), each reducing over all
+# 2B rows; a small layer has fewer tiles than the GPU has SMs (a 256 x 256 bf16 layer: 8 of an H200's 132), and
+# most SMs would idle. The rule: with P programs on a GPU of M SMs and B rows per side,
+#     S = 1                                  when P >= M (the GPU is full), else
+#     S = min(ceil(M / P), B // MIN_SPLIT_ROWS)   (about one program per SM, each split at least MIN_SPLIT_ROWS
+#                                                  rows per side, so its partial tile's store pays for itself)
+# and with S > 1 each split writes an fp32 partial of dW (and db) into an (S, N, K) buffer, which kernel 3b adds in
+# split order before the epilogue (store, or the optimizer): deterministic, no atomics. The splits cover the rows
+# in blocks of ``rows`` (kernel 3's step), so S can come out smaller than asked.
+SM_COUNT = 132  # an H200's (and an H100 SXM's) SMs: the rule's M where there is no GPU to ask (the interpreter)
+MIN_SPLIT_ROWS = 128
+_forced_splits = None
+
+
+def sm_count(device) -> int:
+    """The SMs of ``device`` when it is a CUDA GPU, else SM_COUNT."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return SM_COUNT
+
+
+def row_splits(programs: int, B: int, block_rows: int, device) -> tuple:
+    """(S, rows per side of one split) for kernel 3 with ``programs`` W tiles over B rows per side (the rule above,
+    or the number forced by ``force_row_splits``)."""
+    s = _forced_splits
+    if s is None:
+        sms = sm_count(device)
+        s = 1 if programs >= sms else min(-(-sms // programs), B // MIN_SPLIT_ROWS)
+    s = max(1, min(s, -(-B // block_rows)))
+    rows = -(-B // s)
+    rows = -(-rows // block_rows) * block_rows  # whole steps of kernel 3
+    return -(-B // rows), rows
+
+
+@contextlib.contextmanager
+def force_row_splits(splits: int):
+    """Within the block, kernel 3 splits the rows into ``splits`` parts (at most one per block of rows) whatever the
+    rule says: for tests, which run the split path on small shapes."""
+    global _forced_splits
+    before, _forced_splits = _forced_splits, splits
+    try:
+        yield
+    finally:
+        _forced_splits = before
