@@ -55,12 +55,19 @@ def cuda_passes(B, K, N, e) -> list:
         Pass("3 epilogue: read z, write h_pos/h_neg, overwrite z with ∂L/∂z (h read back from cache) [A3]",
              3 * R * N * e),
         Pass("4 sum_pairs: one block sums B doubles", B * 8, serial_iters=math.ceil(B / 256)),
-        Pass("6 grad_b = column sums of ∂L/∂z (at::sum): read ∂L/∂z", R * N * e),
+        Pass("3/5 grad_b: the epilogue writes per-block fp32 column partials of ∂L/∂z, bias_grad_kernel adds them",
+             2 * epilogue_blocks(B) * N * 4),
         Pass("7 Adam on W: read W, dW, m, v; write W, m, v (state fp32)", N * K * (3 * e + 4 * STATE_BYTES)),
     ]
 
 
-CUDA_LAUNCHES = 8  # normalize, GEMM, epilogue, sum_pairs, GEMM, sum, Adam W, Adam b
+CUDA_LAUNCHES = 8  # normalize, GEMM, epilogue, sum_pairs, bias_grad, GEMM, Adam W, Adam b
+
+
+def epilogue_blocks(B) -> int:
+    """csrc/cuda/ff_rows.cuh: one pair per block up to B = 512, then about 512 blocks of at most 64 pairs."""
+    pairs = min(64, max(1, math.ceil(B / 512)))
+    return math.ceil(B / pairs)
 
 
 def triton_passes(B, K, N, e, bn) -> list:
@@ -131,10 +138,11 @@ def document() -> str:
           "| pass | bytes |", "|---|---|",
           "| 1 `normalize_kernel`: read x, write x̂ | 2·R·K·e |",
           "| 2 GEMM z = x̂Wᵀ | (floor) |",
-          "| 3 `epilogue_kernel`: read z, write h_pos‖h_neg, overwrite z with ∂L/∂z | 3·R·N·e |",
+          "| 3 `epilogue_kernel`: read z, write h_pos‖h_neg, overwrite z with ∂L/∂z; per-block fp32 column partials of "
+          "∂L/∂z (P blocks: B up to 512, then about 512) | 3·R·N·e + P·N·4 |",
           "| 4 `sum_pairs_kernel` (one block, ⌈B/256⌉ dependent iterations) | 8·B |",
-          "| 5 GEMM dW = (∂L/∂z)ᵀx̂ | (floor) |",
-          "| 6 `at::sum` grad_b: read ∂L/∂z | R·N·e |",
+          "| 5 `bias_grad_kernel`: the partials added in block order | P·N·4 |",
+          "| 6 GEMM dW = (∂L/∂z)ᵀx̂ | (floor) |",
           "| 7 `adam_kernel` on W: read W, dW, m, v; write W, m, v | N·K·(3e + 16) |", "",
           "Triton backend (docs/triton.md, 3 launches; BN = 128 for bf16, 64 for fp32):", "",
           "| pass | bytes |", "|---|---|",
@@ -171,7 +179,7 @@ def document() -> str:
           "floor, over the 1.3 target** unless L2 keeps part of the 33 MB intermediates (x̂, z) between kernels [A3], "
           "or the floor runs below 790 TFLOP/s while the extra passes do not slow down. The extra is the normalize "
           "pass "
-          "(x read and x̂ written), the epilogue's three passes over z/h, the grad_b read and the Adam pass; the first "
+          "(x read and x̂ written), the epilogue's three passes over z/h, the bias partials and the Adam pass; the first "
           "three are what fusing the row scale and the epilogue into the GEMMs (as the Triton kernels do) removes.",
           f"- The Triton backend moves only {t['mb']:.0f} MB besides its GEMMs and has 3 launches: "
           f"**{t['ratio']:.2f}×** if its GEMMs ran at cuBLAS speed [A7]; its single-program loss kernel costs "

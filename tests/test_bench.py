@@ -649,6 +649,7 @@ def test_gpu_sizing_doc_is_generated_from_the_script(monkeypatch):
     r = sizing.estimate(4096, 2000, 2000, sizing.MODES[0])  # the target shape in bf16
     assert r["gflop"] == pytest.approx(2 * 2 * 8192 * 2000 * 2000 / 1e9)
     assert r["floor_us"] == pytest.approx(report.floor_flops(4096, 2000, 2000) / 790e12 * 1e6)
-    # normalize 2RKe + epilogue 3RNe + grad_b RNe + Adam NK(3e+16), R = 8192, e = 2; sum_pairs 8B
-    assert r["cuda"]["mb"] * 1e6 == pytest.approx(2 * 8192 * 2000 * 2 + 4 * 8192 * 2000 * 2 + 2000 * 2000 * 22
-                                                  + 8 * 4096)
+    # normalize 2RKe + epilogue 3RNe + the bias partials written and read 2PN4 (P = 512 epilogue blocks of 8 pairs)
+    # + Adam NK(3e+16), R = 8192, e = 2; sum_pairs 8B
+    assert r["cuda"]["mb"] * 1e6 == pytest.approx(2 * 8192 * 2000 * 2 + 3 * 8192 * 2000 * 2 + 2 * 512 * 2000 * 4
+                                                  + 2000 * 2000 * 22 + 8 * 4096)
