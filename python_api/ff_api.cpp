@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <string>
 
@@ -276,10 +277,20 @@ StepTuple update_from(const DeviceKernels& k, GradResult r, ParamState pw, Param
   return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg};
 }
 
-// Checks x and the labels of the supervised first layer; returns contiguous x and int64 labels.
-std::tuple<Tensor, Tensor, Tensor> check_labeled(const DeviceKernels& k, const Tensor& x, const Tensor& label_pos,
-                                                 const Tensor& label_neg, int64_t num_classes, double label_value,
-                                                 const Tensor& weight, const optional<Tensor>& bias) {
+// The supervised first layer's inputs after check_labeled: contiguous x, int64 labels, and (off the CPU) a 0-d bool
+// tensor, true when a label was out of range.
+struct LabeledInputs {
+  Tensor x, label_pos, label_neg;
+  Tensor out_of_range;  // undefined on the CPU, where the range is checked on the host
+};
+
+// Checks x and the labels of the supervised first layer. On the CPU an out-of-range label raises. On a GPU reading the
+// range would synchronize with the host at every step (FFNet checks the labels itself and reads the device once per
+// step, docs/design.md "Host syncs"), so the labels are clamped into range on the device, which keeps every kernel in
+// bounds, and out_of_range is returned for poison_loss: the loss becomes NaN and nothing is updated.
+LabeledInputs check_labeled(const DeviceKernels& k, const Tensor& x, const Tensor& label_pos, const Tensor& label_neg,
+                            int64_t num_classes, double label_value, const Tensor& weight,
+                            const optional<Tensor>& bias) {
   check_inputs(k, x, x, weight, bias);
   TORCH_CHECK_VALUE(num_classes >= 2 && num_classes <= x.size(1), "ffkernels: num_classes must be in [2, ",
                     x.size(1), "] (the labels are written into the first num_classes features), got ", num_classes);
@@ -296,14 +307,24 @@ std::tuple<Tensor, Tensor, Tensor> check_labeled(const DeviceKernels& k, const T
     check_same_device(x, l, "x", names[i]);
     labels[i] = l.to(at::kLong).contiguous();
   }
-  // the range of both, read on the host at once (on a GPU: one synchronization, not four)
-  const Tensor range = at::stack({labels[0].min(), labels[0].max(), labels[1].min(), labels[1].max()}).cpu();
-  const int64_t* mm = range.const_data_ptr<int64_t>();
-  for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK_VALUE(mm[2 * i] >= 0 && mm[2 * i + 1] < num_classes, "ffkernels: ", names[i], " must lie in [0, ",
-                      num_classes, "), got values in [", mm[2 * i], ", ", mm[2 * i + 1], "]");
+  if (!x.is_cpu()) {
+    const Tensor bad = at::logical_or(at::logical_or(labels[0].lt(0), labels[0].ge(num_classes)).any(),
+                                      at::logical_or(labels[1].lt(0), labels[1].ge(num_classes)).any());
+    return {x.contiguous(), labels[0].clamp(0, num_classes - 1), labels[1].clamp(0, num_classes - 1), bad};
   }
-  return {x.contiguous(), labels[0], labels[1]};
+  for (int i = 0; i < 2; ++i) {
+    const int64_t lo = labels[i].min().item<int64_t>(), hi = labels[i].max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < num_classes, "ffkernels: ", names[i], " must lie in [0, ", num_classes,
+                      "), got values in [", lo, ", ", hi, "]");
+  }
+  return {x.contiguous(), labels[0], labels[1], Tensor()};
+}
+
+// A step whose labels were out of range (LabeledInputs::out_of_range, on the device) gets a NaN loss, before the
+// optimizer's and peer_mean's loss guards read it: nothing is updated, and no host sync is needed to decide it.
+GradResult poison_loss(GradResult r, const Tensor& out_of_range) {
+  if (out_of_range.defined()) r.loss = r.loss.masked_fill(out_of_range, std::numeric_limits<double>::quiet_NaN());
+  return r;
 }
 
 }  // namespace
@@ -361,11 +382,12 @@ GradTuple ff_grad_labeled_op(const DeviceKernels& k, const Tensor& x, const Tens
                              int64_t num_classes, double label_value, const Tensor& weight, const OptT& bias,
                              const OptT& peer_mean, c10::string_view options) {
   const OpOptions o = parse_options(options);
-  auto [xc, lp, ln] = check_labeled(k, x, label_pos, label_neg, num_classes, label_value, weight, bias);
+  const LabeledInputs in = check_labeled(k, x, label_pos, label_neg, num_classes, label_value, weight, bias);
   const Tensor r = checked_peer_mean(o.loss, weight, peer_mean, /*in_place=*/false);
   c10::DeviceGuard guard(weight.device());
-  return grad_tuple(k.grad_labeled(xc, lp, ln, num_classes, label_value, weight, bias.has_value() ? *bias : Tensor(),
-                                   r, o.loss),
+  return grad_tuple(poison_loss(k.grad_labeled(in.x, in.label_pos, in.label_neg, num_classes, label_value, weight,
+                                               bias.has_value() ? *bias : Tensor(), r, o.loss),
+                                in.out_of_range),
                     weight);
 }
 
@@ -375,13 +397,14 @@ StepTuple ff_step_labeled_op(const DeviceKernels& k, const Tensor& x, const Tens
                              const OptT& state2_bias, const OptT& peer_mean, int64_t step, c10::string_view options) {
   const OpOptions o = parse_options(options);
   const OptimOptions oo = optim_for_step(o, step);
-  auto [xc, lp, ln] = check_labeled(k, x, label_pos, label_neg, num_classes, label_value, weight, bias);
+  const LabeledInputs in = check_labeled(k, x, label_pos, label_neg, num_classes, label_value, weight, bias);
   auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
   const Tensor r = checked_peer_mean(o.loss, weight, peer_mean, /*in_place=*/true);
   c10::DeviceGuard guard(weight.device());
   return update_from(k,
-                     k.grad_labeled(xc, lp, ln, num_classes, label_value, weight,
-                                    bias.has_value() ? *bias : Tensor(), r, o.loss),
+                     poison_loss(k.grad_labeled(in.x, in.label_pos, in.label_neg, num_classes, label_value, weight,
+                                                bias.has_value() ? *bias : Tensor(), r, o.loss),
+                                 in.out_of_range),
                      pw, pb, oo, peer_mean);
 }
 

@@ -31,8 +31,10 @@ def _host_readable(t: Tensor) -> bool:
 
 def _check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias, in_place: bool):
     """The checks of the compiled ops' check_labeled (ff_api.cpp), same messages; returns contiguous x and the labels
-    as contiguous int64. The labels' range needs their values: one host read of both (a synchronization on a
-    GPU); skipped while torch.compile traces (the kernels clamp the labels, so memory stays safe)."""
+    as contiguous int64. The labels' range needs their values: read on the host for CPU tensors (the interpreter),
+    except while torch.compile traces. On a GPU it is not read (a synchronization per step): the kernels clamp the
+    labels, so memory stays safe, and ``_run`` makes the loss NaN when one is out of range, so nothing is updated,
+    as the compiled ops do (ff_api.cpp, poison_loss)."""
     x, _, weight, bias = _check_inputs(x, x, weight, bias, in_place)
     K = x.shape[1]
     if not 2 <= num_classes <= K:
@@ -51,6 +53,8 @@ def _check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bi
             raise ValueError(f"ffkernels: {name} is on {y.device} but x is on {x.device}; all tensors must be on "
                              "the same device")
         labels.append(y.to(torch.int64).contiguous())
+    if labels[0].is_cuda:  # no host read on a GPU (docs/design.md, "Host syncs"): _run poisons the loss instead
+        return x, labels[0], labels[1]
     if _host_readable(labels[0]):
         lo_p, hi_p, lo_n, hi_n = torch.stack([labels[0].min(), labels[0].max(), labels[1].min(),
                                               labels[1].max()]).tolist()
@@ -68,6 +72,9 @@ def _run(x, y_pos, y_neg, num_classes, label_value, weight, bias, cfg: FFConfig,
     loss, g_pos, g_neg, coef, r_new, v = launch_loss(
         ss_part, x.shape[0], weight.shape[0], weight.dtype, cfg.goodness, cfg.threshold, cfg.loss, cfg.symba_alpha,
         peer=(colsum_part, peer_mean, cfg.peer_norm, cfg.peer_momentum) if peer else None)
+    if x.is_cuda:  # labels out of range (not read on the host, see _check_labeled): a NaN loss, so no update
+        out = torch.logical_or((y_pos < 0) | (y_pos >= num_classes), (y_neg < 0) | (y_neg >= num_classes)).any()
+        loss.masked_fill_(out, float("nan"))
     grads = launch_weight_grad(x, x, h_pos, h_neg, coef, den, loss, weight, bias, cfg.norm, update=update,
                                states=states, peer=(v, r_new, peer_mean) if peer else None,
                                labels=(y_pos, y_neg, num_classes, label_value))
