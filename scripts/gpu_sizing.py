@@ -235,7 +235,7 @@ def document() -> str:
           "layer takes ~290 µs, a `torch.mm` ~5 µs). A row is marked host-bound when the predicted GPU time of the "
           f"step is under {HOST_STEP_US:g} µs or the floor under two torch.mm calls.",
           "- **[A7] Triton GEMMs at cuBLAS speed** — an upper bound: its tiles are fixed (64×128×64 bf16 forward, "
-          "128×64 W tiles reducing 64 rows per step for dW) and untuned; fp32 `tl.dot` with `input_precision=\"ieee\"` "
+          "64×64 W tiles reducing 64 rows per step for dW) and untuned; fp32 `tl.dot` with `input_precision=\"ieee\"` "
           "runs without tensor cores.",
           "- Adam with fp32 state (the default optimizer), bias terms (N elements) ignored, RMS normalization "
           "(the default: the normalize pass runs).", ""]
