@@ -157,7 +157,16 @@ def baseline_lines(baselines: dict) -> str:
             f"untrained network of the same shape: best {100 * un['best_transfer']:.1f}% "
             f"(layer {un['best_transfer_layer']}; per layer "
             f"{', '.join(f'{100 * a:.1f}' for a in un['transfer']['layers'])}; all layers "
-            f"{100 * un['transfer']['all']:.1f}%).")
+            f"{100 * un['transfer']['all']:.1f}%)." + _other_probes(px, un))
+
+
+def _other_probes(px: dict, un: dict) -> str:
+    """The reference points by the config's other probes (none with a single probe)."""
+    names = list(px.get("probes", {}))[1:]
+    return "".join(f" By the `{p}` probe: raw pixels {100 * px['probes'][p]['best']:.1f}%, untrained network best "
+                   f"{100 * un['probes'][p]['best']:.1f}% (per layer "
+                   f"{', '.join(f'{100 * a:.1f}' for a in un['probes'][p]['layers'])}; all layers "
+                   f"{100 * un['probes'][p]['all']:.1f}%)." for p in names)
 
 
 def timing_line(rows, dataset: str) -> str:
