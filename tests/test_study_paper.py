@@ -205,3 +205,20 @@ def test_report_only_rewrites_the_report_from_results_json(tmp_path, capsys):
     assert "from 2 finished runs" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="holds no results.json"):
         main(["study", "--report-only", "--out", str(tmp_path / "nothing")])
+
+
+def test_docs_show_the_generated_settings_and_the_kept_results():
+    """docs/study.md's settings table and its side-by-side table are generated, never typed: the first from the
+    preset, the second from docs/study-paper/results.json (when that run has been kept)."""
+    import os
+
+    from ffkernels.study.report import paper_settings_table
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    doc = open(os.path.join(root, "docs", "study.md")).read()
+    assert paper_settings_table() in doc
+    kept = os.path.join(root, "docs", "study-paper", "results.json")
+    if os.path.exists(kept):
+        with open(kept) as f:
+            rows = json.load(f)["rows"]
+        assert paper_table(rows, "mnist5k") in doc
