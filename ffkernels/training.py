@@ -151,25 +151,34 @@ def bp_accuracy(model: BPMLP, x: torch.Tensor, y: torch.Tensor, batch_size: int 
     return int(correct) / max(1, len(y))  # one host read
 
 
+def run_batches(n: int, batch_size: int, generator: torch.Generator, step, device: torch.device,
+                progress: bool = False, desc: str = "train") -> EpochStats:
+    """One epoch over a fresh permutation of range(n) drawn from ``generator`` (the order ``train_ff_epoch`` draws),
+    split into batches of ``batch_size``; ``step(idx)`` trains on one batch and returns its loss vector. The sums
+    stay on ``device`` and are read once at the end (as train_ff_epoch); ``loss`` is their mean per batch."""
+    batches = torch.randperm(n, generator=generator).split(batch_size)
+    total = None
+    shown = _LossDisplay(device) if progress else None
+    t0 = time.perf_counter()
+    bar = progress_iter(batches, progress, desc=desc, leave=False, unit="batch")
+    for i, idx in enumerate(bar):
+        loss = step(idx).detach().reshape(-1).to(device, torch.float64)
+        total = loss if total is None else total + loss
+        if shown is not None and i % 10 == 0:
+            shown.update(bar, loss)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    secs = time.perf_counter() - t0
+    return EpochStats(0, (total / max(1, len(batches))).tolist() if total is not None else [], secs, n / secs)
+
+
 def train_bp_epoch(model: BPMLP, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                    batch_size: int, generator: torch.Generator, progress: bool = False,
                    desc: str = "train") -> EpochStats:
     """One epoch of backprop with cross-entropy (``reference.bp_step``), batches in the order
     ``train_ff_epoch`` would draw from the same generator state. ``loss`` is a one-element list."""
     p = next(model.parameters())
-    perm = torch.randperm(len(y), generator=generator)
-    batches = perm.split(batch_size)
-    total = torch.zeros(1, dtype=torch.float64, device=p.device)  # on the device, read once (as train_ff_epoch)
-    shown = _LossDisplay(p.device) if progress else None
-    t0 = time.perf_counter()
-    bar = progress_iter(batches, progress, desc=desc, leave=False, unit="batch")
-    for i, idx in enumerate(bar):
-        loss = bp_step(model, optimizer, x[idx].to(p.device, p.dtype, non_blocking=True),
-                       y[idx].to(p.device, non_blocking=True))
-        total += loss.detach().to(p.device, torch.float64)
-        if shown is not None and i % 10 == 0:
-            shown.update(bar, loss.reshape(1))
-    if p.device.type == "cuda":
-        torch.cuda.synchronize(p.device)
-    secs = time.perf_counter() - t0
-    return EpochStats(0, (total / max(1, len(batches))).tolist(), secs, len(y) / secs)
+    return run_batches(len(y), batch_size, generator,
+                       lambda idx: bp_step(model, optimizer, x[idx].to(p.device, p.dtype, non_blocking=True),
+                                           y[idx].to(p.device, non_blocking=True)),
+                       p.device, progress, desc)

@@ -15,7 +15,6 @@ first, as FF). Only ``ff`` trains on a "contrast" pretext (hybrid images): backp
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ from ..bp import BPMLP, make_bp_optimizer
 from ..config import FFConfig
 from ..labels import embed_label, embed_neutral, wrong_labels
 from ..layers import FFNet
-from ..training import EpochStats, accuracy, bp_accuracy, progress_iter, train_bp_epoch, train_ff_epoch
+from ..training import EpochStats, accuracy, bp_accuracy, run_batches, train_bp_epoch, train_ff_epoch
 from .config import StudyConfig
 from .features import bp_features, ff_features
 from .pretext import PretextTask
@@ -60,22 +59,6 @@ def runs_on(algo: str, task: PretextTask) -> bool:
     return task.kind == "label" or algo == "ff"
 
 
-def _epoch(n: int, batch_size: int, generator: torch.Generator, step, progress: bool, desc: str,
-           device: torch.device) -> EpochStats:
-    """Batches of a fresh permutation of range(n) drawn from ``generator`` (as train_ff_epoch draws them);
-    ``step(idx)`` trains on one and returns its loss vector. One host sync per epoch."""
-    batches = torch.randperm(n, generator=generator).split(batch_size)
-    total = None
-    t0 = time.perf_counter()
-    for idx in progress_iter(batches, progress, desc=desc, leave=False, unit="batch"):
-        loss = step(idx).detach().double()
-        total = loss if total is None else total + loss
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    secs = time.perf_counter() - t0
-    return EpochStats(0, (total.cpu() / max(1, len(batches))).tolist(), secs, n / secs)
-
-
 class FFTrainer:
     def __init__(self, dims, task: PretextTask, num_labels: int, cfg: StudyConfig, device, backend: str):
         self.task, self.num_labels, self.cfg = task, num_labels, cfg
@@ -95,9 +78,10 @@ class FFTrainer:
             return train_ff_epoch(self.net, x, y, self.num_labels, self.cfg.batch_size, generator, progress, desc)
         x_pos, x_neg = data
         p = self._param()
-        return _epoch(len(x_pos), self.cfg.batch_size, generator,
-                      lambda idx: self.net.ff_step(x_pos[idx].to(p.device, p.dtype), x_neg[idx].to(p.device, p.dtype))
-                      .losses, progress, desc, p.device)
+        return run_batches(len(x_pos), self.cfg.batch_size, generator,
+                           lambda idx: self.net.ff_step(x_pos[idx].to(p.device, p.dtype),
+                                                        x_neg[idx].to(p.device, p.dtype)).losses,
+                           p.device, progress, desc)
 
     @torch.no_grad()
     def pretext_accuracy(self, data) -> float:
@@ -180,7 +164,7 @@ class GoodnessBPTrainer:
             self.opt.step()
             return losses
 
-        return _epoch(len(y), self.cfg.batch_size, generator, step, progress, desc, p.device)
+        return run_batches(len(y), self.cfg.batch_size, generator, step, p.device, progress, desc)
 
     @torch.no_grad()
     def scores(self, x) -> torch.Tensor:

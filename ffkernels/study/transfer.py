@@ -9,15 +9,10 @@ from ..bp import BPMLP
 from .config import StudyConfig
 from .features import bp_features
 from .metrics import cluster_metrics
-from .probe import Standardizer, fit_adam_probes, fit_linear_probe
+from .probe import fit_adam_probes, probe_accuracy
 
 PROBE_SEED = 0       # the Adam probes' initialization (and PROBE_SEED + 1: batch order), the same for every run
 UNTRAINED_SEED = 0
-
-
-def _lbfgs(a, y_a, b, y_b, num_classes, cfg: StudyConfig) -> float:
-    std = Standardizer.fit(a)
-    return fit_linear_probe(std(a), y_a, num_classes, cfg.probe_steps, cfg.probe_weight_decay).accuracy(std(b), y_b)
 
 
 def _probe(name: str, f_train: list, y_train, f_test: list, y_test, num_classes: int, cfg: StudyConfig) -> dict:
@@ -26,7 +21,8 @@ def _probe(name: str, f_train: list, y_train, f_test: list, y_test, num_classes:
     trains = f_train + ([torch.cat(f_train, 1)] if many else [])
     tests = f_test + ([torch.cat(f_test, 1)] if many else [])
     if name == "lbfgs":
-        acc = [_lbfgs(a, y_train, b, y_test, num_classes, cfg) for a, b in zip(trains, tests)]
+        acc = [probe_accuracy(a, y_train, b, y_test, num_classes, cfg.probe_steps, cfg.probe_weight_decay)
+               for a, b in zip(trains, tests)]
     elif name == "paper":  # the per-layer and all-layer classifiers side by side (same result as one by one)
         probes = fit_adam_probes(trains, y_train, num_classes, cfg.paper_probe_epochs, cfg.paper_probe_lr,
                                  cfg.paper_probe_batch_size, PROBE_SEED)
