@@ -15,7 +15,9 @@ from ffkernels.study.config import StudyConfig
 from ffkernels.study.paper import PAPER_PRESET, PAPER_REPORTED_MNIST
 from ffkernels.study.pretext import get_pretext, hybrid_masks, make_hybrid_data, partners
 from ffkernels.study.probe import fit_adam_probe, fit_adam_probes
-from ffkernels.study.report import paper_table, probe_table
+from ffkernels.study import doc_blocks
+from ffkernels.study.claims import claims_table
+from ffkernels.study.report import paper_settings_table, paper_table, probe_table, wall_table
 from ffkernels.training import train_ff_epoch
 
 from test_probe_metrics import blobs
@@ -207,18 +209,61 @@ def test_report_only_rewrites_the_report_from_results_json(tmp_path, capsys):
         main(["study", "--report-only", "--out", str(tmp_path / "nothing")])
 
 
-def test_docs_show_the_generated_settings_and_the_kept_results():
-    """docs/study.md's settings table and its side-by-side table are generated, never typed: the first from the
-    preset, the second from docs/study-paper/results.json (when that run has been kept)."""
-    import os
+def _fake_row(pretext, algo, seed, last, best, acc, wall=100.0, threads=2):
+    probe = {"layers": [best, last], "all": 0.0, "best": best}
+    return {"dataset": "d", "pretext": pretext, "algo": algo, "seed": seed, "pretext_accuracy": acc,
+            "probes": {"paper": probe, "lbfgs": probe}, "wall_seconds": wall, "train_seconds": wall / 2,
+            "threads": threads, "backend": "cpu", "device": "cpu"}
 
-    from ffkernels.study.report import paper_settings_table
+
+def test_claims_are_differences_paired_by_seed_next_to_the_papers():
+    rows = [_fake_row("rotation", "ff", 0, 0.90, 0.95, 0.90), _fake_row("rotation", "ff", 1, 0.92, 0.95, 0.94),
+            _fake_row("rotation", "bp", 0, 0.80, 0.94, 0.98), _fake_row("rotation", "bp", 1, 0.80, 0.96, 0.98),
+            _fake_row("rotation", "ff", 2, 0.10, 0.10, 0.10)]       # seed 2 has no BP partner: not paired
+    untrained = {"probes": {p: {"layers": [0.93, 0.91], "all": 0.9, "best": 0.93} for p in ("paper", "lbfgs")}}
+    table = claims_table(rows, {"untrained": untrained}, "d").splitlines()
+    gap = next(line for line in table if "FF rotation − BP rotation" in line).split(" | ")
+    # paper 76.3 - 97.5; pretext acc (-8, -4); last layer (+10, +12); best (+1, -1); 2 pairs
+    assert gap[2:] == ["-21.2", "-6.0 ± 2.8", "+11.0 ± 1.4", "+0.0 ± 1.4", "+11.0 ± 1.4", "+0.0 ± 1.4", "2 |"]
+    vs_none = next(line for line in table if "BP rotation − untrained net" in line).split(" | ")
+    assert vs_none[2:] == ["–", "–", "-11.0 ± 0.0", "+2.0 ± 1.4", "-11.0 ± 0.0", "+2.0 ± 1.4", "2 |"]
+    ff_none = next(line for line in table if "FF rotation − untrained net" in line)
+    assert ff_none.endswith("| 3 |")                            # every FF seed against the one reference
+    assert any("BP-G all rotation − BP-G last rotation | -12.0 | – |" in line for line in table)  # reported only
+    assert not any("FF supervised − untrained" in line for line in table)   # neither side has it: no row
+
+
+def test_wall_table_lists_every_run_per_seed():
+    rows = [_fake_row("flip", "ff", 0, 0.9, 0.9, 0.9, wall=600.4, threads=1),
+            _fake_row("flip", "ff", 1, 0.9, 0.9, 0.9, wall=580.0), _fake_row("flip", "bp", 1, 0.9, 0.9, 0.9)]
+    table = wall_table(rows, "d").splitlines()
+    assert table[0] == "| pretext | algo | seed 0: wall s | seed 1: wall s |"
+    assert table[2] == "| flip | FF | 600 (300 training, 1 thread) | 580 (290 training, 2 threads) |"
+    assert table[3] == "| flip | BP | – | 100 (50 training, 2 threads) |"
+
+
+def test_doc_blocks_are_rewritten_from_their_source_and_unknown_ones_refused():
+    res = {"rows": [], "baselines": {}}
+    text = "a\n<!-- generated: paper-settings (note) -->\nstale\n<!-- end generated: paper-settings -->\nb\n"
+    new = doc_blocks.refresh(text, res)
+    assert new == ("a\n<!-- generated: paper-settings (note) -->\n" + paper_settings_table()
+                   + "\n<!-- end generated: paper-settings -->\nb\n")
+    assert doc_blocks.refresh(new, res) == new and doc_blocks.block_names(new) == ["paper-settings"]
+    with pytest.raises(KeyError, match="'nope' has no generator"):
+        doc_blocks.refresh("<!-- generated: nope -->\n<!-- end generated: nope -->", res)
+
+
+def test_docs_show_the_generated_settings_and_the_kept_results():
+    """docs/study.md's settings, side-by-side, claims, reference and wall-time blocks are generated, never typed:
+    from the preset and from docs/study-paper/results.json (the kept run). Stale: python -m
+    ffkernels.study.doc_blocks."""
+    import os
 
     root = os.path.join(os.path.dirname(__file__), "..")
     doc = open(os.path.join(root, "docs", "study.md")).read()
-    assert paper_settings_table() in doc
     kept = os.path.join(root, "docs", "study-paper", "results.json")
-    if os.path.exists(kept):
-        with open(kept) as f:
-            rows = json.load(f)["rows"]
-        assert paper_table(rows, "mnist5k") in doc
+    assert os.path.exists(kept), "the paper-preset run's results.json is kept in docs/study-paper"
+    with open(kept) as f:
+        results = json.load(f)
+    assert sorted(doc_blocks.block_names(doc)) == sorted(doc_blocks.BLOCKS)
+    assert doc_blocks.refresh(doc, results) == doc, "stale: run python -m ffkernels.study.doc_blocks"

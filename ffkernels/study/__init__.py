@@ -3,8 +3,10 @@
     from ffkernels.study import StudyConfig, run_study
     store = run_study("runs/demo", ["mnist5k"], ["rotation"], ["ff", "bp"], [0], StudyConfig(hidden=(500, 500)))
 
-Modules: pretext (tasks), probe (linear probe), metrics (k-NN, silhouette), embedding (t-SNE), features,
-runner (training and measuring), store (the output folder), report (report.md), plots (PNGs), cli, demo.
+Modules: pretext (tasks), algos (FF, BP, the BP-goodness ablation), probe and transfer (the linear probes),
+metrics (k-NN, silhouette), embedding (t-SNE), features, runner (training and measuring), store (the output
+folder), tables / report (report.md) / claims (the paper's claims as differences), paper (the preset and the
+reported numbers), doc_blocks (docs/study.md's generated blocks), plots (PNGs), config, cli, demo.
 """
 from .config import StudyConfig
 from .pretext import PRETEXTS, get_pretext, make_pretext_data

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from .algos import ALGOS
-from .report import ALGO_NAMES, _order, grouped
+from .tables import ALGO_NAMES, grouped, order
 from .store import StudyStore
 
 COLORS = {name: a.color for name, a in ALGOS.items()}
@@ -36,7 +36,7 @@ def _figure(nrows: int, ncols: int, width: float, height: float):
 def plot_transfer(store: StudyStore, dataset: str) -> str:
     rows = [r for r in store.rows if r["dataset"] == dataset]
     g = grouped(rows)
-    _, pretexts, algos = _order(rows)
+    _, pretexts, algos = order(rows)
     fig, axes = _figure(1, len(pretexts), 3.6, 3.0)
     base = store.baseline(dataset)
     for ax, p in zip(axes[0], pretexts):
@@ -66,7 +66,7 @@ def plot_transfer(store: StudyStore, dataset: str) -> str:
 def plot_curves(store: StudyStore, dataset: str) -> str:
     rows = [r for r in store.rows if r["dataset"] == dataset]
     g = grouped(rows)
-    _, pretexts, algos = _order(rows)
+    _, pretexts, algos = order(rows)
     fig, axes = _figure(2, len(pretexts), 3.6, 2.8)
     for col, p in enumerate(pretexts):
         acc_ax, loss_ax = axes[0][col], axes[1][col]
@@ -128,7 +128,7 @@ def write_plots(store: StudyStore) -> list:
     rows = store.rows
     if not rows:
         return []
-    datasets, pretexts, _ = _order(rows)
+    datasets, pretexts, _ = order(rows)
     paths = []
     for d in datasets:
         paths += [plot_transfer(store, d), plot_curves(store, d)]

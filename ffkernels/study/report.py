@@ -2,55 +2,20 @@
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 
-import numpy as np
-
-from .algos import ALGOS
+from .claims import claims_table
 from .paper import PAPER_REPORTED_MNIST, paper_settings
 from .pretext import PRETEXTS
 from .store import REPORT, StudyStore
+from .tables import ALGO_NAMES, grouped, md, mean_std, order
 
-ALGO_NAMES = {name: a.label for name, a in ALGOS.items()}
 PAPER_DATASETS = ("mnist", "mnist5k")   # the reported numbers are MNIST's
-
-
-def mean_std(values, percent: bool = True, digits: int = 1) -> str:
-    """"93.1 ± 0.4" (sample std over seeds) or "93.1" for one value; "–" for none."""
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64) * (100.0 if percent else 1.0)
-    if v.size == 0:
-        return "–"
-    if v.size == 1:
-        return f"{v[0]:.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
-
-
-def grouped(rows) -> dict:
-    """{(dataset, pretext, algo): [rows sorted by seed]}."""
-    g = defaultdict(list)
-    for r in rows:
-        g[(r["dataset"], r["pretext"], r["algo"])].append(r)
-    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in g.items()}
-
-
-def _order(rows):
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    present = {r["pretext"] for r in rows}
-    pretexts = [p for p in PRETEXTS if p in present]
-    algos = [a for a in ALGO_NAMES if any(r["algo"] == a for r in rows)]
-    return datasets, pretexts, algos
-
-
-def _md(header, body) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
-    return "\n".join(lines)
 
 
 def summary_table(rows, dataset: str) -> str:
     """Per pretext task: pretext accuracy, best transfer accuracy and training samples/s, FF next to BP."""
     g = grouped(rows)
-    _, pretexts, algos = _order(rows)
+    _, pretexts, algos = order(rows)
     header = ["pretext"]
     for what in ("pretext acc %", "best transfer %", "samples/s"):
         header += [f"{ALGO_NAMES[a]} {what}" for a in algos]
@@ -66,13 +31,13 @@ def summary_table(rows, dataset: str) -> str:
         line += [mean_std([r["samples_per_s"] for r in runs[a]], percent=False, digits=0) for a in algos]
         line.append("/".join(str(len(runs[a])) for a in algos))
         body.append(line)
-    return _md(header, body)
+    return md(header, body)
 
 
 def probe_table(rows, dataset: str) -> str:
     """Per pretext and algorithm, each probe's transfer: best (single layer or all) and the last layer alone."""
     g = grouped(rows)
-    _, pretexts, algos = _order(rows)
+    _, pretexts, algos = order(rows)
     probes = list(dict.fromkeys(p for r in rows if r["dataset"] == dataset for p in r.get("probes", {})))
     header = ["pretext", "algo"] + [f"{p} {what}" for p in probes for what in ("best %", "last layer %", "all %")]
     body = []
@@ -83,18 +48,18 @@ def probe_table(rows, dataset: str) -> str:
                 body.append([p, ALGO_NAMES[a]] + [mean_std(v) for pr in probes for v in (
                     [r["probes"][pr]["best"] for r in runs], [r["probes"][pr]["layers"][-1] for r in runs],
                     [r["probes"][pr]["all"] for r in runs])])
-    return _md(header, body)
+    return md(header, body)
 
 
 def paper_settings_table() -> str:
     """The paper preset's settings and where each comes from (docs/study.md shows this table)."""
-    return _md(["setting", "value", "source"], paper_settings())
+    return md(["setting", "value", "source"], paper_settings())
 
 
 def paper_table(rows, dataset: str) -> str:
     """Our transfer next to the paper's reported MNIST numbers, for every (pretext, algo) either has."""
     g = grouped(rows)
-    _, pretexts, algos = _order(rows)
+    _, pretexts, algos = order(rows)
     probes = [p for p in ("paper", "lbfgs") if any(p in r.get("probes", {}) for r in rows if r["dataset"] == dataset)]
     header = ["pretext", "algo", "paper (reported) %"]
     for p in probes:
@@ -113,13 +78,13 @@ def paper_table(rows, dataset: str) -> str:
                          mean_std([r["probes"][pr]["best"] for r in runs if pr in r.get("probes", {})])]
             line.append(str(len(runs)))
             body.append(line)
-    return _md(header, body)
+    return md(header, body)
 
 
 def layer_table(rows, dataset: str) -> str:
     """Linear-probe test accuracy on every layer and on all layers concatenated."""
     g = grouped(rows)
-    _, pretexts, algos = _order(rows)
+    _, pretexts, algos = order(rows)
     n_layers = max(len(r["transfer"]["layers"]) for r in rows if r["dataset"] == dataset)
     header = ["pretext", "algo"] + [f"layer {i + 1}" for i in range(n_layers)] + ["all layers"]
     body = []
@@ -130,12 +95,12 @@ def layer_table(rows, dataset: str) -> str:
                 body.append([p, ALGO_NAMES[a]] + [mean_std([r["transfer"]["layers"][i] for r in runs])
                                                   for i in range(n_layers)]
                             + [mean_std([r["transfer"]["all"] for r in runs])])
-    return _md(header, body)
+    return md(header, body)
 
 
 def cluster_table(rows, dataset: str, metric: str, percent: bool) -> str:
     g = grouped(rows)
-    _, pretexts, algos = _order(rows)
+    _, pretexts, algos = order(rows)
     n_layers = max(len(r["cluster"][metric]) for r in rows if r["dataset"] == dataset)
     header = ["pretext", "algo"] + [f"layer {i + 1}" for i in range(n_layers)]
     body = []
@@ -145,7 +110,7 @@ def cluster_table(rows, dataset: str, metric: str, percent: bool) -> str:
             if runs:
                 body.append([p, ALGO_NAMES[a]] + [mean_std([r["cluster"][metric][i] for r in runs], percent,
                                                             digits=1 if percent else 3) for i in range(n_layers)])
-    return _md(header, body)
+    return md(header, body)
 
 
 def baseline_lines(baselines: dict) -> str:
@@ -172,16 +137,35 @@ def _other_probes(px: dict, un: dict) -> str:
 def timing_line(rows, dataset: str) -> str:
     rs = [r for r in rows if r["dataset"] == dataset]
     per = {a: sum(r["wall_seconds"] for r in rs if r["algo"] == a) for a in ALGO_NAMES}
-    where = sorted({f"{ALGO_NAMES[r['algo']]} backend `{r['backend']}` on {r['device']}, {r['threads']} thread(s)"
-                    for r in rs})
+    backends = {a: sorted({f"`{r['backend']}` on {r['device']}" for r in rs if r["algo"] == a}) for a in ALGO_NAMES}
+    threads = sorted({r["threads"] for r in rs})
     return (f"Wall time of the runs (training, evaluation, probes, metrics, t-SNE): {sum(per.values()):.0f} s ("
-            + ", ".join(f"{ALGO_NAMES[a]} {s:.0f} s" for a, s in per.items() if s) + f"); {'; '.join(where)}.")
+            + ", ".join(f"{ALGO_NAMES[a]} {s:.0f} s" for a, s in per.items() if s) + "); backends: "
+            + ", ".join(f"{ALGO_NAMES[a]} {' / '.join(b)}" for a, b in backends.items() if b) + "; threads: "
+            + ", ".join(f"{t} ({sum(r['threads'] == t for r in rs)} runs)" for t in threads) + ".")
+
+
+def wall_table(rows, dataset: str) -> str:
+    """Every run's wall time (training, evaluation, probes, metrics, t-SNE), its training time and thread count,
+    one column per seed: what results.json recorded for each run."""
+    g = grouped(rows)
+    _, pretexts, algos = order(rows)
+    seeds = sorted({r["seed"] for r in rows if r["dataset"] == dataset})
+    body = []
+    for p in pretexts:
+        for a in algos:
+            runs = {r["seed"]: r for r in g.get((dataset, p, a), [])}
+            if runs:
+                body.append([p, ALGO_NAMES[a]] + [
+                    f"{runs[s]['wall_seconds']:.0f} ({runs[s]['train_seconds']:.0f} training, {runs[s]['threads']} "
+                    f"thread{'s' if runs[s]['threads'] != 1 else ''})" if s in runs else "–" for s in seeds])
+    return md(["pretext", "algo"] + [f"seed {s}: wall s" for s in seeds], body)
 
 
 def console_summary(store: StudyStore) -> str:
     """The FF-vs-BP summary table of every dataset, for printing."""
     rows = store.rows
-    datasets, _, _ = _order(rows)
+    datasets, _, _ = order(rows)
     return "\n\n".join(f"{d}\n{summary_table(rows, d)}\n{baseline_lines(store.baseline(d))}" for d in datasets)
 
 
@@ -200,7 +184,7 @@ def probe_description(cfg: dict) -> str:
 def write_report(store: StudyStore) -> str:
     """Write ``report.md`` into the study folder and return its path."""
     rows, cfg = store.rows, store.results["config"]
-    datasets, pretexts, _ = _order(rows)
+    datasets, pretexts, _ = order(rows)
     hidden = "-".join(str(h) for h in cfg["hidden"])
     out = [
         "# Forward-Forward vs backprop: self-supervised pretext training and linear-probe transfer", "",
@@ -225,14 +209,18 @@ def write_report(store: StudyStore) -> str:
         "negative pass per input).", ""]
     for d in datasets:
         out += [f"## {d}", "", summary_table(rows, d), "", baseline_lines(store.baseline(d)), "",
-                timing_line(rows, d), ""]
+                timing_line(rows, d), "", "### Wall time per run", "", wall_table(rows, d), ""]
         if len(cfg.get("probes", ["lbfgs"])) > 1:
             out += ["### Transfer by probe (%)", "", probe_table(rows, d), ""]
         if d in PAPER_DATASETS:
             out += ["### Next to the paper's reported MNIST numbers", "",
                     "The paper's numbers are as reported (full MNIST; quoted from a secondary summary, see "
                     "`ffkernels/study/paper.py`); ours come from this folder's results.json. – : not reported / not "
-                    "run (backprop has no counterpart on `hybrid`).", "", paper_table(rows, d), ""]
+                    "run (backprop has no counterpart on `hybrid`).", "", paper_table(rows, d), "",
+                    "### The paper's claims as differences (points)", "",
+                    "A − B per claim, paired by seed (mean ± std over the seeds both have); the untrained network "
+                    "of the same shape is the dataset's reference point.", "",
+                    claims_table(rows, store.baseline(d), d), ""]
         out += ["### Transfer accuracy per layer (%)", "", layer_table(rows, d), "",
                 "### k-NN accuracy per layer (%)", "", cluster_table(rows, d, "knn_accuracy", True), "",
                 "### Silhouette per layer", "", cluster_table(rows, d, "silhouette", False), "",
