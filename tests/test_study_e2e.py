@@ -89,6 +89,29 @@ def test_other_config_in_the_folder_is_refused_then_overwritten_on_request(tmp_p
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only the study's own files
 
 
+def test_folders_of_one_config_merge_and_another_config_is_refused(finished, tmp_path, capsys):
+    seed0, res0 = finished
+    seed1 = study(tmp_path / "s1", "--first-seed", "1", "--pretext", "jigsaw")   # run elsewhere / side by side
+    merged = tmp_path / "m"
+    main(["study", "--merge", str(seed0), str(tmp_path / "s1"), "--out", str(merged)])
+    res = json.loads((merged / "results.json").read_text())
+    assert res["fingerprint"] == res0["fingerprint"] and res["rows"] == res0["rows"] + seed1["rows"]
+    assert res["baselines"] == res0["baselines"]                          # the first folder's reference points
+    out = capsys.readouterr().out
+    assert "4 runs added" in out and "2 runs added" in out
+    report = (merged / "report.md").read_text()
+    assert next(line for line in report.splitlines() if line.startswith("| jigsaw |")).count(" ± ") >= 4
+    assert "| supervised |" in report and " ± " not in next(
+        line for line in report.splitlines() if line.startswith("| supervised |"))
+    tsne = StudyStore.open(str(merged)).load_embedding("digits", "jigsaw", "ff")
+    assert tsne[0] == 0 and len(list((merged / "embeddings").iterdir())) == 4   # the folder's first t-SNE kept
+    main(["study", "--merge", str(tmp_path / "s1"), "--out", str(merged)])
+    assert "0 runs added" in capsys.readouterr().out and json.loads((merged / "results.json").read_text()) == res
+    StudyStore(str(tmp_path / "other"), StudyConfig(epochs=1))
+    with pytest.raises(SystemExit, match="cannot merge .*another config.*epochs"):
+        main(["study", "--merge", str(tmp_path / "other"), "--out", str(merged)])
+
+
 def test_non_empty_folder_without_results_is_refused(tmp_path):
     (tmp_path / "data.bin").write_bytes(b"x")
     with pytest.raises(StudyFolderError, match="not empty .*--overwrite"):

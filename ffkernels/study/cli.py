@@ -9,6 +9,7 @@ unless --overwrite. The defaults follow the paper's network (4 x 2000 ReLU): slo
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -48,6 +49,9 @@ def add_report_only(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rewrite report.md and the plots of --out from its results.json (e.g. after "
                         "an interrupted study)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="FOLDER",
+                   help="train nothing: add the runs of these study folders (same settings: other seeds or tasks, "
+                        "run elsewhere or side by side) that --out lacks, then rewrite its report and plots")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -143,7 +147,25 @@ def report_only(out: str) -> StudyStore:
     return store
 
 
+def merge(out: str, folders) -> StudyStore:
+    """Merge the study folders ``folders`` into ``out`` (started with the first one's config if ``out`` holds no
+    study yet), then rewrite its report and plots."""
+    try:
+        others = [StudyStore.open(f) for f in folders]
+        if not os.path.exists(os.path.join(out, RESULTS)):
+            StudyStore(out, others[0].config)
+        store = StudyStore.open(out)
+        for other in others:
+            added, kept = store.merge(other)
+            print(f"{other.out}: {added} runs added to {out}, {kept} already there (kept as they were)")
+    except StudyFolderError as e:
+        raise SystemExit(str(e)) from e
+    return report_only(out)
+
+
 def run(args):
+    if getattr(args, "merge", None):
+        return merge(args.out, args.merge)
     if getattr(args, "report_only", False):
         return report_only(args.out)
     if args.seeds < 1:

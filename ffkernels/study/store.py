@@ -5,6 +5,8 @@ under ``embeddings/``, and the rules for reusing a folder.
 - A folder whose results.json has the same config fingerprint is resumed: finished rows are kept and skipped.
 - A folder with another config, or non-empty without results.json, is refused (StudyFolderError) unless
   ``overwrite``: then only the files a study writes are removed, never anything else.
+- Folders of one config (other seeds or tasks, run on other machines or side by side) merge into one
+  (``StudyStore.merge``, ``ffkernels study --merge``).
 results.json is rewritten atomically after every finished row, so an interrupted study loses at most the
 row it was running.
 """
@@ -119,6 +121,28 @@ class StudyStore:
             raise ValueError(f"ffkernels: row {_key_of(row)} is already in {self.out}")
         self.rows.append(row)
         self.save()
+
+    def merge(self, other: "StudyStore") -> tuple:
+        """Add what ``other`` (a study folder with the same fingerprint: other seeds or tasks, run elsewhere or at
+        the same time) holds and this one lacks: its rows, its baselines of other datasets, its t-SNE maps. Rows
+        this folder already has are kept as they are. Returns (rows added, rows already here)."""
+        if other.results["fingerprint"] != self.results["fingerprint"]:
+            diff = "; ".join(self.config.differences(other.config)) or "version"
+            raise StudyFolderError(f"ffkernels: cannot merge {other.out!r} into {self.out!r}: another config "
+                                   f"(fingerprint {other.results['fingerprint']}, here {self.results['fingerprint']}); "
+                                   f"it differs in: {diff}")
+        new = [r for r in other.rows if not self.has(_key_of(r))]
+        self.rows.extend(new)
+        for dataset, baseline in other.results["baselines"].items():
+            self.results["baselines"].setdefault(dataset, baseline)
+        src = os.path.join(other.out, EMBEDDINGS)
+        for name in sorted(os.listdir(src)) if os.path.isdir(src) else []:
+            mine = os.path.join(self.out, EMBEDDINGS, name)
+            if not os.path.exists(mine):
+                os.makedirs(os.path.dirname(mine), exist_ok=True)
+                shutil.copy2(os.path.join(src, name), mine)
+        self.save()
+        return len(new), len(other.rows) - len(new)
 
     def baseline(self, dataset: str):
         return self.results["baselines"].get(dataset)
