@@ -17,7 +17,9 @@ def mean_std(values, percent: bool = True, digits: int = 1, signed: bool = False
     v = np.asarray([x for x in values if x is not None], dtype=np.float64) * (100.0 if percent else 1.0)
     if v.size == 0:
         return "–"
-    head = f"{v.mean():{'+' if signed else ''}.{digits}f}"
+    m = v.mean()
+    m = 0.0 if round(m, digits) == 0 else m          # no "-0.0"
+    head = f"{m:{'+' if signed else ''}.{digits}f}"
     return head if v.size == 1 else f"{head} ± {v.std(ddof=1):.{digits}f}"
 
 
