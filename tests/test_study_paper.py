@@ -17,6 +17,7 @@ from ffkernels.study.pretext import get_pretext, hybrid_masks, make_hybrid_data,
 from ffkernels.study.probe import fit_adam_probe, fit_adam_probes
 from ffkernels.study import doc_blocks
 from ffkernels.study.claims import claims_table
+from ffkernels.study.tables import mean_std
 from ffkernels.study.report import paper_settings_table, paper_table, probe_table, wall_table
 from ffkernels.training import train_ff_epoch
 
@@ -231,6 +232,15 @@ def test_claims_are_differences_paired_by_seed_next_to_the_papers():
     assert ff_none.endswith("| 3 |")                            # every FF seed against the one reference
     assert any("BP-G all rotation − BP-G last rotation | -12.0 | – |" in line for line in table)  # reported only
     assert not any("FF supervised − untrained" in line for line in table)   # neither side has it: no row
+
+
+def test_mean_std_formats_means_spreads_and_signs():
+    assert mean_std([0.931, 0.935]) == "93.3 ± 0.3"
+    assert mean_std([0.5], percent=False, digits=2) == "0.50"
+    assert mean_std([None, None]) == "–"
+    assert mean_std([0.012], signed=True) == "+1.2"
+    assert mean_std([-0.0004, -0.0003], signed=True) == "+0.0 ± 0.0"    # rounds to zero: no "-0.0"
+    assert mean_std([-0.0004]) == "0.0"
 
 
 def test_wall_table_lists_every_run_per_seed():
