@@ -36,12 +36,18 @@ def _measures(probes) -> list:
     return out
 
 
-def _paired(runs_a, runs_b, value) -> list:
-    """value(a) - value(b) for every seed both sides have; runs_b may be one reference dict (no seed)."""
+def _pairs(runs_a, runs_b) -> list:
+    """[(a, b)] for every seed both sides have; runs_b may be one reference dict (no seed), paired with every a."""
+    if not runs_a or not runs_b:
+        return []
     if isinstance(runs_b, dict):
-        return [value(a) - value(runs_b) for a in runs_a]
+        return [(a, runs_b) for a in runs_a]
     b_by_seed = {r["seed"]: r for r in runs_b}
-    return [value(a) - value(b_by_seed[a["seed"]]) for a in runs_a if a["seed"] in b_by_seed]
+    return [(a, b_by_seed[a["seed"]]) for a in runs_a if a["seed"] in b_by_seed]
+
+
+def _diff(pairs, value) -> str:
+    return mean_std([value(a) - value(b) for a, b in pairs], signed=True)
 
 
 def claims_table(rows, baseline, dataset: str) -> str:
@@ -57,12 +63,11 @@ def claims_table(rows, baseline, dataset: str) -> str:
         runs_b = baseline.get("untrained") if b == UNTRAINED and baseline else g.get((dataset, *b), [])
         reported = [PAPER_REPORTED_MNIST.get(a), None if b == UNTRAINED else PAPER_REPORTED_MNIST.get(b)]
         paper = "–" if None in reported else f"{reported[0] - reported[1]:+.1f}"
-        pairs = _paired(runs_a, runs_b, lambda r: 0.0) if runs_a and runs_b else []
+        pairs = _pairs(runs_a, runs_b)
         if not pairs and paper == "–":
             continue
         same_task = b != UNTRAINED and a[0] == b[0]
-        acc = mean_std(_paired(runs_a, runs_b, lambda r: r["pretext_accuracy"]), signed=True) \
-            if pairs and same_task else "–"
-        ours = [mean_std(_paired(runs_a, runs_b, value), signed=True) if pairs else "–" for _, value in measures]
+        acc = _diff(pairs, lambda r: r["pretext_accuracy"]) if same_task else "–"
+        ours = [_diff(pairs, value) for _, value in measures]
         body.append([claim, f"{_name(a)} − {_name(b)}", paper, acc] + ours + [str(len(pairs))])
     return md(header, body)
