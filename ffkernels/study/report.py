@@ -156,10 +156,13 @@ def wall_table(rows, dataset: str) -> str:
         for a in algos:
             runs = {r["seed"]: r for r in g.get((dataset, p, a), [])}
             if runs:
-                body.append([p, ALGO_NAMES[a]] + [
-                    f"{runs[s]['wall_seconds']:.0f} ({runs[s]['train_seconds']:.0f} training, {runs[s]['threads']} "
-                    f"thread{'s' if runs[s]['threads'] != 1 else ''})" if s in runs else "–" for s in seeds])
+                body.append([p, ALGO_NAMES[a]] + [_wall_cell(runs[s]) if s in runs else "–" for s in seeds])
     return md(["pretext", "algo"] + [f"seed {s}: wall s" for s in seeds], body)
+
+
+def _wall_cell(r) -> str:
+    t = r["threads"]
+    return f"{r['wall_seconds']:.0f} ({r['train_seconds']:.0f} training, {t} thread{'s' if t != 1 else ''})"
 
 
 def console_summary(store: StudyStore) -> str:
