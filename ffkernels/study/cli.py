@@ -152,9 +152,8 @@ def merge(out: str, folders) -> StudyStore:
     study yet), then rewrite its report and plots."""
     try:
         others = [StudyStore.open(f) for f in folders]
-        if not os.path.exists(os.path.join(out, RESULTS)):
-            StudyStore(out, others[0].config)
-        store = StudyStore.open(out)
+        store = StudyStore.open(out) if os.path.exists(os.path.join(out, RESULTS)) \
+            else StudyStore(out, others[0].config)
         for other in others:
             added, kept = store.merge(other)
             print(f"{other.out}: {added} runs added to {out}, {kept} already there (kept as they were)")

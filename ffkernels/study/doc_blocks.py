@@ -59,8 +59,9 @@ def main(argv=None) -> None:
     with open(args.doc) as f:
         text = f.read()
     new = refresh(text, results)
-    with open(args.doc, "w") as f:
-        f.write(new)
+    if new != text:
+        with open(args.doc, "w") as f:
+            f.write(new)
     print(f"{args.doc}: {len(block_names(text))} generated blocks, "
           f"{'changed' if new != text else 'already current'}")
 
