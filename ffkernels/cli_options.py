@@ -4,6 +4,7 @@ help formatter every command uses, so ``-h`` shows each option's default."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -26,6 +27,29 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
         return f"{text} (default: {shown})".lstrip()
+
+
+def show_progress(args) -> bool:
+    """Progress bars only on a terminal and without --no-progress: a log file gets the plain per-epoch / per-run
+    lines the commands print anyway, not bars redrawn with cursor codes."""
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
+def _bounded_int(lo: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+positive_int = _bounded_int(1, ">= 1")
+nonnegative_int = _bounded_int(0, ">= 0")
 
 
 def default_device() -> str:
@@ -57,5 +81,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="FF backend; auto: the fastest one that runs on --device")
     p.add_argument("--device", default=default_device(), help="torch device")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (there are none either when stderr is not a terminal)")

@@ -17,9 +17,12 @@ from .cli_options import (
     add_ff_loss_options,
     add_ff_optimizer_options,
     add_run_options,
+    nonnegative_int,
+    positive_int,
+    show_progress,
 )
 from .config import OPTIMIZERS
-from .data import LOADERS, load_dataset
+from .data import LOADERS, load_dataset, validation_split
 from .layers import NEGATIVES, PREDICT_METHODS
 from .schedules import SCHEDULES, LRScheduler, linear_cooldown, make_schedule
 from .train_common import (
@@ -50,6 +53,9 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
                    help=f"({_default('head')}) train a linear softmax head on the RMS-normalized neutral-label activities of layers 2..L "
                         "(cross-entropy, its own optimizer; its gradient never enters the FF layers); prediction then "
                         "takes one pass instead of one per label")
+    p.add_argument("--head-layers", type=int, nargs="+", default=None, metavar="L",
+                   help="the layers (0-based, negative from the end) whose activities the head reads (default: "
+                        "layers 2..L, FFNet's predict_layers)")
     p.add_argument("--head-optimizer", default="adam", choices=OPTIMIZERS,
                    help="the head's optimizer (sgd: momentum 0.9)")
     p.add_argument("--head-lr", type=float, default=1e-3, help="the head's learning rate")
@@ -85,16 +91,25 @@ def check_recipe_options(args, ds) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="mnist5k", choices=sorted(LOADERS), help="dataset (default: mnist5k, embedded)")
-    p.add_argument("--data-root", default=None, help="folder of downloaded datasets (torchvision ones)")
-    p.add_argument("--hidden", type=int, nargs="+", default=[1000, 1000, 1000], help="layer widths")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=100, help="real samples (positive-negative pairs) per step")
+    p.add_argument("--dataset", default="mnist5k", choices=sorted(LOADERS),
+                   help="dataset (default: mnist5k, embedded); a dataset's own defaults (DATASET_DEFAULTS in "
+                        "train_common, e.g. fashion-mnist's recipe) replace the ones shown here, explicit flags win")
+    p.add_argument("--data-root", default=None,
+                   help="folder of on-disk datasets (default: $FFKERNELS_DATA or ~/.cache/ffkernels/data, then "
+                        "system folders such as Debian's dataset-fashion-mnist; `ffkernels data` lists them)")
+    p.add_argument("--download", action="store_true", help="download a missing on-disk dataset with torchvision")
+    p.add_argument("--validation", type=positive_int, default=None, metavar="N",
+                   help="hold out N training images (a fixed draw) and evaluate on them instead of the test split: "
+                        "for tuning; the test split is not read")
+    p.add_argument("--hidden", type=positive_int, nargs="+", default=[1000, 1000, 1000], help="layer widths")
+    p.add_argument("--epochs", type=nonnegative_int, default=30, help="training epochs")
+    p.add_argument("--batch-size", type=positive_int, default=100,
+                   help="real samples (positive-negative pairs) per step")
     add_ff_optimizer_options(p)
     add_ff_loss_options(p)
     add_run_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batches")
-    p.add_argument("--eval-every", type=int, default=1,
+    p.add_argument("--eval-every", type=positive_int, default=1,
                    help="evaluate the test split every N epochs and after the last")
     p.add_argument("--save", default=None, help="write the trained FFNet state_dict here")
     p.add_argument("--resume", default=None, help="start from a saved state_dict (optimizer state included)")
@@ -113,6 +128,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--distributed: seconds after which a stuck collective or transfer fails")
 
 
+def load_checkpoint(net, path: str, device) -> None:
+    """Load a --save'd state_dict into ``net``; SystemExit naming the file when it cannot be read or does not fit."""
+    try:
+        state = torch.load(path, map_location=device)
+    except Exception as e:  # missing, unreadable, truncated or not a torch file
+        raise SystemExit(f"ffkernels train: cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
+    try:
+        net.load_state_dict(state)
+    except Exception as e:  # another net's checkpoint: missing or unexpected keys, other shapes
+        raise SystemExit(f"ffkernels train: checkpoint {path!r} does not fit this net: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())}") from None
+
+
 def run(args) -> dict:
     if getattr(args, "distributed", "none") != "none":
         from .distributed.cli import run as run_distributed
@@ -123,14 +151,22 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    ds = load_dataset(args.dataset, data_root=args.data_root)
+    ds = load_dataset(args.dataset, data_root=args.data_root, download=getattr(args, "download", False))
+    if getattr(args, "validation", None):
+        try:
+            ds = validation_split(ds, args.validation)
+        except ValueError as e:
+            raise SystemExit(f"ffkernels train: --validation: {e}") from None
     if args.jitter is None and not ds.image_shape:  # the default jitter is for image datasets only
         args.jitter = 0
     resolve_recipe(args)
     check_recipe_options(args, ds)
-    net = build_net(args, ds.in_features, ds.num_classes)
+    try:
+        net = build_net(args, ds.in_features, ds.num_classes)
+    except (ValueError, TypeError) as e:  # an option the layers refuse (FFConfig's checks, a bad device...)
+        raise SystemExit(f"ffkernels train: {e}") from None
     if args.resume:
-        net.load_state_dict(torch.load(args.resume, map_location=args.device))
+        load_checkpoint(net, args.resume, args.device)
     print(describe(ds, args, net.backend, args.device, recipe_summary(args)), flush=True)
     steps = args.epochs * -(-len(ds.y_train) // args.batch_size)
     scheduler = None
@@ -143,16 +179,16 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         st = train_ff_epoch(net, ds.x_train, ds.y_train, ds.num_classes, args.batch_size, gen,
-                            progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}",
+                            progress=show_progress(args), desc=f"epoch {epoch}/{args.epochs}",
                             shared_first_layer=args.first_layer == "shared", negatives=args.negatives,
                             jitter=args.jitter, image_shape=ds.image_shape, scheduler=scheduler)
         st.epoch = epoch
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             st.test_accuracy = accuracy(net, ds.x_test, ds.y_test, ds.num_classes, method=args.predict)
         hist.epochs.append(st)
-        print(epoch_line(st), flush=True)
+        print(epoch_line(st, ds.eval_split), flush=True)
     total = time.perf_counter() - t_start
-    result = {"dataset": ds.name, "hidden": args.hidden, "epochs": args.epochs, "backend": net.backend,
+    result = {"dataset": ds.name, "eval_split": ds.eval_split, "hidden": args.hidden, "epochs": args.epochs, "backend": net.backend,
               "device": str(args.device), "threads": torch.get_num_threads(), "recipe": recipe_dict(args),
               "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,
               "wall_seconds": total, **hist.to_dict()}

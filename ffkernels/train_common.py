@@ -42,8 +42,8 @@ def resolve_recipe(args, supported=None) -> list:
 
 def recipe_dict(args) -> dict:
     """The recipe options of a parsed ``ffkernels train`` command line (for --json)."""
-    keys = ("head", "head_optimizer", "head_lr", "head_weight_decay", "lr_schedule", "cooldown_fraction",
-            "negatives", "jitter", "peer_norm", "predict")
+    keys = ("head", "head_layers", "head_optimizer", "head_lr", "head_weight_decay", "lr_schedule",
+            "cooldown_fraction", "negatives", "jitter", "peer_norm", "predict")
     return {k: getattr(args, k, None) for k in keys}
 
 
@@ -67,7 +67,8 @@ def build_net(args, in_features: int, num_classes: "int | None" = None) -> FFNet
     """The FFNet of the parsed options."""
     kw = {"peer_norm": getattr(args, "peer_norm", 0.0)}
     if getattr(args, "head", False):
-        kw.update(head=True, num_classes=num_classes, head_optimizer=args.head_optimizer, head_lr=args.head_lr,
+        kw.update(head=True, num_classes=num_classes, head_layers=getattr(args, "head_layers", None),
+                  head_optimizer=args.head_optimizer, head_lr=args.head_lr,
                   head_weight_decay=args.head_weight_decay)
     return FFNet([in_features, *args.hidden], goodness=args.goodness, threshold=args.threshold, loss=args.loss,
                  norm=args.norm, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
@@ -75,13 +76,15 @@ def build_net(args, in_features: int, num_classes: "int | None" = None) -> FFNet
 
 
 def describe(ds, args, backend: str, device, extra: str = "") -> str:
-    return (f"ffkernels train: {ds}\n  net {ds.in_features}-{'-'.join(map(str, args.hidden))}, backend "
+    where = f"\n  read from {ds.source}" if getattr(ds, "source", "") else ""
+    return (f"ffkernels train: {ds}{where}\n  net {ds.in_features}-{'-'.join(map(str, args.hidden))}, backend "
             f"{backend!r} on {device} ({torch.get_num_threads()} threads){extra}, {args.epochs} epochs, "
             f"batch {args.batch_size}")
 
 
-def epoch_line(st) -> str:
-    acc = f"test acc {st.test_accuracy:.2%}" if st.test_accuracy is not None else ""
+def epoch_line(st, split: str = "test") -> str:
+    """One epoch's line; ``split``: what the accuracy was measured on (test, or validation with --validation)."""
+    acc = f"{split} acc {st.test_accuracy:.2%}" if st.test_accuracy is not None else ""
     head = f"  head {st.head_loss:.4f}" if getattr(st, "head_loss", None) is not None else ""
     return (f"epoch {st.epoch:3d}  loss {' '.join(f'{v:.4f}' for v in st.loss)}{head}  {st.samples_per_s:8.0f} "
             f"samples/s  {acc}")
@@ -90,7 +93,7 @@ def epoch_line(st) -> str:
 def finish(args, result: dict, state_dict) -> dict:
     """Print the summary and write --save (the FFNet state_dict) and --json."""
     if result["epochs"]:
-        print(f"done: test accuracy {result['test_accuracy']:.2%} after {args.epochs} epochs in "
+        print(f"done: {result.get('eval_split', 'test')} accuracy {result['test_accuracy']:.2%} after {args.epochs} epochs in "
               f"{result['wall_seconds']:.1f} s (backend {result['backend']!r})")
     else:
         print("done: no epochs run")

@@ -23,7 +23,7 @@ import torch
 
 from .._types import BackendUnavailableError
 from ..backends import BACKEND_NAMES
-from ..cli_options import HelpFormatter
+from ..cli_options import HelpFormatter, show_progress
 from . import report
 from .cases import DEFAULT_SHAPES, GPU_SHAPES, QUICK_SHAPES, fused_backends, parse_shapes
 from .layer import bench_layers
@@ -223,7 +223,7 @@ def _run(args) -> dict:
         save()
         for name in s["dtypes"]:  # dtype by dtype: its layer steps, then its networks
             if not args.no_layer:
-                _run_layers(result, name, plans[name], shapes, device, timing, save, not args.no_progress)
+                _run_layers(result, name, plans[name], shapes, device, timing, save, show_progress(args))
             if not args.no_network:
                 _run_networks(args, result, name, s, device, timing, save)
         result["complete"] = True
@@ -259,7 +259,7 @@ def _run_networks(args, result, name, s, device, timing, save) -> None:
         net["summary"] = summarize(net["rows"])
         save()
     bench_network(s["depths"], width=s["width"], batch=s["batch"], in_features=s["in_features"], device=device,
-                  dtype=name, threads=args.threads, progress=not args.no_progress, on_depth=on_depth, **timing)
+                  dtype=name, threads=args.threads, progress=show_progress(args), on_depth=on_depth, **timing)
 
 
 def failures(result: dict) -> list:

@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..cli_options import show_progress
 from ..data import load_dataset
 from ..labels import ff_pair
 from ..train_common import build_net, describe, epoch_line, finish, resolve_recipe
@@ -154,7 +155,7 @@ def _train(args, ctx) -> dict:
     hist = History()
     t_start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        st = trainer.epoch(ds, args.batch_size, gen, main and not args.no_progress, f"epoch {epoch}/{args.epochs}")
+        st = trainer.epoch(ds, args.batch_size, gen, main and show_progress(args), f"epoch {epoch}/{args.epochs}")
         st.epoch = epoch
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             st.test_accuracy = trainer.accuracy(ds)

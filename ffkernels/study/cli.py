@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..cli_options import HelpFormatter, add_ff_loss_options, add_run_options
+from ..cli_options import HelpFormatter, add_ff_loss_options, add_run_options, show_progress
 from ..data import LOADERS, DatasetNotFoundError
 from .algos import ALGO_GROUPS, ALGOS
 from .config import PROBES, StudyConfig
@@ -120,7 +120,7 @@ def execute(args, datasets, pretexts, algos, seeds, cfg: StudyConfig):
     try:
         store = run_study(args.out, datasets, pretexts, algos, seeds, cfg, device=args.device, backend=args.backend,
                           data_root=getattr(args, "data_root", None), download=getattr(args, "download", False),
-                          overwrite=args.overwrite, progress=not args.no_progress)
+                          overwrite=args.overwrite, progress=show_progress(args))
     except StudyFolderError as e:
         raise SystemExit(str(e)) from e
     wall = time.perf_counter() - t0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_options import HelpFormatter
+from ..cli_options import HelpFormatter, positive_int
 from .cli import add_device_arguments, execute
 from .config import StudyConfig
 
@@ -15,7 +15,7 @@ DEMO_CONFIG = StudyConfig(hidden=(500, 500, 500), epochs=10, tsne_points=500, ev
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="ffkernels-demo", help="output folder (results.json, report.md, plots)")
-    p.add_argument("--epochs", type=int, default=DEMO_CONFIG.epochs, help="training epochs per run")
+    p.add_argument("--epochs", type=positive_int, default=DEMO_CONFIG.epochs, help="training epochs per run")
     add_device_arguments(p)
 
 

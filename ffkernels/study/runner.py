@@ -107,6 +107,12 @@ def run_study(out: str, datasets, pretexts, algos, seeds, cfg: StudyConfig, *, d
     tasks = [get_pretext(p) for p in pretexts]
     for a in algos:
         check_algo(a)
+    # every dataset is read before the folder is touched: a missing or corrupt one leaves nothing behind (the
+    # first stays loaded for the runs; the others are read again when their turn comes)
+    loaded = {}
+    for name in dict.fromkeys(datasets):
+        ds = subsample(load_dataset(name, data_root, download), cfg.max_train, cfg.max_test)
+        loaded = loaded or {name: ds}
     store = StudyStore(out, cfg, overwrite)
     # seed-major: every task of the first seed finishes before the next seed starts (an interrupted long study
     # has whole seeds); algorithms without a counterpart on a task (BP on hybrid images) are not planned
@@ -117,7 +123,6 @@ def run_study(out: str, datasets, pretexts, algos, seeds, cfg: StudyConfig, *, d
         + (f", {done} already finished there (skipped)" if done else "")
         + f"; config {cfg.fingerprint()}")
     bar = progress_iter(todo, progress and bool(todo), desc="study", unit="run")
-    loaded = {}
     for key in bar:
         name, pretext, algo, seed = key
         if name not in loaded:
