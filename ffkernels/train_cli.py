@@ -35,6 +35,7 @@ from .train_common import (
     recipe_summary,
     resolve_recipe,
 )
+from .train_bp import BP_RECIPE, train_bp
 from .training import History, accuracy, train_ff_epoch
 
 
@@ -119,6 +120,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(FFNet.ff_step_labeled, B-row GEMMs); pair: build explicit x_pos/x_neg (2B rows). Same "
                         "math and data, different rounding; --distributed modes always use pairs")
     add_recipe_options(p)
+    p.add_argument("--algo", default="ff", choices=["ff", "bp"],
+                   help="ff: Forward-Forward (the FFNet and its recipe); bp: the backprop baseline on the same net, "
+                        "data, batches and epochs (BPMLP + linear head, Adam at --bp-lr; of the recipe only "
+                        "--lr-schedule and --jitter apply), for side-by-side numbers")
+    p.add_argument("--bp-lr", type=float, default=1e-3, help="--algo bp: Adam's learning rate")
     p.add_argument("--distributed", default="none", choices=["none", "data", "pipeline"],
                    help="train over the processes started by torchrun: 'data' (each rank a shard of every batch) or "
                         "'pipeline' (each rank a stage of consecutive layers); see docs/distributed.md")
@@ -159,8 +165,13 @@ def run(args) -> dict:
             raise SystemExit(f"ffkernels train: --validation: {e}") from None
     if args.jitter is None and not ds.image_shape:  # the default jitter is for image datasets only
         args.jitter = 0
-    resolve_recipe(args)
+    algo = getattr(args, "algo", "ff")
+    resolve_recipe(args, supported=BP_RECIPE if algo == "bp" else None, what=f"with --algo {algo}")
     check_recipe_options(args, ds)
+    if algo == "bp":
+        print(describe(ds, args, "autograd (BP)", args.device, recipe_summary(args)), flush=True)
+        result, state = train_bp(args, ds, epoch_line, show_progress(args))
+        return finish(args, result, state)
     try:
         net = build_net(args, ds.in_features, ds.num_classes)
     except (ValueError, TypeError) as e:  # an option the layers refuse (FFConfig's checks, a bad device...)
@@ -188,7 +199,7 @@ def run(args) -> dict:
         hist.epochs.append(st)
         print(epoch_line(st, ds.eval_split), flush=True)
     total = time.perf_counter() - t_start
-    result = {"dataset": ds.name, "eval_split": ds.eval_split, "hidden": args.hidden, "epochs": args.epochs, "backend": net.backend,
+    result = {"algo": "ff", "dataset": ds.name, "eval_split": ds.eval_split, "hidden": args.hidden, "epochs": args.epochs, "backend": net.backend,
               "device": str(args.device), "threads": torch.get_num_threads(), "recipe": recipe_dict(args),
               "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,
               "wall_seconds": total, **hist.to_dict()}

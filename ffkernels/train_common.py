@@ -20,7 +20,7 @@ def recipe_default(attr: str):
     return next(d for a, _, _, d in RECIPE_OPTIONS if a == attr)
 
 
-def resolve_recipe(args, supported=None) -> list:
+def resolve_recipe(args, supported=None, what: str = "here") -> list:
     """Fill in the recipe options the command line left out (None): their defaults, or, for an option outside
     ``supported`` (None: all are), its off value. Returns the flags set off that way; SystemExit for an
     explicitly given option outside ``supported``."""
@@ -36,7 +36,7 @@ def resolve_recipe(args, supported=None) -> list:
             refused.append(flag)
     if refused:
         raise SystemExit(f"ffkernels train: {', '.join(refused)} {'is' if len(refused) == 1 else 'are'} not "
-                         "supported here; leave it out or train in one process")
+                         f"supported {what}; leave it out" + (" or train in one process" if what == "here" else ""))
     return turned_off
 
 
@@ -76,7 +76,7 @@ def build_net(args, in_features: int, num_classes: "int | None" = None) -> FFNet
 
 
 def describe(ds, args, backend: str, device, extra: str = "") -> str:
-    where = f"\n  read from {ds.source}" if getattr(ds, "source", "") else ""
+    where = f"\n  data: {ds.source}" if getattr(ds, "source", "") else ""
     return (f"ffkernels train: {ds}{where}\n  net {ds.in_features}-{'-'.join(map(str, args.hidden))}, backend "
             f"{backend!r} on {device} ({torch.get_num_threads()} threads){extra}, {args.epochs} epochs, "
             f"batch {args.batch_size}")
