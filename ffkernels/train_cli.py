@@ -26,6 +26,7 @@ from .data import LOADERS, load_dataset, validation_split
 from .layers import NEGATIVES, PREDICT_METHODS
 from .schedules import SCHEDULES, LRScheduler, linear_cooldown, make_schedule
 from .train_common import (
+    DATASET_DEFAULTS,
     build_net,
     describe,
     epoch_line,
@@ -40,9 +41,17 @@ from .training import History, accuracy, train_ff_epoch
 
 
 def _default(attr: str) -> str:
-    """How --help states a recipe option's default (train_common.RECIPE_OPTIONS)."""
+    """How --help states a recipe option's default (train_common.RECIPE_OPTIONS), and any dataset's own."""
     value = recipe_default(attr)
-    return f"default: {'on' if value is True else value}"
+    own = "".join(f"; {name}: {d[attr]}" for name, d in DATASET_DEFAULTS.items() if attr in d)
+    return f"default: {'on' if value is True else value}{own}"
+
+
+def _dataset_defaults_text() -> str:
+    """train_common.DATASET_DEFAULTS as flags, for --help."""
+    def flag(key, value):
+        return f"--{key.replace('_', '-')} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+    return "; ".join(f"{name}: {', '.join(flag(k, v) for k, v in d.items())}" for name, d in DATASET_DEFAULTS.items())
 
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:
@@ -56,7 +65,7 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
                         "takes one pass instead of one per label")
     p.add_argument("--head-layers", type=int, nargs="+", default=None, metavar="L",
                    help="the layers (0-based, negative from the end) whose activities the head reads (default: "
-                        "layers 2..L, FFNet's predict_layers)")
+                        "layers 2..L, FFNet's predict_layers; fashion-mnist: 0 1 2)")
     p.add_argument("--head-optimizer", default="adam", choices=OPTIMIZERS,
                    help="the head's optimizer (sgd: momentum 0.9)")
     p.add_argument("--head-lr", type=float, default=1e-3, help="the head's learning rate")
@@ -93,8 +102,8 @@ def check_recipe_options(args, ds) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist5k", choices=sorted(LOADERS),
-                   help="dataset (default: mnist5k, embedded); a dataset's own defaults (DATASET_DEFAULTS in "
-                        "train_common, e.g. fashion-mnist's recipe) replace the ones shown here, explicit flags win")
+                   help="dataset (default: mnist5k, embedded). A dataset's own defaults replace the ones shown "
+                        f"here (explicit flags win): {_dataset_defaults_text()}")
     p.add_argument("--data-root", default=None,
                    help="folder of on-disk datasets (default: $FFKERNELS_DATA or ~/.cache/ffkernels/data, then "
                         "system folders such as Debian's dataset-fashion-mnist; `ffkernels data` lists them)")
@@ -206,9 +215,19 @@ def run(args) -> dict:
     return finish(args, result, net.state_dict())
 
 
+def preset_defaults(argv) -> dict:
+    """The defaults of the dataset ``--dataset NAME`` in ``argv`` names (train_common.DATASET_DEFAULTS; {} for
+    one without its own), set on the parser before parsing so that explicit flags still win."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--dataset", default=None)
+    known, _ = p.parse_known_args(argv)
+    return dict(DATASET_DEFAULTS.get(known.dataset, {}))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ffkernels train", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(p)
+    p.set_defaults(**preset_defaults(argv))
     run(p.parse_args(argv))
 
 

@@ -16,6 +16,13 @@ RECIPE_OPTIONS = (("head", "--head", False, True), ("lr_schedule", "--lr-schedul
                   ("peer_norm", "--peer-norm", 0.0, 0.03))
 
 
+# Each dataset's own defaults for ``ffkernels train`` (over add_arguments' and RECIPE_OPTIONS'; explicit flags win),
+# tuned on a validation split of that dataset's training set (``--validation``); README "Main jobs" has the runs.
+DATASET_DEFAULTS = {
+    "fashion-mnist": {"lr": 1e-3, "jitter": 0, "head_layers": [0, 1, 2], "epochs": 20},
+}
+
+
 def recipe_default(attr: str):
     return next(d for a, _, _, d in RECIPE_OPTIONS if a == attr)
 

@@ -1,4 +1,5 @@
 """``ffkernels train`` with the recipe flags: head, lr schedule, hard negatives, jitter, peer norm, --predict."""
+import argparse
 import json
 from dataclasses import replace
 
@@ -94,3 +95,21 @@ def test_train_algo_bp_is_the_baseline_on_the_same_net(tmp_path, capsys):
     assert state["layers.0.weight"].shape == (64, 64) and state["head.weight"].shape == (10, 64)
     with pytest.raises(SystemExit, match="--negatives is not supported with --algo bp"):
         main(["train", "--algo", "bp", "--dataset", "digits", "--negatives", "hard", "--epochs", "1"])
+
+
+def test_a_datasets_own_defaults_apply_and_explicit_flags_win():
+    from ffkernels.train_common import DATASET_DEFAULTS
+
+    def parse(argv):
+        p = argparse.ArgumentParser()
+        train_cli.add_arguments(p)
+        p.set_defaults(**train_cli.preset_defaults(argv))
+        return p.parse_args(argv)
+
+    own = DATASET_DEFAULTS["fashion-mnist"]
+    args = parse(["--dataset", "fashion-mnist"])
+    assert {k: getattr(args, k) for k in own} == own
+    assert parse(["--dataset", "fashion-mnist", "--lr", "0.01", "--epochs", "3"]).lr == 0.01
+    assert parse(["--dataset", "fashion-mnist", "--epochs", "3"]).epochs == 3
+    plain = parse([])  # mnist5k: the recipe as before
+    assert (plain.lr, plain.epochs, plain.jitter, plain.head_layers) == (3e-3, 30, None, None)
