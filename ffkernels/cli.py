@@ -76,6 +76,7 @@ def main(argv=None) -> None:
         raise SystemExit(2)
     if extra:  # named by the command's own parser ("ffkernels train: error: ..."), not the top one
         subparsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    args.command_line = ["ffkernels", *argv]  # recorded by commands that write results (train's --json)
     try:
         modules[args.command].run(args)
     except UserErrorExit:

@@ -51,7 +51,8 @@ def train_bp(args, ds, epoch_line, progress: bool) -> dict:
         print(epoch_line(st, ds.eval_split), flush=True)
     return {"algo": "bp", "dataset": ds.name, "eval_split": ds.eval_split, "hidden": args.hidden,
             "epochs": args.epochs, "backend": "autograd", "device": str(args.device),
-            "threads": torch.get_num_threads(), "bp_lr": args.bp_lr,
+            "threads": torch.get_num_threads(), "bp_lr": args.bp_lr, "batch_size": args.batch_size,
+            "seed": args.seed,
             "recipe": {k: getattr(args, k) for k in BP_RECIPE},
             "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,
             "wall_seconds": time.perf_counter() - t_start, **hist.to_dict()}, model.state_dict()

@@ -208,7 +208,8 @@ def run(args) -> dict:
         hist.epochs.append(st)
         print(epoch_line(st, ds.eval_split), flush=True)
     total = time.perf_counter() - t_start
-    result = {"algo": "ff", "dataset": ds.name, "eval_split": ds.eval_split, "hidden": args.hidden, "epochs": args.epochs, "backend": net.backend,
+    result = {"algo": "ff", "dataset": ds.name, "eval_split": ds.eval_split, "hidden": args.hidden,
+              "optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "epochs": args.epochs, "backend": net.backend,
               "device": str(args.device), "threads": torch.get_num_threads(), "recipe": recipe_dict(args),
               "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,
               "wall_seconds": total, **hist.to_dict()}

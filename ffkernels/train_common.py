@@ -86,7 +86,8 @@ def describe(ds, args, backend: str, device, extra: str = "") -> str:
     where = f"\n  data: {ds.source}" if getattr(ds, "source", "") else ""
     return (f"ffkernels train: {ds}{where}\n  net {ds.in_features}-{'-'.join(map(str, args.hidden))}, backend "
             f"{backend!r} on {device} ({torch.get_num_threads()} threads){extra}, {args.epochs} epochs, "
-            f"batch {args.batch_size}")
+            f"batch {args.batch_size}, " + (f"adam lr {args.bp_lr:g}" if getattr(args, "algo", "ff") == "bp"
+                                            else f"{args.optimizer} lr {args.lr:g}"))
 
 
 def epoch_line(st, split: str = "test") -> str:
@@ -108,6 +109,8 @@ def finish(args, result: dict, state_dict) -> dict:
         torch.save(state_dict, args.save)
         print(f"saved {args.save}")
     if args.json:
+        if getattr(args, "command_line", None):
+            result = {"command": " ".join(args.command_line), **result}
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
