@@ -54,7 +54,7 @@ def table(paths) -> str:
         accs = [100 * r["test_accuracy"] for r in runs]
         epochs = [e for r in runs for e in r["epochs"]]
         lines.append(
-            f"| {name} | {runs[0].get('algo', 'ff')} | {runs[0].get('eval_split', 'test')} | {runs[0]['epochs']} | "
+            f"| {name} | {runs[0].get('algo', 'ff')} | {runs[0].get('eval_split', 'test')} | {len(runs[0]['epochs'])} | "
             f"{' / '.join(f'{a:.2f}' for a in accs)} | {_mean_std(accs)} | "
             f"{_mean_std([r['wall_seconds'] for r in runs], '{:.0f}')} | "
             f"{statistics.mean(e['seconds'] for e in epochs):.1f} | "
