@@ -96,6 +96,18 @@ def _cuda_reason():
     return None
 
 
+def cuda_build_expected() -> Optional[str]:
+    """Why this machine must have an extension with CUDA kernels (None: it need not). FFKERNELS_EXPECT_CUDA=1 (CI with
+    a toolkit, scripts/gpu_check.sh) or a CUDA GPU present: there a build without CUDA kernels would skip every cuda
+    case and pass, so test_build.py fails instead. FFKERNELS_EXPECT_CUDA=0 allows a CPU-only build on a GPU machine."""
+    flag = os.environ.get("FFKERNELS_EXPECT_CUDA")
+    if flag == "1":
+        return "FFKERNELS_EXPECT_CUDA=1"
+    if flag != "0" and torch.cuda.is_available():
+        return "a CUDA GPU is present (torch.cuda.is_available(); FFKERNELS_EXPECT_CUDA=0 to test a CPU-only build)"
+    return None
+
+
 COMPILED_OPS = ("ff_grad", "ff_update", "ff_step")
 LABELED_OPS = ("ff_grad_labeled", "ff_step_labeled")  # the supervised first layer (B-row GEMMs)
 
