@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .backends.contract import check_label_dtype
+
 
 def _check(x: torch.Tensor, num_classes: int) -> None:
     if not isinstance(num_classes, int) or num_classes < 2:
@@ -24,6 +26,7 @@ def _labels_like(x: torch.Tensor, labels, num_classes: int) -> torch.Tensor:
     labels = torch.as_tensor(labels, device=x.device)
     if labels.shape != x.shape[:-1]:
         raise ValueError(f"ffkernels: labels must have shape {tuple(x.shape[:-1])}, got {tuple(labels.shape)}")
+    check_label_dtype(labels)  # 2.7 is no class (it would embed as class 2)
     return labels
 
 

@@ -3,7 +3,10 @@
 # measured even when a stage fails or runs out of time.
 #
 #   bash scripts/gpu_check.sh            # results in $OUT (default gpu_results/)
-#   bash scripts/gpu_check.sh --plan     # print the phases and their time budgets, run nothing
+#   bash scripts/gpu_check.sh --plan     # print the phases, their budgets and, for the test phases, the number of
+#                                        # cases and an estimated time (scripts/gpu_plan.py); run nothing
+#   bash scripts/gpu_check.sh --full     # the full GPU suite (`pytest -m gpu`, ~1,400 cases, unbounded: for a
+#                                        # session with more device time; JUnit XML in $OUT/full-gpu.xml)
 #
 # Phases, in order, with their time budgets in seconds (BOUNDS below; tests/test_bench.py checks that they
 # add up to at most 540, so the whole run fits one 10-minute command with a minute to spare):
@@ -11,13 +14,16 @@
 #   build            220  `setup.py build_ext --inplace` for this GPU's arch only (MAX_JOBS = cores), when _C
 #                         is missing, was built without CUDA, or its archs (cuda_archs()) lack this GPU's
 #                         compute capability (a guess: ~2 min with ninja on 16 cores, serial without ninja)
-#   tests-cuda        40  the build tests (FFKERNELS_EXPECT_CUDA=1) and tests/test_cuda_gpu.py (111 tests)
-#   tests-triton      40  tests/test_triton_gpu.py (9 tests, each a Triton compile)
+#   tests-cuda        55  the build tests (FFKERNELS_EXPECT_CUDA=1) and tests/test_cuda_gpu.py
+#   tests-triton      35  tests/test_triton_gpu.py (each case a Triton compile)
 #   bench             95  ffkernels bench --device cuda --dtype bfloat16,float32, 5 repeats (bench.json
 #                         rewritten after every shape and network depth; bf16 first: both targets)
-#   tests-gpu-cuda    50  every other test marked gpu and not triton (the behaviour tests' cuda cases, ~770)
-#   tests-gpu-triton  60  every other test marked gpu and triton (the behaviour tests' triton cases, ~230;
-#                         many compiles: may reach its bound, and then reports what ran)
+#   tests-gpu-cuda    40  the behaviour tests' cuda cases (gpu and not triton), the representative selection
+#                         `--gpu-smoke` (tests/gpu_selection.py: every op, dtype and option family at one or two
+#                         shapes, the non-finite and host-sync case kinds, the argument checks, the long training)
+#   tests-gpu-triton  60  the behaviour tests' triton cases (gpu and triton), the same selection (JIT compiles)
+# The number of cases of each test phase is not typed here: --plan counts them (pytest --collect-only with the
+# phase's arguments, parametrized as on a GPU) and estimates their time (scripts/gpu_plan.py says how).
 #   report            10  bench.md (and bench.png) re-rendered from bench.json, the targets, summary.txt
 # Each phase must end by the sum of its budget and the budgets before it: time an earlier phase leaves
 # unused goes to the next ones, and the run never goes past the total. A phase that reaches its bound gets
@@ -33,7 +39,7 @@
 # or the script is not in an ffkernels checkout. Installs nothing.
 set -uo pipefail
 
-BOUNDS="preflight=25 build=220 tests-cuda=40 tests-triton=40 bench=95 tests-gpu-cuda=50 tests-gpu-triton=60 report=10"
+BOUNDS="preflight=25 build=220 tests-cuda=55 tests-triton=35 bench=95 tests-gpu-cuda=40 tests-gpu-triton=60 report=10"
 TOTAL_LIMIT=540   # the sum of BOUNDS may not exceed this (checked by tests/test_bench.py)
 GRACE=5           # seconds between SIGINT and SIGKILL at the end of a phase (inside its bound; a quarter of
                   # the bound at most)
@@ -115,6 +121,16 @@ sys.exit(1 if reason else 0)'
 
 say() { printf '\n== %s\n' "$*"; }
 
+# the pytest arguments of each test phase (the runs below and --plan use the same ones)
+TESTS_CUDA_ARGS=(tests/test_build.py::test_cuda_build_when_expected
+                 tests/test_build.py::test_every_op_has_kernels_for_the_devices_it_was_built_for tests/test_cuda_gpu.py)
+TESTS_TRITON_ARGS=(tests/test_triton_gpu.py)
+TESTS_GPU_CUDA_ARGS=(--gpu-smoke -m "gpu and not triton" --ignore=tests/test_cuda_gpu.py tests/)
+TESTS_GPU_TRITON_ARGS=(--gpu-smoke -m "gpu and triton" --ignore=tests/test_triton_gpu.py tests/)
+FULL_GPU_ARGS=(-m gpu tests/)
+
+phase_bound() { local p; for p in $BOUNDS; do if [ "${p%%=*}" = "$1" ]; then echo "${p#*=}"; return; fi; done; }
+
 bounds_total() { local p t=0; for p in $BOUNDS; do t=$((t + ${p#*=})); done; echo "$t"; }
 
 # seconds from the start of the run by which phase $1 must end (its budget plus those of the phases before it)
@@ -134,6 +150,20 @@ print_plan() {
   for p in $BOUNDS; do printf '  %-18s %4s\n' "${p%%=*}" "${p#*=}"; done
   printf '  %-18s %4s (limit %s; SIGINT, then SIGKILL %ss later, inside each bound)\n' total "$(bounds_total)" \
     "$TOTAL_LIMIT" "$GRACE"
+}
+
+# the test phases' case counts (collected as on a GPU) and estimated times (scripts/gpu_plan.py); status 1 when an
+# estimate is over its budget
+print_test_plan() {
+  local rc=0
+  echo "test phases: cases (pytest --collect-only, parametrized as on a GPU) and estimated time (scripts/gpu_plan.py):"
+  "$PYTHON" scripts/gpu_plan.py tests-cuda "$(phase_bound tests-cuda)" "${TESTS_CUDA_ARGS[@]}" || rc=1
+  "$PYTHON" scripts/gpu_plan.py tests-triton "$(phase_bound tests-triton)" "${TESTS_TRITON_ARGS[@]}" || rc=1
+  "$PYTHON" scripts/gpu_plan.py tests-gpu-cuda "$(phase_bound tests-gpu-cuda)" "${TESTS_GPU_CUDA_ARGS[@]}" || rc=1
+  "$PYTHON" scripts/gpu_plan.py tests-gpu-triton "$(phase_bound tests-gpu-triton)" "${TESTS_GPU_TRITON_ARGS[@]}" || rc=1
+  echo "--full (no budget):"
+  "$PYTHON" scripts/gpu_plan.py full-gpu 100000 "${FULL_GPU_ARGS[@]}" || true
+  return "$rc"
 }
 
 # record PHASE STATUS SECONDS LIMIT NOTE: one line of summary.txt (and the run's status)
@@ -180,10 +210,24 @@ pytest_phase() {  # pytest_phase PHASE [env VAR=...] PYTEST-ARGS...: one pytest 
     --durations=10 -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUT/$name.xml" "$@"
 }
 
+# --full: every GPU case (pytest -m gpu), not bounded by BOUNDS: for a session with more device time. The extension
+# must already have CUDA kernels (run the bounded check first: it builds them). Exit status: pytest's.
+full_suite() {
+  local out="${OUT:-gpu_results}"
+  mkdir -p "$out" || { echo "gpu_check.sh: cannot create $out" >&2; return 2; }
+  out="$(cd "$out" && pwd)"
+  cd "$(dirname "$0")/.." || return 2
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  FFKERNELS_EXPECT_CUDA=1 "$PYTHON" -m pytest -q -rfE --durations=30 -p no:cacheprovider \
+    --junitxml="$out/full-gpu.xml" "${FULL_GPU_ARGS[@]}" 2>&1 | tee "$out/full-gpu.log"
+  return "${PIPESTATUS[0]}"
+}
+
 main() {
   case "${1:-}" in
     "") ;;
-    --plan) print_plan; exit 0 ;;
+    --plan) print_plan; cd "$(dirname "$0")/.." || exit 2; print_test_plan; exit $? ;;
+    --full) full_suite; exit $? ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
@@ -230,15 +274,12 @@ main() {
     record build skipped 0 0 "ffkernels._C already has CUDA kernels for this GPU's arch $GPU_ARCH"
   fi
 
-  pytest_phase tests-cuda FFKERNELS_EXPECT_CUDA=1 \
-    tests/test_build.py::test_cuda_build_when_expected \
-    tests/test_build.py::test_every_op_has_kernels_for_the_devices_it_was_built_for \
-    tests/test_cuda_gpu.py
-  pytest_phase tests-triton tests/test_triton_gpu.py
+  pytest_phase tests-cuda FFKERNELS_EXPECT_CUDA=1 "${TESTS_CUDA_ARGS[@]}"
+  pytest_phase tests-triton "${TESTS_TRITON_ARGS[@]}"
   run_phase bench "$PYTHON" -c "$PY_INT" ffkernels bench --device cuda --dtype bfloat16,float32 --no-progress \
     --repeats 5 --warmup 3 --min-time 0.03 --json "$OUT/bench.json" --markdown "$OUT/bench.md"
-  pytest_phase tests-gpu-cuda -m "gpu and not triton" --ignore=tests/test_cuda_gpu.py tests/
-  pytest_phase tests-gpu-triton -m "gpu and triton" --ignore=tests/test_triton_gpu.py tests/
+  pytest_phase tests-gpu-cuda "${TESTS_GPU_CUDA_ARGS[@]}"
+  pytest_phase tests-gpu-triton "${TESTS_GPU_TRITON_ARGS[@]}"
   run_phase report "$PYTHON" -c "$PY_INT" ffkernels bench --from-json "$OUT/bench.json" \
     --markdown "$OUT/bench.md" --plot "$OUT/bench.png"
 

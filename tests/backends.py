@@ -1,6 +1,7 @@
 """The backends this test process can run, as pytest parameters.
 
-    reference  always: the oracle's math behind the backend interface; CPU; float32 and float64
+    reference  always: the oracle's math behind the backend interface; CPU; float32 and float64. Not a kernel: the
+               "vs oracle" sweeps run KERNELS only; the reference runs the plumbing and behaviour tests
     cpu        when ffkernels._C is built; float32 and float64
     triton     under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported: CPU tensors,
                float32 only) or on a CUDA GPU (float32 here; float16/bfloat16 in test_triton_gpu.py)
@@ -29,7 +30,8 @@ from ffkernels.backends import compiled as _ext
 
 TRITON_PACKAGE = "ffkernels.backends.triton"  # where the Triton kernels live: the one place to change
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-CUDA = torch.cuda.is_available()
+# FFKERNELS_COLLECT_AS_GPU=1: parametrize as on a GPU machine, for counting only (gpu_selection.py refuses to run so)
+CUDA = torch.cuda.is_available() or os.environ.get("FFKERNELS_COLLECT_AS_GPU") == "1"
 RUN_INTERPRETER = "TRITON_INTERPRET=1 python -m pytest -q -m triton"
 
 FP32, FP64 = torch.float32, torch.float64
@@ -45,7 +47,7 @@ class Backend:
     op_names: tuple              # the ops it has kernels for on ``device``
     skip_reason: Optional[str]   # None when it runs in this process
     interpreted: bool = False    # the Triton interpreter: each kernel program runs in Python (slow)
-    sweep: str = "full"          # how much of the shape/option sweeps it runs: full, reduced or small
+    sweep: str = "full"          # how much of the shape/option sweeps it runs: full or reduced
 
     def __str__(self) -> str:
         return self.name
@@ -95,12 +97,24 @@ def _cuda_reason():
     return None
 
 
+def cuda_build_expected() -> Optional[str]:
+    """Why this machine must have an extension with CUDA kernels (None: it need not). FFKERNELS_EXPECT_CUDA=1 (CI with
+    a toolkit, scripts/gpu_check.sh) or a CUDA GPU present: there a build without CUDA kernels would skip every cuda
+    case and pass, so test_build.py fails instead. FFKERNELS_EXPECT_CUDA=0 allows a CPU-only build on a GPU machine."""
+    flag = os.environ.get("FFKERNELS_EXPECT_CUDA")
+    if flag == "1":
+        return "FFKERNELS_EXPECT_CUDA=1"
+    if flag != "0" and torch.cuda.is_available():
+        return "a CUDA GPU is present (torch.cuda.is_available(); FFKERNELS_EXPECT_CUDA=0 to test a CPU-only build)"
+    return None
+
+
 COMPILED_OPS = ("ff_grad", "ff_update", "ff_step")
 LABELED_OPS = ("ff_grad_labeled", "ff_step_labeled")  # the supervised first layer (B-row GEMMs)
 
-# the reference runs the oracle's own math (autograd, torch.optim on the state it is given): shapes and options reach
-# no code of its own, so it runs the small sweep (every option combination once, shapes up to 128 wide)
-REFERENCE = Backend("reference", "cpu", (FP32, FP64), None, (), None, sweep="small")
+# the reference runs the oracle's own math (autograd, torch.optim on the state it is given): it is in no "vs oracle"
+# sweep (KERNELS below), only in the plumbing and behaviour tests
+REFERENCE = Backend("reference", "cpu", (FP32, FP64), None, (), None)
 CPU = Backend("cpu", "cpu", (FP32, FP64), "ffkernels", COMPILED_OPS + LABELED_OPS, _cpu_reason())
 # Triton runs the reduced sweep: under the interpreter every kernel program runs in Python (~50x slower per step than
 # the C++ kernels); on a GPU every new specialization is a JIT compile
@@ -111,6 +125,11 @@ CUDA_BACKEND = Backend("cuda", "cuda", (FP32, FP64), "ffkernels", COMPILED_OPS +
 
 ALL = (REFERENCE, CPU, TRITON, CUDA_BACKEND)
 BY_NAME = {b.name: b for b in ALL}
+# the backends with kernels of their own: the ones a "matches the oracle" test checks. The reference's grad/update/step
+# ARE the oracle (autograd + torch.optim), so comparing it with the oracle checks nothing; it runs where it is not the
+# oracle: FFLinear/FFNet plumbing, state, resume, the non-finite rule, bad input (test_reference_backend.py and the
+# behaviour files)
+KERNELS = (CPU, TRITON, CUDA_BACKEND)
 
 
 def backend_params(backends=ALL) -> list:

@@ -60,14 +60,15 @@ def test_ff_update_checks_its_arguments(layer, backend):
 @pytest.mark.parametrize("kw,exc,msg", [
     (dict(labels_pos=torch.tensor([0, 1, 10])), ValueError, r"must lie in \[0, 10\)"),
     (dict(labels_neg=torch.tensor([0, 1])), ValueError, "must have shape"),
-    (dict(labels_pos=torch.tensor([0.0, 1.0, 2.0])), TypeError, "integer"),
+    (dict(labels_pos=torch.tensor([0.0, 1.0, 2.7])), TypeError, "integer"),
+    (dict(labels_neg=torch.tensor([3.0, 4.0, 5.0])), TypeError, "integer"),
+    (dict(labels_pos=torch.tensor([False, True, True])), TypeError, "integer"),
     (dict(num_classes=41), ValueError, "num_classes"),
-], ids=["label-out-of-range", "labels-shape", "float-labels", "too-many-classes"])
+], ids=["label-out-of-range", "labels-shape", "float-labels", "float-neg-labels", "bool-labels", "too-many-classes"])
 @pytest.mark.parametrize("backend", backend_params())
 def test_bad_labels(backend, kw, exc, msg):
-    if kw.get("labels_pos", torch.tensor([0])).is_floating_point() and "ff_step_labeled" not in backend.op_names:
-        pytest.skip("without a fused labeled step, FFLinear.ff_step_labeled builds the pair with embed_label, which "
-                    "takes float labels as their integer part")
+    """Every backend, fused labeled step or pair built by embed_label (the reference): float labels are refused
+    (2.7 is no class), not truncated."""
     layer = FFLinear(40, 8, backend=backend.name, device=backend.device)
     a = dict(x=torch.rand(3, 40), labels_pos=torch.tensor([0, 1, 2]), labels_neg=torch.tensor([3, 4, 5]),
              num_classes=10)

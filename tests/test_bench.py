@@ -577,9 +577,23 @@ def test_gpu_check_phase_bounds_fit_one_ten_minute_command():
 
 @needs_bash
 def test_gpu_check_syntax_and_plan():
+    """--plan prints the budgets and, for each test phase, its case count (collected as on a GPU, not typed) and an
+    estimated time inside the phase's budget (scripts/gpu_plan.py); it exits 1 when an estimate is over."""
     subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
-    plan = subprocess.run(["bash", str(GPU_CHECK), "--plan"], capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--plan"], capture_output=True, text=True)
+    plan = proc.stdout
+    assert proc.returncode == 0, plan + proc.stderr
     assert f"total               {sum(_script_bounds().values())} (limit 540" in plan
+    bounds = _script_bounds()
+    for phase in ("tests-cuda", "tests-triton", "tests-gpu-cuda", "tests-gpu-triton"):
+        m = re.search(rf"^  {phase} +(\d+) cases  ~ *(\d+) s of (\d+) s$", plan, re.M)
+        assert m, f"--plan has no count and estimate for {phase}:\n{plan}"
+        n, est, budget = map(int, m.groups())
+        assert n > 0 and budget == bounds[phase] and est <= budget, (phase, n, est, budget)
+    full = int(re.search(r"^  full-gpu +(\d+) cases", plan, re.M).group(1))
+    smoke = sum(int(re.search(rf"^  {p} +(\d+) cases", plan, re.M).group(1))
+                for p in ("tests-gpu-cuda", "tests-gpu-triton"))
+    assert full > 3 * smoke  # the full suite is the separate, longer command (--full)
     bad = subprocess.run(["bash", str(GPU_CHECK), "--nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ffkernels
+from backends import cuda_build_expected
 from ffkernels.backends import compiled as _ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,13 +33,32 @@ def test_every_op_has_kernels_for_the_devices_it_was_built_for():
 
 @pytest.mark.skipif(not _ext.loaded(), reason="ffkernels._C not built")
 def test_cuda_build_when_expected():
-    """FFKERNELS_EXPECT_CUDA=1 (CI with a toolkit, the GPU check script): a build without CUDA kernels fails."""
+    """FFKERNELS_EXPECT_CUDA=1 (CI with a toolkit, the GPU check script) or a CUDA GPU on this machine
+    (backends.cuda_build_expected): a build without CUDA kernels fails, instead of skipping every cuda case."""
     if not _ext.built_with_cuda():
-        if os.environ.get("FFKERNELS_EXPECT_CUDA") == "1":
-            pytest.fail("FFKERNELS_EXPECT_CUDA=1 but ffkernels._C was built without CUDA kernels "
-                        "(no toolkit found at build time, or FFKERNELS_CUDA=0)")
+        why = cuda_build_expected()
+        if why is not None:
+            pytest.fail(f"{why}, but ffkernels._C was built without CUDA kernels (no toolkit found at build time, "
+                        "or FFKERNELS_CUDA=0): every cuda case would skip")
         pytest.skip("ffkernels._C was built without CUDA kernels (no CUDA toolkit at build time or FFKERNELS_CUDA=0)")
     assert _ext.cuda_archs(), "a CUDA build must record the archs it was compiled for"
+
+
+@pytest.mark.parametrize("env,gpu,fails", [(None, True, True), ("0", True, False), ("1", False, True),
+                                           (None, False, False)],
+                         ids=["gpu", "gpu-opted-out", "expect-cuda-1", "no-gpu"])
+def test_a_gpu_machine_needs_a_cuda_build(monkeypatch, env, gpu, fails):
+    """The rule above with a CPU-only build: on a machine with a GPU the suite fails (it used to skip ~1,000 cuda
+    cases and pass), unless FFKERNELS_EXPECT_CUDA=0 says a CPU-only build is meant."""
+    monkeypatch.setattr(_ext, "loaded", lambda: True)
+    monkeypatch.setattr(_ext, "built_with_cuda", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    if env is None:
+        monkeypatch.delenv("FFKERNELS_EXPECT_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("FFKERNELS_EXPECT_CUDA", env)
+    with pytest.raises(pytest.fail.Exception if fails else pytest.skip.Exception):
+        test_cuda_build_when_expected()
 
 
 def _fake_toolkit(tmp_path):

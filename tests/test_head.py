@@ -127,7 +127,10 @@ def test_predict_uses_the_head_by_default_in_one_pass(monkeypatch):
         net.head.weight.normal_()
     pred = net.predict(x, 5, batch_size=7)
     assert torch.equal(pred, net.head_logits(x).argmax(-1))
-    assert not torch.equal(net.predict(x, 5, method="goodness"), pred) or True  # both methods run
+    # method="goodness" is the arg-max of goodness_scores, not the head (a head with random weights disagrees with it)
+    by_goodness = net.predict(x, 5, method="goodness", batch_size=7)
+    assert torch.equal(by_goodness, net.goodness_scores(x, 5).argmax(-1))
+    assert not torch.equal(by_goodness, pred)
     monkeypatch.setattr(net, "goodness_scores", lambda *a, **k: pytest.fail("evaluation must not score every label"))
     assert accuracy(net, x, y, 5) == pytest.approx(float((pred == y).double().mean()))
 

@@ -134,3 +134,5 @@ def test_labels_helpers():
     assert torch.equal(xl[:, :10].argmax(1), y) and torch.equal(xl[:, 10:], x[:, 10:])
     assert torch.equal(xl[:, :10].sum(1), torch.ones(1000))
     assert torch.allclose(ffkernels.embed_neutral(x, 10)[:, :10], torch.full((1000, 10), 0.1))
+    with pytest.raises(TypeError, match="integer"):  # 2.7 is no class: refused, not embedded as class 2
+        ffkernels.embed_label(x[:3], torch.tensor([0.0, 1.0, 2.7]), 10)

@@ -1,4 +1,5 @@
-"""The functional ops (ffkernels.ff_grad / ff_update / ff_step) on every backend against the oracle, on the shared
+"""The functional ops (ffkernels.ff_grad / ff_update / ff_step) of every kernel backend (not the reference, whose
+ops are the oracle) against the oracle, on the shared
 samples (samples.py): given non-zero optimizer state, given gradients, strided inputs, float32 and float64; with peer
 normalization where the sample has it (its running mean r: read by ff_grad, committed by ff_step)."""
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 import ffkernels
 import oracle
-from backends import backend_dtype_params
+from backends import KERNELS, backend_dtype_params
 from samples import sample_ids, sample_inputs
 from tolerance import check, check_outputs, rule_for
 
@@ -37,7 +38,7 @@ def _oracle_pair(s, dtype):
 
 
 @pytest.mark.parametrize("i", range(len(sample_ids("ff_grad"))), ids=sample_ids("ff_grad"))
-@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(KERNELS))
 def test_ff_grad(backend, dtype, i):
     s = sample_inputs("ff_grad", backend.device, dtype)[i]
     given = s.clone()
@@ -53,7 +54,7 @@ def test_ff_grad(backend, dtype, i):
 
 
 @pytest.mark.parametrize("i", range(len(sample_ids("ff_update"))), ids=sample_ids("ff_update"))
-@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(KERNELS))
 def test_ff_update(backend, dtype, i):
     """Update number ``step`` from given gradients and non-zero state, as torch.optim does it."""
     s = sample_inputs("ff_update", backend.device, dtype)[i]
@@ -67,7 +68,7 @@ def test_ff_update(backend, dtype, i):
 
 
 @pytest.mark.parametrize("i", range(len(sample_ids("ff_step"))), ids=sample_ids("ff_step"))
-@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(KERNELS))
 def test_ff_step(backend, dtype, i):
     """The fused step: the oracle's gradient, then torch.optim's update (outputs from the weights before it), and
     r <- r' with peer normalization."""
@@ -86,7 +87,7 @@ def test_ff_step(backend, dtype, i):
 
 
 @pytest.mark.parametrize("op", ["ff_grad", "ff_update", "ff_step"])
-@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(KERNELS))
 def test_strided_inputs_give_the_contiguous_results(backend, dtype, op):
     """Non-contiguous inputs (x, the gradients given to ff_update, peer_mean given to ff_grad) are accepted, with
     exactly the results of contiguous copies."""
@@ -112,18 +113,15 @@ def test_strided_inputs_give_the_contiguous_results(backend, dtype, op):
 
 
 def assert_same_results(backend, dtype, pairs):
-    """(name, a, b) pairs are equal: bitwise for the kernels (which copy strided inputs into the layout they
-    compute on), within the rounding rule for the reference (torch's GEMMs take other paths for strided operands)."""
+    """(name, a, b) pairs are equal, bitwise: the kernels copy strided inputs into the layout they compute on."""
     for name, x, y in pairs:
         if x is None or y is None:
             assert x is None and y is None, name
-        elif backend.namespace is not None:
-            assert torch.equal(x, y), name
         else:
-            check(name, x, y, y, rule_for(dtype, backend.gpu))
+            assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(KERNELS))
 def test_ff_grad_of_a_non_contiguous_weight(backend, dtype):
     """ff_grad does not update the weight: the Python backends accept a strided one (same results); the compiled
     ops ask for a contiguous weight, saying so."""

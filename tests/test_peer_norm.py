@@ -21,7 +21,7 @@ import torch
 
 import ffkernels
 import oracle
-from backends import ALL, backend_dtype_params, case_params
+from backends import ALL, KERNELS, backend_dtype_params, case_params
 from ffkernels import FFConfig, FFGradOutput, FFLinear, FFNet, embed_label, wrong_labels
 from ffkernels.backends import get_backend
 from options import peer_options
@@ -124,7 +124,7 @@ def test_oracle_requires_r_and_ignores_it_when_off():
 # ---- every backend against the oracle ----------------------------------------------------------------------
 
 SIZES_B, SIZES_N = (1, 7, 64), (1, 17, 128)
-# the reduced sweep (Triton, the reference): every size as B, K and N, single- and multi-tile (the interpreter's
+# the reduced sweep (Triton): every size as B, K and N, single- and multi-tile (the interpreter's
 # tiles are 128 wide), each with one case of peer_options
 REDUCED_SHAPES = [(1, 1, 1), (7, 17, 17), (64, 128, 128), (7, 128, 17), (64, 17, 1), (1, 17, 128), (7, 1, 128),
                   (64, 128, 17)]
@@ -154,7 +154,7 @@ def _step_cases(backend, dtype):
     return out + [(cid, shape, cfg, True) for cid, shape, cfg in TILING]
 
 
-@pytest.mark.parametrize("backend,dtype,shape,cfg,bias", case_params(_step_cases))
+@pytest.mark.parametrize("backend,dtype,shape,cfg,bias", case_params(_step_cases, KERNELS))
 def test_steps_match_oracle(backend, dtype, shape, cfg, bias):
     """Three FFLinear steps from a random r with unit 0 off: loss, h, g, weight, bias, state and r after each."""
     run_and_compare(backend, *shape, dtype=dtype, bias=bias, dead_unit=True, **cfg)
@@ -178,7 +178,7 @@ def _grad_cases(backend, dtype):
     return [("plain", False)] + ([("labeled", True)] if backend in FUSED_LABELED else [])
 
 
-@pytest.mark.parametrize("backend,dtype,labeled", case_params(_grad_cases))
+@pytest.mark.parametrize("backend,dtype,labeled", case_params(_grad_cases, KERNELS))
 def test_grad_matches_oracle_with_a_dead_unit_and_reads_r_only(backend, dtype, labeled):
     """The gradient itself (Adam's first step would hide its scale): straight-through where z <= 0 included; r is
     read, not written; the peer term is far above the tolerance in the loss and both gradients."""

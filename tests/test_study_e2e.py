@@ -67,6 +67,41 @@ def test_tiny_study_writes_every_file_with_the_right_structure(finished, capsys)
     assert len(list((out / "embeddings").iterdir())) == 4
 
 
+def test_tiny_study_probes_read_the_right_labels(finished):
+    """The probe pairs features with their own labels: on digits (10 classes, chance 0.1) the pixel probe and every
+    row's best transfer are far above chance, even after 2 epochs. Measured (seed 0, this config, cpu backend):
+    pixels 0.92, untrained net 0.69, FF 0.82 (supervised) / 0.83 (jigsaw), BP 0.69 / 0.69. A probe fitted on
+    shuffled or misaligned labels scores ~0.1."""
+    _, res = finished
+    assert res["baselines"]["digits"]["pixels"]["best_transfer"] >= 0.7
+    assert res["baselines"]["digits"]["untrained"]["best_transfer"] >= 0.4
+    for r in res["rows"]:
+        assert r["best_transfer"] >= 0.45, (r["pretext"], r["algo"], r["best_transfer"])
+
+
+LEARN = ["--dataset", "digits", "--pretext", "supervised", "--algo", "both", "--hidden", "64", "--epochs", "5",
+         "--batch-size", "50", "--max-train", "1000", "--max-test", "300", "--probe-steps", "20", "--knn-k", "3",
+         "--tsne-points", "0", "--threads", "1", "--no-progress"]
+
+
+def test_both_algorithms_learn_digits(tmp_path):
+    """The harness can learn: 5 epochs of the supervised pretext on 1000 digits, one hidden layer of 64 (so FF
+    predicts from the layer it trains). Measured (seed 0, cpu backend): pretext accuracy FF 0.087 after epoch 1 ->
+    0.843 after 5, BP 0.583 -> 0.903; transfer FF 0.943, BP 0.950; pixel probe 0.973. The bars sit well below those
+    and far above chance (0.1): a harness that trains or scores against the wrong labels fails them.
+    (With two hidden layers FF predicts from the second, which on this setting ranks the true label last: 0.007.)"""
+    main(["study", *LEARN, "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["baselines"]["digits"]["pixels"]["best_transfer"] >= 0.8
+    rows = {r["algo"]: r for r in res["rows"]}
+    assert set(rows) == {"ff", "bp"}
+    for algo, r in rows.items():
+        curve = r["curves"]["pretext_accuracy"]
+        assert r["pretext_accuracy"] >= 0.6, (algo, curve)
+        assert curve[-1] >= curve[0] + 0.15, (algo, curve)  # it improves with training
+        assert r["best_transfer"] >= 0.7, (algo, r["best_transfer"])
+
+
 def test_rerun_resumes_and_skips_finished_rows(finished, tmp_path, capsys):
     out, res = tmp_path / "copy", finished[1]
     shutil.copytree(finished[0], out)

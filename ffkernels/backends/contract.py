@@ -47,6 +47,14 @@ def check_ff_inputs(x_pos, x_neg, weight: Tensor, bias=None) -> None:
                          f"{weight.device}, got {tuple(bias.shape)} {_name(bias.dtype)} on {bias.device}")
 
 
+def check_label_dtype(labels: Tensor, name: str = "labels") -> None:
+    """TypeError unless ``labels`` holds integers (not bool): a float label such as 2.7 is refused, never read as
+    class 2. Every labeled path checks this: the compiled ops (check_labeled in ff_api.cpp, the same message), the
+    Triton ops and the pair built by ``embed_label`` / ``embed_label_unchecked`` (the reference backend's path)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"ffkernels: {name} must be an integer tensor, got {labels.dtype}")
+
+
 def check_weight(weight: Tensor) -> None:
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.numel() == 0:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__

@@ -47,8 +47,7 @@ def _check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bi
         if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(f"ffkernels: {name} must have shape ({x.shape[0]},), got {shape}")
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise TypeError(f"ffkernels: {name} must be an integer tensor, got {y.dtype}")
+        contract.check_label_dtype(y, name)
         if y.device != x.device:
             raise ValueError(f"ffkernels: {name} is on {y.device} but x is on {x.device}; all tensors must be on "
                              "the same device")
