@@ -10,7 +10,7 @@ from torch import nn
 from ._types import FFGradOutput, FFStepOutput, NonFiniteLossError
 from .backends import BACKEND_NAMES, get_backend, resolve_backend
 from .backends import reference as ref
-from .backends.contract import check_ff_inputs, state_dtype
+from .backends.contract import autocast_config, check_ff_inputs, check_gemm_dtype, state_dtype
 from .config import FFConfig
 from .head import SoftmaxHead, rms_features
 from .labels import (check_label_range, embed_label_unchecked, embed_neutral, hard_negatives,
@@ -163,6 +163,13 @@ class FFLinear(nn.Module):
         """The backend that runs this layer's steps for its current device and dtype."""
         return resolve_backend(self.backend_request, self.weight.device, self.weight.dtype)
 
+    def _step_config(self, backend):
+        """The layer's options for this call: with the GEMM dtype of the current torch.autocast (docs/design.md,
+        "Mixed precision"); a backend without that GEMM dtype raises here, before anything runs."""
+        cfg = autocast_config(self.config, self.weight)
+        check_gemm_dtype(backend, cfg)
+        return cfg
+
     def _states(self, pname: str):
         return tuple(getattr(self, f"{s}_{pname}") for s in self.config.state_names)
 
@@ -207,10 +214,10 @@ class FFLinear(nn.Module):
         finite; the caller reads the loss and advances ``step_count`` exactly when it is finite."""
         xp, xn, lead = self._flatten_inputs(x_pos, x_neg)
         w, b = self._param_views()
+        backend = get_backend(self.backend)
         with torch.no_grad():
-            out = get_backend(self.backend).step(xp, xn, w, b, self._states("weight"),
-                                                 self._states("bias") if b is not None else (),
-                                                 self.step_count + 1, self.config, peer_mean=self._peer_mean())
+            out = backend.step(xp, xn, w, b, self._states("weight"), self._states("bias") if b is not None else (),
+                               self.step_count + 1, self._step_config(backend), peer_mean=self._peer_mean())
         return FFStepOutput(out.loss, out.h_pos.reshape(*lead, -1), out.h_neg.reshape(*lead, -1),
                             out.g_pos.reshape(lead), out.g_neg.reshape(lead))
 
@@ -241,7 +248,8 @@ class FFLinear(nn.Module):
         the update is skipped on the device. ``pair=True`` builds the pair whatever the backend."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"ffkernels: x must be a torch.Tensor, got {type(x).__name__}")
-        fused = None if pair else getattr(get_backend(self.backend), "step_labeled", None)
+        backend = get_backend(self.backend)
+        fused = None if pair else getattr(backend, "step_labeled", None)
         if fused is None or x.dim() != 2:
             yp = torch.as_tensor(labels_pos, device=x.device)
             yn = torch.as_tensor(labels_neg, device=x.device)
@@ -254,7 +262,7 @@ class FFLinear(nn.Module):
         with torch.no_grad():
             out = fused(x.detach(), torch.as_tensor(labels_pos), torch.as_tensor(labels_neg), num_classes,
                         float(value), w, b, self._states("weight"), self._states("bias") if b is not None else (),
-                        self.step_count + 1, self.config, peer_mean=self._peer_mean())
+                        self.step_count + 1, self._step_config(backend), peer_mean=self._peer_mean())
         return out, None
 
     def ff_grad(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> FFGradOutput:
@@ -265,8 +273,9 @@ class FFLinear(nn.Module):
         """
         xp, xn, lead = self._flatten_inputs(x_pos, x_neg)
         w, b = self._param_views()
+        backend = get_backend(self.backend)
         with torch.no_grad():
-            out = get_backend(self.backend).grad(xp, xn, w, b, self.config, peer_mean=self._peer_mean())
+            out = backend.grad(xp, xn, w, b, self._step_config(backend), peer_mean=self._peer_mean())
         return FFGradOutput(out.loss, out.h_pos.reshape(*lead, -1), out.h_neg.reshape(*lead, -1),
                             out.g_pos.reshape(lead), out.g_neg.reshape(lead), out.grad_weight, out.grad_bias)
 
