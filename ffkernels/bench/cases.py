@@ -44,6 +44,7 @@ from torch import nn
 from .._types import BackendUnavailableError
 from ..backends import BACKENDS, available_backends, resolve_backend
 from ..backends import reference as ref
+from ..backends.contract import autocast_config
 from .. import bp, functional
 from ..config import FFConfig
 from ..labels import wrong_labels
@@ -154,8 +155,9 @@ def _build_labeled(backend: str):
 
         def step():  # the call of FFLinear.ff_step_labeled, without its host-side finiteness check
             count[0] += 1
-            with torch.no_grad():
-                return step_labeled(x, labels_pos, labels_neg, NUM_CLASSES, 1.0, w, b, st_w, st_b, count[0], cfg)
+            with torch.no_grad():  # autocast_config: the GEMM dtype of an enclosing torch.autocast, as FFLinear's
+                return step_labeled(x, labels_pos, labels_neg, NUM_CLASSES, 1.0, w, b, st_w, st_b, count[0],
+                                    autocast_config(cfg, w))
         return step
     return build
 
