@@ -62,7 +62,8 @@ def derive(shape: LayerShape, cases, times: dict, errors: "dict | None" = None, 
         if case.precision != "fp32":  # the autocast cases: their precision and speed-up over the fp32 case
             fp32_name = case.name[: -len("-" + case.precision)]
             row["precision"] = case.precision
-            row["speedup_over_fp32"] = _ratio(_median(times, fp32_name), median)
+            if case.kind != "floor":  # floor-bf16 also holds the optimizer's pass: no fp32 counterpart
+                row["speedup_over_fp32"] = _ratio(_median(times, fp32_name), median)
         if t is None:
             row["error"] = errors.get(case.name, "not measured")
         rows.append(row)
@@ -74,7 +75,7 @@ def bench_layers(shapes, device, dtype, backends, *, warmup: int, repeats: int, 
     """Result rows (see ``derive``) for every case in ``layer_cases(backends)`` that applies, on every shape.
 
     ``on_shape(rows)``, when given, is called after every shape with the rows so far (to save them)."""
-    cases = layer_cases(backends, bf16=bf16)
+    cases = layer_cases(backends, bf16=True) if bf16 else layer_cases(backends)
     plan = [(shape, [c for c in cases if c.applies_to(shape)]) for shape in shapes]
     name = dtype_name(dtype)
     rows = []
