@@ -388,3 +388,76 @@ def test_reference_is_autocast_of_its_own_math():
     with autocast():
         auto = torch.nn.functional.linear(x, w)
     assert torch.equal(linear(x, w, None, "bfloat16"), auto.float())
+
+
+# ---- the commands ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["train", "study", "bench"])
+def test_precision_option(command):
+    """--precision {fp32, bf16}, default fp32, on train, study and bench."""
+    import argparse
+    import importlib
+
+    from ffkernels.cli import COMMANDS
+    from ffkernels.cli_options import HelpFormatter
+
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    importlib.import_module(COMMANDS[command][0]).add_arguments(p)
+    opt = {a.dest: a for a in p._actions}["precision"]
+    assert tuple(opt.choices) == ("fp32", "bf16") and opt.default == "fp32"
+
+
+@pytest.mark.parametrize("backend", backend_params([CPU]))
+def test_train_bf16(backend, tmp_path):
+    """ffkernels train --precision bf16 trains (digits, one epoch) and records its precision; the saved weights and
+    optimizer state are float32."""
+    import json
+
+    from ffkernels.train_cli import main
+
+    out = tmp_path / "run.json"
+    main(["--dataset", "digits", "--epochs", "1", "--hidden", "32", "32", "--precision", "bf16", "--no-progress",
+          "--threads", "1", "--json", str(out), "--save", str(tmp_path / "net.pt")])
+    result = json.loads(out.read_text())
+    assert result["precision"] == "bf16" and result["test_accuracy"] > 0.2
+    state = torch.load(tmp_path / "net.pt")
+    assert all(t.dtype in (torch.float32, torch.int64) for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def test_study_precision_in_its_config():
+    """bf16 is a setting of the study (another fingerprint); fp32 is left out, so earlier studies keep theirs."""
+    from ffkernels.study.config import StudyConfig
+
+    fp32, bf16 = StudyConfig(), StudyConfig(precision="bf16")
+    assert "precision" not in fp32.to_dict() and bf16.to_dict()["precision"] == "bf16"
+    assert fp32.fingerprint() != bf16.fingerprint()
+    assert StudyConfig.from_dict(bf16.to_dict()) == bf16 and StudyConfig.from_dict(fp32.to_dict()) == fp32
+    assert fp32.differences(bf16) == ["precision: 'fp32' -> 'bf16'"]
+    with pytest.raises(ValueError, match="precision"):
+        StudyConfig(precision="fp16")
+
+
+@pytest.mark.parametrize("backend", backend_params([CPU]))
+def test_bench_bf16_cases(backend, tmp_path):
+    """bench --precision bf16: fused-cpu-bf16 and labeled-cpu-bf16 beside the fp32 cases, their speed-up over them,
+    and floor-bf16 as their floor (timings are reported, never asserted)."""
+    import json
+
+    from ffkernels.bench.cli import main
+
+    out = tmp_path / "b.json"
+    main(["--quick", "--no-network", "--precision", "bf16", "--backends", "cpu", "--shapes", "4x12x8", "--repeats",
+          "1", "--warmup", "0", "--no-progress", "--json", str(out)])
+    rows = {r["case"]: r for r in json.loads(out.read_text())["layer"]["rows"]}
+    for case in ("fused-cpu-bf16", "labeled-cpu-bf16", "floor-bf16", "fused-cpu", "floor"):
+        assert rows[case]["time"] is not None, case
+    assert rows["fused-cpu-bf16"]["precision"] == "bf16" and rows["fused-cpu-bf16"]["speedup_over_fp32"] > 0
+    assert "speedup_over_fp32" not in rows["floor-bf16"] and "precision" not in rows["fused-cpu"]
+
+
+def test_info_says_whether_the_cpu_has_bf16_units():
+    from ffkernels.info import collect
+
+    info = collect()
+    assert info["cpu_bf16"].startswith(("yes", "no", "unknown"))
+    assert info["autocast_gemm_dtypes"]["cpu"] == ["bfloat16"] and info["autocast_gemm_dtypes"]["cuda"] == "none"
