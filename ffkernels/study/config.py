@@ -94,5 +94,6 @@ class StudyConfig:
     def differences(self, other: "StudyConfig") -> list:
         """["name: mine -> other", ...] for every setting that differs."""
         a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a.get(k, 'fp32')!r} -> {b.get(k, 'fp32')!r}" if k == "precision" else f"{k}: {a[k]!r} -> {b[k]!r}"
-                for k in [*a, *(k for k in b if k not in a)] if a.get(k) != b.get(k)]
+        a.setdefault("precision", "fp32")  # to_dict leaves out the default precision
+        b.setdefault("precision", "fp32")
+        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k)]
