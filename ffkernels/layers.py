@@ -10,7 +10,8 @@ from torch import nn
 from ._types import FFGradOutput, FFStepOutput, NonFiniteLossError
 from .backends import BACKEND_NAMES, get_backend, resolve_backend
 from .backends import reference as ref
-from .backends.contract import autocast_config, check_ff_inputs, check_gemm_dtype, state_dtype
+from .backends.contract import (autocast_config, autocast_gemm_dtype, check_ff_inputs, check_gemm_dtype,
+                                 state_dtype)
 from .config import FFConfig
 from .head import SoftmaxHead, rms_features
 from .labels import (check_label_range, embed_label_unchecked, embed_neutral, hard_negatives,
@@ -312,6 +313,19 @@ class FFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ref.layer_forward(x, self.weight, self.bias, self.config.norm, self.config.norm_eps)
 
+    def ff_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(norm(x) @ W.T + b)`` as this layer's FF steps compute it: under torch.autocast (float32 weights) the
+        GEMM in bf16 (x̂ and W cast, bf16 output) and the bias, ReLU and the output in fp32 (docs/design.md, "Mixed
+        precision"); outside autocast exactly ``self(x)``. FFNet's own passes (features, the head's input, goodness
+        scores, predict) use it: ``self(x)`` follows autocast like nn.Linear (bf16 out), which costs the head about a
+        point of accuracy on mnist5k."""
+        gemm = autocast_gemm_dtype(self.weight)
+        if gemm == "param":
+            return self(x)
+        c = self.config
+        with torch.autocast(self.weight.device.type, enabled=False):  # ref.linear makes the casts
+            return ref.layer_forward(x.to(self.weight.dtype), self.weight, self.bias, c.norm, c.norm_eps, gemm)
+
     def goodness(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row goodness of ``x`` under the current weights."""
         return ref.goodness(self(x), self.config.goodness)
@@ -553,7 +567,7 @@ class FFNet(nn.Module):
         """The activations of every layer (or of layers 0..upto) for input ``x``."""
         feats = []
         for layer in self.layers[: None if upto is None else upto + 1]:
-            x = layer(x)
+            x = layer.ff_forward(x)  # under autocast: bf16 GEMMs, fp32 activations, as the steps
             feats.append(x)
         return feats
 
@@ -615,7 +629,7 @@ class FFNet(nn.Module):
         score = torch.zeros(c * n, dtype=h.dtype, device=h.device)
         for i in range(max(layers) + 1):
             if i > 0:
-                h = self.layers[i](h)
+                h = self.layers[i].ff_forward(h)
             if i in layers:
                 score += ref.goodness(h, self.layers[i].config.goodness) * layers.count(i)
         return score.view(c, n).t().reshape(*x.shape[:-1], c)
