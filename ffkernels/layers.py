@@ -311,7 +311,12 @@ class FFLinear(nn.Module):
     # ---- inference (differentiable, like nn.Linear + ReLU) -------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ref.layer_forward(x, self.weight, self.bias, self.config.norm, self.config.norm_eps)
+        w, b = self.weight, self.bias
+        if torch.is_autocast_enabled(w.device.type):
+            # torch.autocast caches its casts of leaf parameters for the whole autocast region, and the FF steps update
+            # the weights in place inside it: cast views (not leaves) instead, so every call sees the current weights
+            w, b = w.view_as(w), (None if b is None else b.view_as(b))
+        return ref.layer_forward(x, w, b, self.config.norm, self.config.norm_eps)
 
     def ff_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``relu(norm(x) @ W.T + b)`` as this layer's FF steps compute it: under torch.autocast (float32 weights) the

@@ -381,6 +381,22 @@ def test_forward_follows_autocast_like_linear():
     assert layer(x).dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", backend_params(AUTOCAST_BACKENDS))
+def test_forward_sees_the_steps_inside_one_autocast_region(backend):
+    """torch.autocast caches the casts of leaf parameters for its whole region; the steps update the weights in place
+    inside it. layer(x) and ff_forward(x) after a step in the same region use the updated weights."""
+    layer = FFLinear(12, 5, backend=backend.name, lr=0.1)
+    x = torch.rand(3, 12)
+    with autocast():
+        before = layer(x)
+        layer.ff_step(x, torch.rand(3, 12))
+        after, ff_after = layer(x), layer.ff_forward(x)
+    with autocast():  # a fresh region: nothing cached
+        fresh, ff_fresh = layer(x), layer.ff_forward(x)
+    assert torch.equal(after, fresh) and torch.equal(ff_after, ff_fresh) and not torch.equal(before, after)
+    assert ff_after.dtype == torch.float32 and after.dtype == BF16
+
+
 def test_reference_is_autocast_of_its_own_math():
     """The oracle's bf16 GEMM is torch.autocast's: F.linear under autocast gives the same z (no bias)."""
     x, w = torch.rand(5, 16), torch.rand(7, 16)
