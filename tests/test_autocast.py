@@ -440,6 +440,20 @@ def test_train_bf16(backend, tmp_path):
     assert all(t.dtype in (torch.float32, torch.int64) for t in state.values() if isinstance(t, torch.Tensor))
 
 
+def test_precision_context_has_no_stale_weight_casts():
+    """The commands' autocast region spans epochs of in-place updates (BP's torch.optim too): no weight cache."""
+    from ffkernels.precision import precision_context
+
+    lin = torch.nn.Linear(3, 2)
+    x = torch.ones(1, 3)
+    with precision_context("bf16", "cpu"):
+        a = lin(x)
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+        b = lin(x)
+    assert a.dtype == BF16 and not torch.equal(a, b)
+
+
 def test_study_precision_in_its_config():
     """bf16 is a setting of the study (another fingerprint); fp32 is left out, so earlier studies keep theirs."""
     from ffkernels.study.config import StudyConfig
