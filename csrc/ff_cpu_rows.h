@@ -5,7 +5,10 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "ff_math.h"
@@ -23,9 +26,10 @@ inline double sum_squares(const scalar_t* x, int64_t begin, int64_t end) {
   return ss;
 }
 
-// h = relu(z + a * col + b) over one row of N (col and b may be null); returns sum h^2.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline double relu_row(const scalar_t* z, const scalar_t* col, acc_t a, const scalar_t* b, scalar_t* h, int64_t N) {
+// h = relu(z + a * col + b) over one row of N (col and b may be null); returns sum h^2. z and col are in the GEMM
+// dtype z_t (scalar_t, or bf16 under autocast: read exactly into acc_t), b and h in the parameters' dtype.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>, typename z_t = scalar_t>
+inline double relu_row(const z_t* z, const z_t* col, acc_t a, const scalar_t* b, scalar_t* h, int64_t N) {
   double ss = 0;
   for (int64_t j = 0; j < N; ++j) {
     acc_t v = static_cast<acc_t>(z[j]);
@@ -71,6 +75,22 @@ double peer_terms(const scalar_t* h, int64_t B, int64_t N, const state_t* r, sta
     v[j] = static_cast<acc_t>(peer_dz<double>(rj, r_bar, lambda, mu, N, B));
   }
   return loss;
+}
+
+// The GEMM operand type of a kernel on scalar_t parameters: scalar_t itself, or bf16 under autocast (low = true).
+template <typename scalar_t, bool low>
+using gemm_type = std::conditional_t<low, c10::BFloat16, scalar_t>;
+
+// Writes dL/dz = v into the GEMM operand (z_t) and, where given, into the parameter-dtype copy the bias gradient is
+// summed from (only when z_t is a lower precision: otherwise the operand is that copy).
+template <typename scalar_t, typename z_t, typename acc_t>
+inline void store_dz(z_t* dz, scalar_t* dz_full, int64_t j, acc_t v) {
+  if constexpr (std::is_same_v<z_t, scalar_t>) {
+    dz[j] = static_cast<scalar_t>(v);
+  } else {
+    dz[j] = static_cast<z_t>(static_cast<scalar_t>(v));
+    if (dz_full) dz_full[j] = static_cast<scalar_t>(v);
+  }
 }
 
 // The batch loss from per-pair terms: a fixed-order sum, deterministic whatever the thread count.

@@ -21,12 +21,16 @@ enum class Norm : int { None = 0, L2 = 1, RMS = 2 };
 enum class Goodness : int { Sum = 0, Mean = 1 };
 enum class Loss : int { Hinton = 0, Symba = 1 };
 enum class Optim : int { Adam = 0, SGD = 1 };
+// The GEMM operands' dtype (docs/design.md, "Mixed precision"): the parameters' own, or cast once to bf16/fp16
+// (torch.autocast), with fp32 accumulation and everything else in the parameters' dtype.
+enum class GemmDtype : int { Param = 0, BFloat16 = 1, Float16 = 2 };
 // Each option's names, indexed by its enum value: the binding parses options by these (ffkernels/config.py lists
 // the same names for Python), so a new variant is declared here once, beside its enum.
 constexpr const char* kNormNames[] = {"none", "l2", "rms"};
 constexpr const char* kGoodnessNames[] = {"sum", "mean"};
 constexpr const char* kLossNames[] = {"hinton", "symba"};
 constexpr const char* kOptimNames[] = {"adam", "sgd"};
+constexpr const char* kGemmDtypeNames[] = {"param", "bfloat16", "float16"};
 
 // ---- numerically stable scalar helpers -------------------------------------------------------------
 

@@ -23,6 +23,7 @@ struct LossOptions {
   double symba_alpha = 4.0;
   double peer_norm = 0.0;      // lambda; 0: no peer normalization (nothing of it runs)
   double peer_momentum = 0.9;  // mu of the running mean r (peer_mean)
+  GemmDtype gemm = GemmDtype::Param;  // the GEMM operands' dtype (the binding admits bfloat16 for float weights)
 };
 
 struct OptimOptions {

@@ -10,6 +10,7 @@ import torch
 
 from .backends import BACKEND_NAMES
 from .config import GOODNESS, LOSSES, NORMS, OPTIMIZERS, FFConfig
+from .precision import PRECISIONS, precision_context  # noqa: F401 (precision_context: for the commands)
 
 FF_DEFAULTS = FFConfig()
 BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
@@ -84,3 +85,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (there are none either when stderr is not a terminal)")
+
+
+def add_precision_option(p: argparse.ArgumentParser, help_text: "str | None" = None) -> None:
+    """--precision: fp32, or bf16 = the training loop under torch.autocast(dtype=torch.bfloat16), with fp32 master
+    weights and optimizer state (precision.py; docs/design.md, "Mixed precision")."""
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help=help_text or "fp32, or bf16: train under torch.autocast(dtype=torch.bfloat16): bf16 GEMMs "
+                                     "with fp32 accumulation, fp32 weights, optimizer state and epilogue (needs a "
+                                     "backend with bf16 GEMMs: cpu or reference)")

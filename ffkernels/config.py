@@ -9,6 +9,10 @@ NORMS = ("rms", "l2", "none")
 GOODNESS = ("sum", "mean")
 LOSSES = ("hinton", "symba")
 OPTIMIZERS = ("adam", "sgd")
+# The dtype of the GEMM operands (docs/design.md, "Mixed precision"): "param" = the parameters' own dtype (no autocast);
+# "bfloat16"/"float16" = the operands cast once, fp32 accumulation, everything else in the parameters' dtype. Set per
+# call from torch.autocast (``autocast_config``), not kept by the layer.
+GEMM_DTYPES = ("param", "bfloat16", "float16")
 
 
 def _choice(name: str, value, choices) -> str:
@@ -30,8 +34,8 @@ def _number(name: str, value, lo: float, lo_inclusive: bool = True, hi: float = 
 
 # The keys of FFConfig.op_options, in the order they are written; python_api/ff_api.cpp parses the same keys.
 OP_OPTION_KEYS = ("norm", "norm_eps", "goodness", "threshold", "loss", "symba_alpha", "optimizer", "lr", "beta1",
-                  "beta2", "eps", "momentum", "weight_decay", "peer_norm", "peer_momentum")
-_CHOICE_KEYS = ("norm", "goodness", "loss", "optimizer")
+                  "beta2", "eps", "momentum", "weight_decay", "peer_norm", "peer_momentum", "gemm_dtype")
+_CHOICE_KEYS = ("norm", "goodness", "loss", "optimizer", "gemm_dtype")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class FFConfig:
     weight_decay: float = 0.0
     peer_norm: float = 0.0       # lambda of peer normalization; 0: off (docs/design.md, "Peer normalization")
     peer_momentum: float = 0.9   # mu of its running mean of the positive activations
+    gemm_dtype: str = "param"    # GEMM operand dtype; "param" outside autocast (docs/design.md, "Mixed precision")
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -59,6 +64,7 @@ class FFConfig:
         set_(self, "loss", _choice("loss", self.loss, LOSSES))
         set_(self, "norm", _choice("norm", self.norm, NORMS))
         set_(self, "optimizer", _choice("optimizer", self.optimizer, OPTIMIZERS))
+        set_(self, "gemm_dtype", _choice("gemm_dtype", self.gemm_dtype, GEMM_DTYPES))
         if not math.isfinite(float(self.threshold)):
             raise ValueError(f"ffkernels: threshold must be finite, got {self.threshold!r}")
         set_(self, "threshold", float(self.threshold))

@@ -9,12 +9,21 @@ import torch
 
 from ._types import FFGradOutput, FFStepOutput
 from .backends import get_backend, resolve_backend
-from .backends.contract import check_ff_inputs, check_peer_mean
+from .backends.contract import autocast_config, check_ff_inputs, check_gemm_dtype, check_peer_mean
 from .config import FFConfig
 
 
 def _backend(backend: str, weight: torch.Tensor):
     return get_backend(resolve_backend(backend, weight.device, weight.dtype))
+
+
+def _step_backend(backend: str, weight: torch.Tensor, config: FFConfig):
+    """(backend, config with the GEMM dtype of the current torch.autocast); refuses a backend without that GEMM dtype
+    (docs/design.md, "Mixed precision")."""
+    b = _backend(backend, weight)
+    cfg = autocast_config(config, weight)
+    check_gemm_dtype(b, cfg)
+    return b, cfg
 
 
 def ff_grad(x_pos, x_neg, weight, bias=None, config: FFConfig = FFConfig(), *, peer_mean=None,
@@ -26,9 +35,10 @@ def ff_grad(x_pos, x_neg, weight, bias=None, config: FFConfig = FFConfig(), *, p
     """
     check_ff_inputs(x_pos, x_neg, weight, bias)
     check_peer_mean(peer_mean, weight, config, in_place=False)
+    b, cfg = _step_backend(backend, weight, config)
     with torch.no_grad():
-        return _backend(backend, weight).grad(x_pos.detach(), x_neg.detach(), weight.detach(),
-                                              None if bias is None else bias.detach(), config, peer_mean=peer_mean)
+        return b.grad(x_pos.detach(), x_neg.detach(), weight.detach(), None if bias is None else bias.detach(), cfg,
+                      peer_mean=peer_mean)
 
 
 def ff_update(weight, bias, grad_weight, grad_bias, state_weight, state_bias, step: int,
@@ -46,10 +56,12 @@ def ff_step(x_pos, x_neg, weight, bias, state_weight, state_bias, step: int, con
 
     The update is skipped (everything left as it was) when the loss is not finite; check ``out.loss``.
     With ``config.peer_norm > 0``, ``peer_mean`` is required and updated in place (r <- r') with the rest.
+    Inside ``torch.autocast`` (float32 weights) the GEMMs run in its dtype, the rest in fp32 (docs/design.md, "Mixed
+    precision"); so does ``ff_grad``.
     """
     check_ff_inputs(x_pos, x_neg, weight, bias)
     check_peer_mean(peer_mean, weight, config, in_place=True)
+    b, cfg = _step_backend(backend, weight, config)
     with torch.no_grad():
-        return _backend(backend, weight).step(x_pos.detach(), x_neg.detach(), weight.detach(),
-                                              None if bias is None else bias.detach(), tuple(state_weight),
-                                              tuple(state_bias or ()), step, config, peer_mean=peer_mean)
+        return b.step(x_pos.detach(), x_neg.detach(), weight.detach(), None if bias is None else bias.detach(),
+                      tuple(state_weight), tuple(state_bias or ()), step, cfg, peer_mean=peer_mean)

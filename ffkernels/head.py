@@ -111,7 +111,7 @@ class SoftmaxHead(nn.Module):
         loss = -logp.gather(1, y).mean()
         dz = logp.exp_()
         dz.scatter_add_(1, y, torch.full_like(y, -1, dtype=dz.dtype))
-        grad = (dz.t() / f.shape[0]).to(f.dtype) @ f
+        grad = ((dz.t() / f.shape[0]).to(f.dtype) @ f).to(self.weight.dtype)  # autocast's bf16 GEMM: widened
         w = self.weight.detach()
         guard = loss if gate is None else torch.where(gate, loss, torch.full_like(loss, float("nan")))
         get_backend(self.backend).update(w, None, grad, None, tuple(getattr(self, n) for n in self._state_names()),

@@ -10,7 +10,8 @@ from torch import nn
 from ._types import FFGradOutput, FFStepOutput, NonFiniteLossError
 from .backends import BACKEND_NAMES, get_backend, resolve_backend
 from .backends import reference as ref
-from .backends.contract import check_ff_inputs, state_dtype
+from .backends.contract import (autocast_config, autocast_gemm_dtype, check_ff_inputs, check_gemm_dtype,
+                                 state_dtype)
 from .config import FFConfig
 from .head import SoftmaxHead, rms_features
 from .labels import (check_label_range, embed_label_unchecked, embed_neutral, hard_negatives,
@@ -163,6 +164,13 @@ class FFLinear(nn.Module):
         """The backend that runs this layer's steps for its current device and dtype."""
         return resolve_backend(self.backend_request, self.weight.device, self.weight.dtype)
 
+    def _step_config(self, backend):
+        """The layer's options for this call: with the GEMM dtype of the current torch.autocast (docs/design.md,
+        "Mixed precision"); a backend without that GEMM dtype raises here, before anything runs."""
+        cfg = autocast_config(self.config, self.weight)
+        check_gemm_dtype(backend, cfg)
+        return cfg
+
     def _states(self, pname: str):
         return tuple(getattr(self, f"{s}_{pname}") for s in self.config.state_names)
 
@@ -207,10 +215,10 @@ class FFLinear(nn.Module):
         finite; the caller reads the loss and advances ``step_count`` exactly when it is finite."""
         xp, xn, lead = self._flatten_inputs(x_pos, x_neg)
         w, b = self._param_views()
+        backend = get_backend(self.backend)
         with torch.no_grad():
-            out = get_backend(self.backend).step(xp, xn, w, b, self._states("weight"),
-                                                 self._states("bias") if b is not None else (),
-                                                 self.step_count + 1, self.config, peer_mean=self._peer_mean())
+            out = backend.step(xp, xn, w, b, self._states("weight"), self._states("bias") if b is not None else (),
+                               self.step_count + 1, self._step_config(backend), peer_mean=self._peer_mean())
         return FFStepOutput(out.loss, out.h_pos.reshape(*lead, -1), out.h_neg.reshape(*lead, -1),
                             out.g_pos.reshape(lead), out.g_neg.reshape(lead))
 
@@ -241,7 +249,8 @@ class FFLinear(nn.Module):
         the update is skipped on the device. ``pair=True`` builds the pair whatever the backend."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"ffkernels: x must be a torch.Tensor, got {type(x).__name__}")
-        fused = None if pair else getattr(get_backend(self.backend), "step_labeled", None)
+        backend = get_backend(self.backend)
+        fused = None if pair else getattr(backend, "step_labeled", None)
         if fused is None or x.dim() != 2:
             yp = torch.as_tensor(labels_pos, device=x.device)
             yn = torch.as_tensor(labels_neg, device=x.device)
@@ -254,7 +263,7 @@ class FFLinear(nn.Module):
         with torch.no_grad():
             out = fused(x.detach(), torch.as_tensor(labels_pos), torch.as_tensor(labels_neg), num_classes,
                         float(value), w, b, self._states("weight"), self._states("bias") if b is not None else (),
-                        self.step_count + 1, self.config, peer_mean=self._peer_mean())
+                        self.step_count + 1, self._step_config(backend), peer_mean=self._peer_mean())
         return out, None
 
     def ff_grad(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> FFGradOutput:
@@ -265,8 +274,9 @@ class FFLinear(nn.Module):
         """
         xp, xn, lead = self._flatten_inputs(x_pos, x_neg)
         w, b = self._param_views()
+        backend = get_backend(self.backend)
         with torch.no_grad():
-            out = get_backend(self.backend).grad(xp, xn, w, b, self.config, peer_mean=self._peer_mean())
+            out = backend.grad(xp, xn, w, b, self._step_config(backend), peer_mean=self._peer_mean())
         return FFGradOutput(out.loss, out.h_pos.reshape(*lead, -1), out.h_neg.reshape(*lead, -1),
                             out.g_pos.reshape(lead), out.g_neg.reshape(lead), out.grad_weight, out.grad_bias)
 
@@ -301,7 +311,25 @@ class FFLinear(nn.Module):
     # ---- inference (differentiable, like nn.Linear + ReLU) -------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ref.layer_forward(x, self.weight, self.bias, self.config.norm, self.config.norm_eps)
+        w, b = self.weight, self.bias
+        if torch.is_autocast_enabled(w.device.type):
+            # torch.autocast caches its casts of leaf parameters for the whole autocast region, and the FF steps update
+            # the weights in place inside it: cast views (not leaves) instead, so every call sees the current weights
+            w, b = w.view_as(w), (None if b is None else b.view_as(b))
+        return ref.layer_forward(x, w, b, self.config.norm, self.config.norm_eps)
+
+    def ff_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(norm(x) @ W.T + b)`` as this layer's FF steps compute it: under torch.autocast (float32 weights) the
+        GEMM in bf16 (x̂ and W cast, bf16 output) and the bias, ReLU and the output in fp32 (docs/design.md, "Mixed
+        precision"); outside autocast exactly ``self(x)``. FFNet's own passes (features, the head's input, goodness
+        scores, predict) use it: ``self(x)`` follows autocast like nn.Linear (bf16 out), which costs the head about a
+        point of accuracy on mnist5k."""
+        gemm = autocast_gemm_dtype(self.weight)
+        if gemm == "param":
+            return self(x)
+        c = self.config
+        with torch.autocast(self.weight.device.type, enabled=False):  # ref.linear makes the casts
+            return ref.layer_forward(x.to(self.weight.dtype), self.weight, self.bias, c.norm, c.norm_eps, gemm)
 
     def goodness(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row goodness of ``x`` under the current weights."""
@@ -544,7 +572,7 @@ class FFNet(nn.Module):
         """The activations of every layer (or of layers 0..upto) for input ``x``."""
         feats = []
         for layer in self.layers[: None if upto is None else upto + 1]:
-            x = layer(x)
+            x = layer.ff_forward(x)  # under autocast: bf16 GEMMs, fp32 activations, as the steps
             feats.append(x)
         return feats
 
@@ -606,7 +634,7 @@ class FFNet(nn.Module):
         score = torch.zeros(c * n, dtype=h.dtype, device=h.device)
         for i in range(max(layers) + 1):
             if i > 0:
-                h = self.layers[i](h)
+                h = self.layers[i].ff_forward(h)
             if i in layers:
                 score += ref.goodness(h, self.layers[i].config.goodness) * layers.count(i)
         return score.view(c, n).t().reshape(*x.shape[:-1], c)

@@ -16,9 +16,11 @@ from .cli_options import (
     HelpFormatter,
     add_ff_loss_options,
     add_ff_optimizer_options,
+    add_precision_option,
     add_run_options,
     nonnegative_int,
     positive_int,
+    precision_context,
     show_progress,
 )
 from .config import OPTIMIZERS
@@ -118,6 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_ff_optimizer_options(p)
     add_ff_loss_options(p)
     add_run_options(p)
+    add_precision_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batches")
     p.add_argument("--eval-every", type=positive_int, default=1,
                    help="evaluate the test split every N epochs and after the last")
@@ -157,6 +160,8 @@ def load_checkpoint(net, path: str, device) -> None:
 
 
 def run(args) -> dict:
+    if getattr(args, "precision", "fp32") != "fp32" and getattr(args, "distributed", "none") != "none":
+        raise SystemExit("ffkernels train: --precision bf16 is not supported with --distributed yet")
     if getattr(args, "distributed", "none") != "none":
         from .distributed.cli import run as run_distributed
 
@@ -179,8 +184,9 @@ def run(args) -> dict:
     check_recipe_options(args, ds)
     if algo == "bp":
         print(describe(ds, args, "autograd (BP)", args.device, recipe_summary(args)), flush=True)
-        result, state = train_bp(args, ds, epoch_line, show_progress(args))
-        return finish(args, result, state)
+        with precision_context(getattr(args, "precision", "fp32"), args.device):  # bf16: torch.autocast
+            result, state = train_bp(args, ds, epoch_line, show_progress(args))
+        return finish(args, {**result, "precision": getattr(args, "precision", "fp32")}, state)
     try:
         net = build_net(args, ds.in_features, ds.num_classes)
     except (ValueError, TypeError) as e:  # an option the layers refuse (FFConfig's checks, a bad device...)
@@ -197,20 +203,22 @@ def run(args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     hist = History()
     t_start = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        st = train_ff_epoch(net, ds.x_train, ds.y_train, ds.num_classes, args.batch_size, gen,
-                            progress=show_progress(args), desc=f"epoch {epoch}/{args.epochs}",
-                            shared_first_layer=args.first_layer == "shared", negatives=args.negatives,
-                            jitter=args.jitter, image_shape=ds.image_shape, scheduler=scheduler)
-        st.epoch = epoch
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            st.test_accuracy = accuracy(net, ds.x_test, ds.y_test, ds.num_classes, method=args.predict)
-        hist.epochs.append(st)
-        print(epoch_line(st, ds.eval_split), flush=True)
+    with precision_context(getattr(args, "precision", "fp32"), args.device):  # bf16: torch.autocast, fp32 masters
+        for epoch in range(1, args.epochs + 1):
+            st = train_ff_epoch(net, ds.x_train, ds.y_train, ds.num_classes, args.batch_size, gen,
+                                progress=show_progress(args), desc=f"epoch {epoch}/{args.epochs}",
+                                shared_first_layer=args.first_layer == "shared", negatives=args.negatives,
+                                jitter=args.jitter, image_shape=ds.image_shape, scheduler=scheduler)
+            st.epoch = epoch
+            if epoch % args.eval_every == 0 or epoch == args.epochs:
+                st.test_accuracy = accuracy(net, ds.x_test, ds.y_test, ds.num_classes, method=args.predict)
+            hist.epochs.append(st)
+            print(epoch_line(st, ds.eval_split), flush=True)
     total = time.perf_counter() - t_start
     result = {"algo": "ff", "dataset": ds.name, "eval_split": ds.eval_split, "hidden": args.hidden,
               "optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "epochs": args.epochs, "backend": net.backend,
               "device": str(args.device), "threads": torch.get_num_threads(), "recipe": recipe_dict(args),
+              "precision": getattr(args, "precision", "fp32"),
               "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,
               "wall_seconds": total, **hist.to_dict()}
     return finish(args, result, net.state_dict())

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -23,7 +24,8 @@ namespace {
 // The keys of FFConfig.op_options (ffkernels/config.py OP_OPTION_KEYS); every op takes all of them.
 constexpr const char* kOptionKeys[] = {"norm",      "norm_eps", "goodness", "threshold", "loss",
                                        "symba_alpha", "optimizer", "lr",      "beta1",     "beta2",
-                                       "eps",       "momentum", "weight_decay", "peer_norm", "peer_momentum"};
+                                       "eps",       "momentum", "weight_decay", "peer_norm", "peer_momentum",
+                                       "gemm_dtype"};
 
 std::string option_keys_text() {
   std::string s;
@@ -91,6 +93,7 @@ OpOptions parse_options(c10::string_view text) {
   o.loss.norm = parse_choice<Norm>(kv["norm"], kNormNames, "norm");
   o.loss.goodness = parse_choice<Goodness>(kv["goodness"], kGoodnessNames, "goodness");
   o.loss.loss = parse_choice<Loss>(kv["loss"], kLossNames, "loss");
+  o.loss.gemm = parse_choice<GemmDtype>(kv["gemm_dtype"], kGemmDtypeNames, "gemm_dtype");
   o.loss.norm_eps = number("norm_eps");
   o.loss.threshold = number("threshold");
   o.loss.symba_alpha = number("symba_alpha");
@@ -136,6 +139,18 @@ void check_weight_dtype(const DeviceKernels& k, const Tensor& weight) {
   TORCH_CHECK_TYPE(dtype_supported(k, weight), "ffkernels: unsupported dtype ", weight.scalar_type(), " on ",
                    weight.device(), " (", k.device, " kernels take float32, float64",
                    k.half_precision ? ", float16, bfloat16)" : ")");
+}
+
+// Lower-precision GEMMs (gemm_dtype, set from torch.autocast): bf16 on devices whose kernels have them, for float32
+// (master) weights only; float16 nowhere yet. A device that cannot run them refuses, rather than computing in fp32.
+void check_gemm_dtype(const DeviceKernels& k, const LossOptions& o, const Tensor& weight) {
+  if (o.gemm == GemmDtype::Param) return;
+  const char* name = kGemmDtypeNames[static_cast<int>(o.gemm)];
+  TORCH_CHECK(o.gemm == GemmDtype::BFloat16 && k.bf16_gemm, "ffkernels: the ", k.device, " kernels have no ", name,
+              " GEMMs (gemm_dtype=", name, ", i.e. torch.autocast with dtype=torch.", name,
+              "); run outside autocast, or use backend='reference'", k.bf16_gemm ? " (bfloat16 is supported)" : "");
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat, "ffkernels: gemm_dtype=", name,
+                   " (autocast) needs float32 weights (fp32 master weights), got ", weight.scalar_type());
 }
 
 at::ScalarType state_dtype(at::ScalarType param) { return param == at::kDouble ? at::kDouble : at::kFloat; }
@@ -243,13 +258,22 @@ Tensor checked_grad(const Tensor& param, const Tensor& grad, const std::string& 
 
 // ---- composing the ops from one device's kernels -----------------------------------------------------
 
+// The kernels' own ATen calls (at::mm, casts) run as written: an enclosing torch.autocast reaches the ops only
+// through gemm_dtype in their options (the Python layer sets it), never by recasting the GEMMs inside a kernel.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 // The bias' gradient is returned as an empty tensor when there is no bias (schemas cannot return None).
 Tensor bias_grad_or_empty(const GradResult& r, const Tensor& like) {
   return r.grad_bias.defined() ? r.grad_bias : at::empty({0}, like.options());
 }
 
+// grad_weight in the weight's dtype: under autocast the kernels leave it as their bf16 GEMM wrote it (the fused step's
+// update reads that directly); the ff_grad ops return it widened.
 GradTuple grad_tuple(const GradResult& r, const Tensor& weight) {
-  return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg, r.grad_weight, bias_grad_or_empty(r, weight)};
+  return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg, r.grad_weight.to(weight.scalar_type()),
+          bias_grad_or_empty(r, weight)};
 }
 
 // Checks the optimizer state of weight (and bias) before any work, so that a bad call changes nothing.
@@ -335,8 +359,10 @@ GradTuple ff_grad_op(const DeviceKernels& k, const Tensor& x_pos, const Tensor& 
                      const OptT& bias, const OptT& peer_mean, c10::string_view options) {
   const OpOptions o = parse_options(options);
   auto [xp, xn] = check_inputs(k, x_pos, x_neg, weight, bias);
+  check_gemm_dtype(k, o.loss, weight);
   const Tensor r = checked_peer_mean(o.loss, weight, peer_mean, /*in_place=*/false);
   c10::DeviceGuard guard(weight.device());
+  const NoAutocast no_autocast;
   return grad_tuple(k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), r, o.loss), weight);
 }
 
@@ -361,6 +387,7 @@ void ff_update_op(const DeviceKernels& k, const Tensor& weight, const OptT& bias
     guard_loss = *loss;
   }
   c10::DeviceGuard guard(weight.device());
+  const NoAutocast no_autocast;
   k.update(pw, guard_loss, oo);
   if (bias.has_value()) k.update(pb, guard_loss, oo);
 }
@@ -371,9 +398,11 @@ StepTuple ff_step_op(const DeviceKernels& k, const Tensor& x_pos, const Tensor& 
   const OpOptions o = parse_options(options);
   const OptimOptions oo = optim_for_step(o, step);
   auto [xp, xn] = check_inputs(k, x_pos, x_neg, weight, bias);
+  check_gemm_dtype(k, o.loss, weight);
   auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
   const Tensor r = checked_peer_mean(o.loss, weight, peer_mean, /*in_place=*/true);
   c10::DeviceGuard guard(weight.device());
+  const NoAutocast no_autocast;
   return update_from(k, k.grad(xp, xn, weight, bias.has_value() ? *bias : Tensor(), r, o.loss), pw, pb, oo,
                      peer_mean);
 }
@@ -383,8 +412,10 @@ GradTuple ff_grad_labeled_op(const DeviceKernels& k, const Tensor& x, const Tens
                              const OptT& peer_mean, c10::string_view options) {
   const OpOptions o = parse_options(options);
   const LabeledInputs in = check_labeled(k, x, label_pos, label_neg, num_classes, label_value, weight, bias);
+  check_gemm_dtype(k, o.loss, weight);
   const Tensor r = checked_peer_mean(o.loss, weight, peer_mean, /*in_place=*/false);
   c10::DeviceGuard guard(weight.device());
+  const NoAutocast no_autocast;
   return grad_tuple(poison_loss(k.grad_labeled(in.x, in.label_pos, in.label_neg, num_classes, label_value, weight,
                                                bias.has_value() ? *bias : Tensor(), r, o.loss),
                                 in.out_of_range),
@@ -398,9 +429,11 @@ StepTuple ff_step_labeled_op(const DeviceKernels& k, const Tensor& x, const Tens
   const OpOptions o = parse_options(options);
   const OptimOptions oo = optim_for_step(o, step);
   const LabeledInputs in = check_labeled(k, x, label_pos, label_neg, num_classes, label_value, weight, bias);
+  check_gemm_dtype(k, o.loss, weight);
   auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
   const Tensor r = checked_peer_mean(o.loss, weight, peer_mean, /*in_place=*/true);
   c10::DeviceGuard guard(weight.device());
+  const NoAutocast no_autocast;
   return update_from(k,
                      poison_loss(k.grad_labeled(in.x, in.label_pos, in.label_neg, num_classes, label_value, weight,
                                                 bias.has_value() ? *bias : Tensor(), r, o.loss),
@@ -410,7 +443,7 @@ StepTuple ff_step_labeled_op(const DeviceKernels& k, const Tensor& x, const Tens
 
 namespace {
 constexpr DeviceKernels kCpuKernels{"CPU", /*half_precision=*/false, &ff_grad_cpu, &ff_update_cpu,
-                                    &ff_grad_labeled_cpu};
+                                    &ff_grad_labeled_cpu, /*bf16_gemm=*/true};
 }  // namespace
 
 }  // namespace ffk

@@ -25,6 +25,7 @@ struct DeviceKernels {
   GradResult (*grad_labeled)(const Tensor& x, const Tensor& label_pos, const Tensor& label_neg, int64_t C,
                              double value, const Tensor& weight, const Tensor& bias, const Tensor& peer_mean,
                              const LossOptions& opt);
+  bool bf16_gemm = false;  // runs gemm_dtype=bfloat16 (torch.autocast): bf16 GEMM operands, float32 parameters
 };
 
 using GradTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;

@@ -29,6 +29,16 @@ over. The second is the accuracy asked for where the problem is well conditioned
                                  beyond the same-precision oracle (whose fp16/bf16 GEMMs and products round as ours do)
     one rounding of a spec       k = 0, rtol = eps of the dtype: the low-precision update against the rule the design
                                  specifies (fp32 state, rounded back), not against an approximation
+    autocast bf16 (float32       R and R64 are the oracle with gemm_dtype=bfloat16: the same bf16 roundings (x̂, W,
+      weights, bf16 GEMMs)       the GEMM outputs, dL/dz and dW), in float32 and float64 around them. k = 4,
+                                 rtol = 2^-7 (bf16's eps, one bf16 ulp of the largest element): where a float32 value
+                                 (x̂, W after an update, dL/dz) lands on the other side of a bf16 rounding boundary
+                                 than the float64 one, that element moves by a bf16 ulp of itself, e.g. one z, hence
+                                 one h. The test that the GEMMs are bf16 at all is separate (test_autocast.py)
+    autocast, labeled vs pair    the fused labeled step rounds otherwise than the pair by design (the label term added
+                                 after the bf16 GEMM's rounding; dL/dz+ + dL/dz- rounded once, the pair rounds each
+                                 half): R64 is the exact math (float64, no bf16 rounding) and R the bf16 oracle on the
+                                 pair, whose error against it is bf16's own. k = 4, rtol = 2^-6
 
 A GPU run (``pytest -m gpu``) passes when every check meets these rules: ``rule_for(dtype, gpu=True)``.
 
@@ -62,6 +72,8 @@ class Rule:
 FP64 = Rule(0.0, 1e-11, "float64")
 FP32_CPU = Rule(4.0, 1e-5, "float32 (CPU)")
 FP32_GPU = Rule(4.0, 1e-4, "float32 (GPU)")
+AUTOCAST = Rule(4.0, 2.0 ** -7, "autocast bf16 (float32)")
+AUTOCAST_PAIR = Rule(4.0, 2.0 ** -6, "autocast bf16, labeled step vs the pair (float32)")
 FORMULA = Rule(0.0, 1e-13, "float64, the formula by hand")
 CENTRAL_DIFFERENCES = Rule(0.0, 1e-7, "central differences (float64, step 1e-6)")
 

@@ -76,8 +76,8 @@ if _C is not None:
 class CompiledBackend(OpBackend):
     """The C++ (``cpu``) or CUDA C++ (``cuda``) kernels of ffkernels._C."""
 
-    def __init__(self, name: str, device_type: str, dtypes, labeled: bool = False):
-        super().__init__(name, "ffkernels", labeled=labeled)
+    def __init__(self, name: str, device_type: str, dtypes, labeled: bool = False, gemm_dtypes=("param",)):
+        super().__init__(name, "ffkernels", labeled=labeled, gemm_dtypes=gemm_dtypes)
         self.device_type, self.dtypes = device_type, dtypes
 
     def unavailable_reason(self):
@@ -98,10 +98,12 @@ class CompiledBackend(OpBackend):
 
 
 def cpu_backend() -> CompiledBackend:
-    """The C++ CPU kernels, with the supervised first-layer step (x with labels written in, B-row GEMMs)."""
-    return CompiledBackend("cpu", "cpu", (torch.float32, torch.float64), labeled=True)
+    """The C++ CPU kernels, with the supervised first-layer step (x with labels written in, B-row GEMMs), and bf16
+    GEMMs under torch.autocast (ATen's, i.e. oneDNN's)."""
+    return CompiledBackend("cpu", "cpu", (torch.float32, torch.float64), labeled=True,
+                           gemm_dtypes=("param", "bfloat16"))
 
 
 def cuda_backend() -> CompiledBackend:
-    """The CUDA kernels, with the supervised first-layer step too."""
+    """The CUDA kernels, with the supervised first-layer step too (no autocast yet: refused with a clear error)."""
     return CompiledBackend("cuda", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16), labeled=True)

@@ -5,13 +5,55 @@ imports only torch and the leaf modules ``config`` and ``_types`` (see docs/desi
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .._types import BackendUnavailableError
 from .._types import dtype_name as _name
 from ..config import FFConfig
+
+
+_AUTOCAST_GEMM = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def autocast_gemm_dtype(weight: Tensor) -> str:
+    """The GEMM operand dtype (``FFConfig.gemm_dtype``) the current ``torch.autocast`` asks of a step on ``weight``:
+    "bfloat16"/"float16" inside an enabled autocast of weight's device type for float32 weights (fp32 master weights;
+    like nn.Linear, autocast leaves float64 alone, and lower-precision weights are already low), else "param"."""
+    device_type = weight.device.type
+    if weight.dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
+        return "param"
+    dtype = torch.get_autocast_dtype(device_type)
+    if dtype not in _AUTOCAST_GEMM:
+        raise TypeError(f"ffkernels: torch.autocast with dtype {_name(dtype)} is not supported by the FF steps; use "
+                        "torch.bfloat16 (or torch.float16 on CUDA)")
+    return _AUTOCAST_GEMM[dtype]
+
+
+def autocast_config(cfg: FFConfig, weight: Tensor) -> FFConfig:
+    """``cfg`` with the GEMM dtype of the current autocast (``autocast_gemm_dtype``); ``cfg`` itself outside it."""
+    gemm = autocast_gemm_dtype(weight)
+    return cfg if gemm == cfg.gemm_dtype else _with_gemm(cfg, gemm)
+
+
+@lru_cache(maxsize=256)
+def _with_gemm(cfg: FFConfig, gemm: str) -> FFConfig:
+    return cfg.replace(gemm_dtype=gemm)
+
+
+def check_gemm_dtype(backend, cfg: FFConfig) -> None:
+    """Raise BackendUnavailableError unless ``backend`` runs ``cfg.gemm_dtype`` (its ``gemm_dtypes``)."""
+    supported = getattr(backend, "gemm_dtypes", ("param",))
+    if cfg.gemm_dtype not in supported:
+        others = [g for g in supported if g != "param"]
+        raise BackendUnavailableError(
+            f"ffkernels: backend {backend.name!r} has no {cfg.gemm_dtype} GEMMs (torch.autocast with "
+            f"dtype=torch.{cfg.gemm_dtype}"
+            + (f"; it supports {', '.join(others)}" if others else "; it runs no lower-precision GEMMs yet")
+            + "); run the step outside autocast, or use backend='reference' (or 'cpu' for bfloat16 on CPUs)")
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:

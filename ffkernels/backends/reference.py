@@ -33,9 +33,25 @@ def normalize(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     return x / row_divisor(x, norm, eps)
 
 
-def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias, norm: str, eps: float) -> torch.Tensor:
-    """h = relu(norm(x) W^T + b)."""
-    return F.relu(F.linear(normalize(x, norm, eps), weight, bias))
+def linear(x_hat: torch.Tensor, weight: torch.Tensor, bias, gemm_dtype: str = "param") -> torch.Tensor:
+    """z = x̂ Wᵀ + b. ``gemm_dtype`` "bfloat16"/"float16" (an FF step under torch.autocast; docs/design.md, "Mixed
+    precision"): x̂ and W cast to it, their product in it (fp32 accumulation, the output rounded to it, as autocast's
+    mm does), then widened back and the bias added in x̂'s dtype. By autograd, dL/dz is rounded to the low dtype
+    (the backward of the widening) for the weight gradient's GEMM, whose output is rounded to it and widened
+    (the backward of W's cast); the bias gradient sums dL/dz in x̂'s dtype. The FF step makes one such call over
+    pos||neg (``ff_objective_peer``): two calls would sum two rounded halves of dW in the low dtype, which cancel."""
+    if gemm_dtype == "param":
+        return F.linear(x_hat, weight, bias)
+    low = getattr(torch, gemm_dtype)
+    with torch.autocast(x_hat.device.type, enabled=False):  # exactly these casts, whatever autocast is around
+        z = F.linear(x_hat.to(low), weight.to(low)).to(x_hat.dtype)
+    return z if bias is None else z + bias
+
+
+def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias, norm: str, eps: float,
+                  gemm_dtype: str = "param") -> torch.Tensor:
+    """h = relu(norm(x) W^T + b) (``linear`` for the GEMM dtype)."""
+    return F.relu(linear(normalize(x, norm, eps), weight, bias, gemm_dtype))
 
 
 def goodness(h: torch.Tensor, kind: str) -> torch.Tensor:
@@ -73,9 +89,14 @@ def ff_objective_peer(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None)
     """(FFStepOutput, r'): loss (L_ff + L_peer), activations and goodness of one FF layer, differentiable
     w.r.t. weight and bias only, and the new peer running mean r' (None when cfg.peer_norm == 0)."""
     x_pos, x_neg = x_pos.detach(), x_neg.detach()  # inputs are constants: nothing flows into x
-    z_pos = F.linear(normalize(x_pos, cfg.norm, cfg.norm_eps), weight, bias)
-    h_pos = F.relu(z_pos)
-    h_neg = layer_forward(x_neg, weight, bias, cfg.norm, cfg.norm_eps)
+    if cfg.gemm_dtype == "param":
+        z_pos = F.linear(normalize(x_pos, cfg.norm, cfg.norm_eps), weight, bias)
+        h_pos = F.relu(z_pos)
+        h_neg = layer_forward(x_neg, weight, bias, cfg.norm, cfg.norm_eps)
+    else:  # one GEMM over pos||neg: its bf16 dW is rounded once, not as two rounded halves summed in bf16
+        x_hat = torch.cat([normalize(x_pos, cfg.norm, cfg.norm_eps), normalize(x_neg, cfg.norm, cfg.norm_eps)])
+        z_pos, z_neg = linear(x_hat, weight, bias, cfg.gemm_dtype).split(x_pos.shape[0])
+        h_pos, h_neg = F.relu(z_pos), F.relu(z_neg)
     g_pos, g_neg = goodness(h_pos, cfg.goodness), goodness(h_neg, cfg.goodness)
     loss, r_new = ff_loss(g_pos, g_neg, cfg), None
     if cfg.peer_norm != 0.0:
@@ -179,6 +200,7 @@ class ReferenceBackend:
 
     name = "reference"
     dtypes = None  # any floating dtype
+    gemm_dtypes = ("param", "bfloat16", "float16")  # FFConfig.gemm_dtype: autocast defines the expected math here
 
     def unavailable_reason(self):
         return None

@@ -22,6 +22,15 @@ A shape ``BxKxN`` is one layer ``K -> N`` fed ``B`` real samples. Every case bel
   (one more GEMM, as every BP layer but the first pays).
 - ``floor``: the two GEMMs no FF step can avoid, on preallocated tensors (``torch.mm(out=)``):
   ``z = xhat W^T`` over the 2B rows, and ``dW = G^T xhat``.
+
+With ``--precision bf16`` (float32 parameters) also, side by side with the fp32 cases:
+
+- ``fused-<backend>-bf16`` / ``labeled-<backend>-bf16``: the same steps inside ``torch.autocast(dtype=bfloat16)``
+  (bf16 GEMMs, fp32 master weights, state and epilogue; docs/design.md, "Mixed precision"), on the backends that
+  have bf16 GEMMs;
+- ``floor-bf16``: what such a step cannot avoid: the two GEMMs in bf16 (fp32 accumulation, as ``torch.mm`` on
+  bf16 tensors computes them) and the optimizer's pass over the fp32 weight, bias and Adam state (the update op
+  of the fused backend, or torch's Adam where none is measured). Its ``ratio_to_floor`` is the bf16 cases' one.
 """
 from __future__ import annotations
 
@@ -35,6 +44,7 @@ from torch import nn
 from .._types import BackendUnavailableError
 from ..backends import BACKENDS, available_backends, resolve_backend
 from ..backends import reference as ref
+from ..backends.contract import autocast_config
 from .. import bp, functional
 from ..config import FFConfig
 from ..labels import wrong_labels
@@ -90,6 +100,7 @@ class LayerCase:
     rows_per_sample: int  # GEMM rows per real sample: 2 for FF (pos + neg), 1 for BP and the labeled step
     build: Callable[[LayerShape, torch.device, torch.dtype], Callable[[], object]]
     min_in_features: int = 1  # the labeled step writes NUM_CLASSES label slots into the input
+    precision: str = "fp32"   # bf16: the step runs under torch.autocast(dtype=bfloat16); compared with floor-bf16
 
     def rows(self, shape: LayerShape) -> int:
         return self.rows_per_sample * shape.batch
@@ -144,8 +155,9 @@ def _build_labeled(backend: str):
 
         def step():  # the call of FFLinear.ff_step_labeled, without its host-side finiteness check
             count[0] += 1
-            with torch.no_grad():
-                return step_labeled(x, labels_pos, labels_neg, NUM_CLASSES, 1.0, w, b, st_w, st_b, count[0], cfg)
+            with torch.no_grad():  # autocast_config: the GEMM dtype of an enclosing torch.autocast, as FFLinear's
+                return step_labeled(x, labels_pos, labels_neg, NUM_CLASSES, 1.0, w, b, st_w, st_b, count[0],
+                                    autocast_config(cfg, w))
         return step
     return build
 
@@ -192,6 +204,49 @@ def _build_floor(shape: LayerShape, device, dtype):
     return step
 
 
+def _under_autocast(build):
+    """``build`` with its step run inside torch.autocast(dtype=bfloat16) on the tensors' device type."""
+    def wrapped(shape: LayerShape, device, dtype):
+        step = build(shape, device, dtype)
+        device_type = torch.device(device).type
+
+        def autocast_step():
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                return step()
+        return autocast_step
+    return wrapped
+
+
+def _build_floor_bf16(backend: "str | None"):
+    def build(shape: LayerShape, device, dtype):
+        gen = torch.Generator().manual_seed(0)
+        rows, k, n = 2 * shape.batch, shape.in_features, shape.out_features
+        low = torch.bfloat16
+        xhat = _rand(rows, k, device=device, dtype=low, generator=gen)
+        weight_low = _rand(n, k, device=device, dtype=low, generator=gen)
+        grad_z = _rand(rows, n, device=device, dtype=low, generator=gen)
+        z = torch.empty(rows, n, device=device, dtype=low)
+        grad_w = torch.empty(n, k, device=device, dtype=low)
+        w, b, st_w, st_b, cfg = _layer_tensors(shape, backend or "reference", device, dtype)
+        gw, gb = torch.rand_like(w), torch.rand_like(b)
+        count = [0]
+        if backend is None:  # torch's own Adam (foreach=False: one pass per tensor)
+            for p, g in ((w, gw), (b, gb)):
+                p.grad = g
+            adam = torch.optim.Adam([w, b], lr=cfg.lr, foreach=False)
+
+        def step():
+            torch.mm(xhat, weight_low.t(), out=z)
+            torch.mm(grad_z.t(), xhat, out=grad_w)
+            count[0] += 1
+            if backend is None:
+                adam.step()
+            else:
+                functional.ff_update(w, b, gw, gb, st_w, st_b, count[0], cfg, backend=backend)
+        return step
+    return build
+
+
 REFERENCE = LayerCase("reference", "reference", None, 2, _build_reference)
 BP = LayerCase("bp", "bp", None, 1, _build_bp(input_grad=False))
 BP_DX = LayerCase("bp-dx", "bp", None, 1, _build_bp(input_grad=True))
@@ -205,6 +260,27 @@ def fused_case(backend: str) -> LayerCase:
 def labeled_case(backend: str) -> LayerCase:
     return LayerCase(f"labeled-{backend}", "labeled", backend, 1, _build_labeled(backend),
                      min_in_features=NUM_CLASSES)
+
+
+def fused_bf16_case(backend: str) -> LayerCase:
+    return LayerCase(f"fused-{backend}-bf16", "fused", backend, 2, _under_autocast(_build_fused(backend)),
+                     precision="bf16")
+
+
+def labeled_bf16_case(backend: str) -> LayerCase:
+    return LayerCase(f"labeled-{backend}-bf16", "labeled", backend, 1, _under_autocast(_build_labeled(backend)),
+                     min_in_features=NUM_CLASSES, precision="bf16")
+
+
+def floor_bf16_case(backends) -> LayerCase:
+    """The bf16 floor, its optimizer pass by the first measured bf16 backend's update (torch's Adam without one)."""
+    backend = next(iter(backends), None)
+    return LayerCase("floor-bf16", "floor", None, 2, _build_floor_bf16(backend), precision="bf16")
+
+
+def has_bf16_gemms(backend: str) -> bool:
+    """Whether ``backend`` runs its FF steps with bf16 GEMMs under torch.autocast."""
+    return "bfloat16" in getattr(BACKENDS[backend], "gemm_dtypes", ())
 
 
 def has_labeled_step(backend: str) -> bool:
@@ -248,8 +324,14 @@ def fused_backends(device, dtype, requested=None):
     return chosen, skipped
 
 
-def layer_cases(backends) -> list:
+def layer_cases(backends, bf16: bool = False) -> list:
     """The cases: fused per backend, labeled per backend that has it, reference, bp, bp-dx, floor (in that
-    order). ``case.applies_to(shape)`` says whether a case can run on a shape."""
-    return ([fused_case(b) for b in backends] + [labeled_case(b) for b in backends if has_labeled_step(b)]
-            + [REFERENCE, BP, BP_DX, FLOOR])
+    order); with ``bf16`` then fused-<b>-bf16 and labeled-<b>-bf16 per backend with bf16 GEMMs, and floor-bf16.
+    ``case.applies_to(shape)`` says whether a case can run on a shape."""
+    cases = ([fused_case(b) for b in backends] + [labeled_case(b) for b in backends if has_labeled_step(b)]
+             + [REFERENCE, BP, BP_DX, FLOOR])
+    if bf16:
+        low = [b for b in backends if has_bf16_gemms(b)]
+        cases += ([fused_bf16_case(b) for b in low] + [labeled_bf16_case(b) for b in low if has_labeled_step(b)]
+                  + [floor_bf16_case(low)])
+    return cases

@@ -23,7 +23,7 @@ import torch
 
 from .._types import BackendUnavailableError
 from ..backends import BACKEND_NAMES
-from ..cli_options import HelpFormatter, show_progress
+from ..cli_options import HelpFormatter, add_precision_option, show_progress
 from . import report
 from .cases import DEFAULT_SHAPES, GPU_SHAPES, QUICK_SHAPES, fused_backends, parse_shapes
 from .layer import bench_layers
@@ -125,6 +125,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-json", default=None, metavar="FILE",
                    help="measure nothing: print (and --markdown/--plot) the results saved in FILE by --json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_precision_option(p, "bf16: also measure the float32 layer steps under torch.autocast(dtype=bfloat16) "
+                            "(fused-<backend>-bf16, labeled-<backend>-bf16, on backends with bf16 GEMMs), side by "
+                            "side with the fp32 ones, and floor-bf16 (bf16 GEMMs + the optimizer pass)")
 
 
 def _settings(args) -> dict:
@@ -141,7 +144,8 @@ def _settings(args) -> dict:
         raise ValueError(f"--min-time must be >= 0, got {s['min_time']}")
     dtypes = _dtypes(args)
     s.update(device=args.device, dtype=",".join(dtypes), dtypes=dtypes, quick=args.quick,
-             threads=torch.get_num_threads(), tf32=bool(getattr(args, "tf32", False)))
+             threads=torch.get_num_threads(), tf32=bool(getattr(args, "tf32", False)),
+             precision=getattr(args, "precision", "fp32"))
     s["command"] = reproduce_command(s, args)
     return s
 
@@ -155,6 +159,8 @@ def reproduce_command(s: dict, args) -> str:
     parts = ["ffkernels", "bench", "--device", s["device"], "--dtype", s["dtype"], "--threads", str(s["threads"])]
     if s.get("tf32"):
         parts.append("--tf32")
+    if s.get("precision", "fp32") != "fp32":
+        parts += ["--precision", s["precision"]]
     if args.backends:
         parts += ["--backends", args.backends]
     if not args.no_layer:
@@ -223,7 +229,8 @@ def _run(args) -> dict:
         save()
         for name in s["dtypes"]:  # dtype by dtype: its layer steps, then its networks
             if not args.no_layer:
-                _run_layers(result, name, plans[name], shapes, device, timing, save, show_progress(args))
+                _run_layers(result, name, plans[name], shapes, device, timing, save, show_progress(args),
+                            bf16=s["precision"] == "bf16" and name == "float32")
             if not args.no_network:
                 _run_networks(args, result, name, s, device, timing, save)
         result["complete"] = True
@@ -236,7 +243,7 @@ def _run(args) -> dict:
     return result
 
 
-def _run_layers(result, name, plan, shapes, device, timing, save, progress) -> None:
+def _run_layers(result, name, plan, shapes, device, timing, save, progress, bf16: bool = False) -> None:
     layer = result["layer"]
     backends, skipped = plan
     layer["by_dtype"][name] = {"backends": backends, "skipped": skipped}
@@ -247,7 +254,7 @@ def _run_layers(result, name, plan, shapes, device, timing, save, progress) -> N
     def on_shape(rows):
         layer["rows"] = base + rows
         save()
-    bench_layers(shapes, device, DTYPES[name], backends, progress=progress, on_shape=on_shape, **timing)
+    bench_layers(shapes, device, DTYPES[name], backends, progress=progress, on_shape=on_shape, bf16=bf16, **timing)
 
 
 def _run_networks(args, result, name, s, device, timing, save) -> None:

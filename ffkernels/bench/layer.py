@@ -39,6 +39,7 @@ def derive(shape: LayerShape, cases, times: dict, errors: "dict | None" = None, 
     ``errors`` (then the row has ``error`` and None for every measure)."""
     errors = errors or {}
     t_floor, t_ref = _median(times, FLOOR.name), _median(times, REFERENCE.name)
+    t_floor_bf16 = _median(times, "floor-bf16")
     t_bp, t_bp_dx = _median(times, "bp"), _median(times, "bp-dx")
     rows = []
     for case in cases:
@@ -53,11 +54,16 @@ def derive(shape: LayerShape, cases, times: dict, errors: "dict | None" = None, 
             "gemm_rows": case.rows(shape), "samples": shape.batch, "time": t.to_dict() if t is not None else None,
             "ms_per_sample": median * 1e3 / shape.batch if median else None,
             "samples_per_s": shape.batch / median if median else None,
-            "ratio_to_floor": _ratio(median, t_floor),
+            "ratio_to_floor": _ratio(median, t_floor_bf16 if case.precision == "bf16" else t_floor),
             "speedup_over_reference": _ratio(t_ref, median) if case.kind in ("fused", "labeled") else None,
             "ff_bp_ratio_per_sample": _ratio(median, t_bp) if is_ff else None,
             "ff_bp_dx_ratio_per_sample": _ratio(median, t_bp_dx) if is_ff else None,
         })
+        if case.precision != "fp32":  # the autocast cases: their precision and speed-up over the fp32 case
+            fp32_name = case.name[: -len("-" + case.precision)]
+            row["precision"] = case.precision
+            if case.kind != "floor":  # floor-bf16 also holds the optimizer's pass: no fp32 counterpart
+                row["speedup_over_fp32"] = _ratio(_median(times, fp32_name), median)
         if t is None:
             row["error"] = errors.get(case.name, "not measured")
         rows.append(row)
@@ -65,11 +71,11 @@ def derive(shape: LayerShape, cases, times: dict, errors: "dict | None" = None, 
 
 
 def bench_layers(shapes, device, dtype, backends, *, warmup: int, repeats: int, min_time: float,
-                 progress: bool = True, on_shape=None) -> list:
+                 progress: bool = True, on_shape=None, bf16: bool = False) -> list:
     """Result rows (see ``derive``) for every case in ``layer_cases(backends)`` that applies, on every shape.
 
     ``on_shape(rows)``, when given, is called after every shape with the rows so far (to save them)."""
-    cases = layer_cases(backends)
+    cases = layer_cases(backends, bf16=True) if bf16 else layer_cases(backends)
     plan = [(shape, [c for c in cases if c.applies_to(shape)]) for shape in shapes]
     name = dtype_name(dtype)
     rows = []

@@ -64,6 +64,8 @@ def layer_table(rows: list, markdown: bool = False) -> str:
                  f"(FF: {2 * b} rows = {b} pos + {b} neg; BP: {b} rows)" + (f", {dtype}" if several else ""))
         block = _block(title, _table(header, [_layer_cells(r) for r in rs], markdown), markdown)
         notes = [f"{'- ' if markdown else '  '}{r['case']} failed: {r['error']}" for r in rs if r.get("error")]
+        notes += [f"{'- ' if markdown else '  '}{r['case']}: {r['speedup_over_fp32']:.2f}x the speed of its fp32 case "
+                  f"(torch.autocast bf16; x floor is to floor-bf16)" for r in rs if r.get("speedup_over_fp32")]
         floor = next((r for r in rs if r["case"] == "floor" and r.get("time")), None)
         if floor is not None:  # what the GEMMs achieved: compare with the GEMM rate docs/gpu-sizing.md assumes
             flops = floor_flops(floor["batch"], floor["in_features"], floor["out_features"])

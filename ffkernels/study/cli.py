@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..cli_options import HelpFormatter, add_ff_loss_options, add_run_options, show_progress
+from ..cli_options import HelpFormatter, add_ff_loss_options, add_precision_option, add_run_options, show_progress
 from ..data import LOADERS, DatasetNotFoundError
 from .algos import ALGO_GROUPS, ALGOS
 from .config import PROBES, StudyConfig
@@ -41,6 +41,7 @@ def _expand(values, choices, what):
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
     add_run_options(p)
+    add_precision_option(p)
     p.add_argument("--overwrite", action="store_true",
                    help="discard the results of a study with another config in --out (otherwise refused)")
 
@@ -107,7 +108,8 @@ def config_from_args(args) -> StudyConfig:
                            probe_weight_decay=args.probe_weight_decay, paper_probe_epochs=args.paper_probe_epochs,
                            paper_probe_lr=args.paper_probe_lr, hybrid_blur_steps=args.hybrid_blur_steps,
                            knn_k=args.knn_k, tsne_points=args.tsne_points, max_train=args.max_train,
-                           max_test=args.max_test, eval_every=args.eval_every)
+                           max_test=args.max_test, eval_every=args.eval_every,
+                           precision=getattr(args, "precision", "fp32"))
     except ValueError as e:
         raise SystemExit(f"ffkernels study: {e}") from e
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 from ..config import GOODNESS, LOSSES, NORMS, FFConfig
+from ..precision import check_precision
 
 STUDY_FORMAT_VERSION = 2   # 2: probes, the Adam probe's settings and the hybrid masks' blur became settings
 PAPER_HIDDEN = (2000, 2000, 2000, 2000)
@@ -41,9 +42,11 @@ class StudyConfig:
     max_test: Optional[int] = None
     eval_every: int = 1           # pretext test accuracy every N epochs (training curves)
     version: int = STUDY_FORMAT_VERSION
+    precision: str = "fp32"       # bf16: training under torch.autocast (precision.py); not in to_dict when fp32
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        check_precision(self.precision)
         probes = (self.probes,) if isinstance(self.probes, str) else tuple(self.probes)
         object.__setattr__(self, "probes", probes)
         if not probes or len(set(probes)) != len(probes) or any(p not in PROBES for p in probes):
@@ -75,6 +78,8 @@ class StudyConfig:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         d["probes"] = list(self.probes)
+        if d["precision"] == "fp32":  # the fingerprints of the studies before --precision stay as they were
+            del d["precision"]
         return d
 
     @classmethod
@@ -89,4 +94,6 @@ class StudyConfig:
     def differences(self, other: "StudyConfig") -> list:
         """["name: mine -> other", ...] for every setting that differs."""
         a, b = self.to_dict(), other.to_dict()
+        a.setdefault("precision", "fp32")  # to_dict leaves out the default precision
+        b.setdefault("precision", "fp32")
         return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k)]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..data import Dataset, load_dataset, subsample
+from ..precision import precision_context
 from ..training import progress_iter
 from .algos import check_algo, make_trainer, runs_on
 from .config import StudyConfig
@@ -61,17 +62,19 @@ def run_one(ds: Dataset, task: PretextTask, algo: str, seed: int, cfg: StudyConf
     train_seconds = 0.0
     epochs = progress_iter(range(1, cfg.epochs + 1), progress, desc=f"{ds.name}/{task.name}/{algo}/seed{seed}",
                            leave=False, unit="epoch")
-    for epoch in epochs:
-        data = pretext_data(task, ds.x_train, ds.y_train, ds.image_shape, cfg, _generator(seed, epoch, 0))
-        st = trainer.epoch(data, _generator(seed, epoch, 1), progress, f"epoch {epoch}")
-        train_seconds += st.seconds
-        curves["epoch"].append(epoch)
-        curves["loss"].append(st.loss)
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            curves["eval_epoch"].append(epoch)
-            curves["pretext_accuracy"].append(trainer.pretext_accuracy(test_data))
-            if progress:
-                epochs.set_postfix(pretext_acc=f"{curves['pretext_accuracy'][-1]:.3f}")
+    with precision_context(cfg.precision, device):  # bf16: training and its pretext accuracy under autocast
+        for epoch in epochs:
+            data = pretext_data(task, ds.x_train, ds.y_train, ds.image_shape, cfg, _generator(seed, epoch, 0))
+            st = trainer.epoch(data, _generator(seed, epoch, 1), progress, f"epoch {epoch}")
+            train_seconds += st.seconds
+            curves["epoch"].append(epoch)
+            curves["loss"].append(st.loss)
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                curves["eval_epoch"].append(epoch)
+                curves["pretext_accuracy"].append(trainer.pretext_accuracy(test_data))
+                if progress:
+                    epochs.set_postfix(pretext_acc=f"{curves['pretext_accuracy'][-1]:.3f}")
+    # the transfer probes read the features of the fp32 master weights, in fp32
 
     f_train, f_test = trainer.features(ds.x_train), trainer.features(ds.x_test)
     measured = transfer(f_train, ds.y_train, f_test, ds.y_test, ds.num_classes, cfg)

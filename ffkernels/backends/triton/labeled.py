@@ -19,7 +19,7 @@ from ...config import FFConfig
 from .. import contract
 from .forward_labeled_kernel import launch_forward_labeled
 from .loss_kernel import launch_loss
-from .ops import _PARAMS_AND_STATE, _check_all_states, _check_inputs, _check_peer_mean, _register
+from .ops import _PARAMS_AND_STATE, _check_all_states, _check_gemm, _check_inputs, _check_peer_mean, _register
 from .optim_args import NO_UPDATE, optim_args
 from .weight_grad_kernel import launch_weight_grad
 
@@ -88,6 +88,7 @@ def ff_grad_labeled(x: Tensor, label_pos: Tensor, label_neg: Tensor, num_classes
     """loss, h_pos, h_neg, g_pos, g_neg, grad_weight, grad_bias (empty without bias) of the pair
     (x with label_pos, x with label_neg written in); nothing is updated (peer_mean is only read)."""
     cfg = FFConfig.from_op_options(options)
+    _check_gemm(cfg)
     x, y_pos, y_neg = _check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias, in_place=False)
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -99,6 +100,7 @@ def ff_grad_labeled(x: Tensor, label_pos: Tensor, label_neg: Tensor, num_classes
 
 def _ff_grad_labeled_fake(x, label_pos, label_neg, num_classes, label_value, weight, bias, peer_mean, options):
     cfg = FFConfig.from_op_options(options)
+    _check_gemm(cfg)
     _check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias, in_place=False)
     _check_peer_mean(peer_mean, weight, cfg, in_place=False)
     return contract.grad_outputs_like(x, weight, bias)
@@ -122,6 +124,7 @@ def ff_step_labeled(x: Tensor, label_pos: Tensor, label_neg: Tensor, num_classes
 
 def _step_args(x, label_pos, label_neg, num_classes, label_value, weight, bias, states, peer_mean, step, options):
     cfg = FFConfig.from_op_options(options)
+    _check_gemm(cfg)
     contract.check_step(step)
     x, y_pos, y_neg = _check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias, in_place=True)
     _check_all_states(weight, bias, states, cfg)

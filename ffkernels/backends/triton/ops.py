@@ -85,6 +85,14 @@ def _forward(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean: Optional[Tens
     return loss, h_pos, h_neg, g_pos, g_neg, coef, den, ((v, r_new, peer_mean) if peer else None)
 
 
+def _check_gemm(cfg: FFConfig) -> None:
+    """The Triton kernels have no lower-precision GEMMs for fp32 weights yet (torch.autocast): refuse, never fp32."""
+    if cfg.gemm_dtype != "param":
+        raise NotImplementedError(f"ffkernels: the triton kernels have no {cfg.gemm_dtype} GEMMs for float32 weights "
+                                  f"(gemm_dtype={cfg.gemm_dtype}, i.e. torch.autocast); run outside autocast, or "
+                                  "use backend='reference' (or 'cpu' for bfloat16 on CPUs)")
+
+
 # ---- ffkernels_triton::ff_grad --------------------------------------------------------------------------
 
 def ff_grad(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor], peer_mean: Optional[Tensor],
@@ -92,6 +100,7 @@ def ff_grad(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor]
     """loss, h_pos, h_neg, g_pos, g_neg, grad_weight, grad_bias (empty without bias). Nothing is updated (with
     peer normalization, ``peer_mean`` = r is only read: the loss and gradient include L_peer)."""
     cfg = FFConfig.from_op_options(options)
+    _check_gemm(cfg)
     x_pos, x_neg, weight, bias = _check_inputs(x_pos, x_neg, weight, bias, in_place=False)
     peer_mean = _check_peer_mean(peer_mean, weight, cfg, in_place=False)
     with on_device(weight):  # Triton launches on the current device: make it the tensors' one
@@ -103,6 +112,7 @@ def ff_grad(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 def _ff_grad_fake(x_pos, x_neg, weight, bias, peer_mean, options):
     cfg = FFConfig.from_op_options(options)
+    _check_gemm(cfg)
     _check_inputs(x_pos, x_neg, weight, bias, in_place=False)
     _check_peer_mean(peer_mean, weight, cfg, in_place=False)
     return contract.grad_outputs_like(x_pos, weight, bias)
@@ -163,6 +173,7 @@ def ff_step(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 def _step_args(x_pos, x_neg, weight, bias, states, peer_mean, step, options):
     cfg = FFConfig.from_op_options(options)
+    _check_gemm(cfg)
     contract.check_step(step)
     x_pos, x_neg, _, _ = _check_inputs(x_pos, x_neg, weight, bias, in_place=True)
     _check_all_states(weight, bias, states, cfg)

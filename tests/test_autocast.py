@@ -1,0 +1,493 @@
+"""Mixed precision: FF steps inside torch.autocast(dtype=torch.bfloat16) (docs/design.md, "Mixed precision").
+
+The oracle is the reference with ``FFConfig(gemm_dtype="bfloat16")``: x̂ and W cast to bf16, their GEMM in bf16
+(fp32 accumulation, bf16 output, as autocast's mm), the epilogue and the optimizer in the parameters' dtype; by
+autograd, dL/dz rounded to bf16 for the dW GEMM, whose output is rounded to bf16 and widened. R64 is that oracle in
+float64 (the same bf16 roundings, everything else in float64), R the same in float32; every backend with bf16 GEMMs
+runs under torch.autocast on float32 layers and is checked after every step with tolerance.AUTOCAST.
+"""
+import pytest
+import torch
+
+import oracle
+from backends import ALL, CPU, REFERENCE, TRITON, backend_params
+from ffkernels import FFConfig, FFLinear, FFNet, NonFiniteLossError, embed_label, wrong_labels
+from ffkernels.backends import BACKENDS
+from ffkernels.backends.contract import autocast_config, check_gemm_dtype
+from ffkernels._types import BackendUnavailableError
+from options import option_cases, peer_options
+from samples import sample_ids, sample_inputs
+from tolerance import AUTOCAST, AUTOCAST_PAIR, check, check_outputs
+from trajectories import batch, state_pairs
+
+BF16 = torch.bfloat16
+# the backends with bf16 GEMMs under autocast, as the tests run them (backends.py): float32 layers on their device
+AUTOCAST_BACKENDS = tuple(b for b in ALL if "bfloat16" in BACKENDS[b.name].gemm_dtypes)
+REFUSING = tuple(b for b in ALL if b not in AUTOCAST_BACKENDS)
+
+
+def autocast(device="cpu"):
+    return torch.autocast(torch.device(device).type, dtype=BF16)
+
+
+def _oracles(layer: FFLinear, exact: bool = False):
+    """R (float32) and R64 (float64) oracles with the layer's weights and gemm_dtype=bfloat16; ``exact``: R64 without
+    the bf16 roundings (the math itself, for comparisons whose roundings differ by design)."""
+    cfg = layer.config.replace(gemm_dtype="bfloat16")
+    r = layer.peer_mean if layer.config.peer_norm > 0 else None
+    ref = oracle.FFLayerRef(layer.weight, layer.bias, cfg, peer_mean=r)
+    ref64 = oracle.FFLayerRef(layer.weight.double(), None if layer.bias is None else layer.bias.double(),
+                              layer.config if exact else cfg, peer_mean=None if r is None else r.double())
+    return ref, ref64
+
+
+def run_autocast(backend, B, K, N, *, steps=3, bias=True, seed=0, labeled_classes=None, rule=AUTOCAST, exact=False,
+                 **cfg):
+    """``steps`` FFLinear steps under autocast on ``backend`` against the bf16-GEMM oracle, everything checked after
+    every step (outputs, parameters, optimizer state, peer_mean); the parameters and state stay float32."""
+    dev = backend.device
+    torch.manual_seed(seed)
+    layer = FFLinear(K, N, bias=bias, backend=backend.name, device=dev, **cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if layer.config.peer_norm > 0:
+        with torch.no_grad():
+            layer.peer_mean.copy_(torch.rand(N, generator=gen, dtype=torch.float64))
+    ref, ref64 = _oracles(layer, exact)
+    for step in range(steps):
+        xp, xn = (x.to(dev, torch.float32) for x in batch(gen, B, K))
+        with autocast(dev):
+            if labeled_classes:
+                y_pos = torch.randint(0, labeled_classes, (B,), generator=gen)
+                y_neg = wrong_labels(y_pos, labeled_classes, gen)
+                ours = layer.ff_step_labeled(xp, y_pos.to(dev), y_neg.to(dev), labeled_classes)
+                xp, xn = (embed_label(xp, y.to(dev), labeled_classes) for y in (y_pos, y_neg))
+            else:
+                ours = layer.ff_step(xp, xn)
+        same = ref.step(xp, xn)  # the oracles need no autocast: their config says bf16 GEMMs
+        truth = ref64.step(xp.double(), xn.double())
+        assert all(t.dtype == torch.float32 for t in ours), "autocast steps return float32 outputs"
+        check_outputs(f"step {step} ", ours, same, truth, ref.cfg, rule)
+        for pname in ("weight", "bias") if bias else ("weight",):
+            check(f"step {step} {pname}", getattr(layer, pname), getattr(ref, pname), getattr(ref64, pname), rule)
+        if layer.config.peer_norm > 0:
+            check(f"step {step} peer_mean", layer.peer_mean, ref.peer_mean, ref64.peer_mean, rule)
+        states64 = {n: t for n, _, t in state_pairs(layer, ref64)}
+        for name, a, t in state_pairs(layer, ref):
+            check(f"step {step} {name}", a, t, states64[name], rule)
+    assert all(t.dtype == torch.float32 for t in layer.state_dict().values() if isinstance(t, torch.Tensor))
+    assert layer.config.gemm_dtype == "param"  # the layer keeps its own options; autocast is per call
+    return layer
+
+
+def _params(make):
+    return [pytest.param(b, *args, id=f"{b.name}-{cid}", marks=b.marks) for b in AUTOCAST_BACKENDS
+            for cid, *args in make(b)]
+
+
+@pytest.mark.parametrize("backend,cfg,bias", _params(lambda b: option_cases(full=False)))
+def test_every_option(backend, cfg, bias):
+    run_autocast(backend, 7, 17, 33, steps=4, bias=bias, **cfg)
+
+
+@pytest.mark.parametrize("backend,cfg,bias", _params(lambda b: [peer_options(i) for i in range(8)]))
+def test_peer_norm(backend, cfg, bias):
+    run_autocast(backend, 7, 130, 19, steps=4, bias=bias, **cfg)
+
+
+SHAPES = [(1, 1, 1), (7, 17, 17), (64, 128, 17), (1, 130, 33), (7, 784, 33), (64, 784, 128)]
+
+
+@pytest.mark.parametrize("backend,B,K,N", _params(lambda b: [(f"{B}x{K}x{N}", B, K, N) for B, K, N in SHAPES]))
+def test_odd_shapes(backend, B, K, N):
+    run_autocast(backend, B, K, N, steps=3, bias=B != 1, norm=("rms", "l2", "none")[B % 3])
+
+
+@pytest.mark.parametrize("backend", backend_params(AUTOCAST_BACKENDS))
+def test_many_steps(backend):
+    """20 steps of a 784 -> 128 layer: the bf16 roundings must not grow into another trajectory."""
+    run_autocast(backend, 64, 784, 128, steps=20)
+
+
+def _sgd(backend):
+    return [c for c in option_cases(full=False) if c[1]["optimizer"] == "sgd"]
+
+
+@pytest.mark.parametrize("backend,cfg,bias", _params(_sgd))
+def test_labeled_vs_pair(backend, cfg, bias):
+    """The supervised first layer (cpu: its fused B-row kernel) under autocast, several steps, against the exact math
+    (float64, no bf16 rounding) with the bf16 oracle on the explicit pair as the yardstick of bf16's own error
+    (AUTOCAST_PAIR). Their roundings differ by design: the fused step adds the label term after the bf16 GEMM's
+    rounding and rounds dL/dz+ + dL/dz- to bf16 once for the shared features, the pair rounds each half. SGD only:
+    where the halves cancel (a pair that differs only in its label) a near-zero dW has either sign, which Adam's
+    first steps turn into +-lr; test_labeled_grad checks every option's gradient."""
+    run_autocast(backend, 7, 40, 23, steps=3, bias=bias, labeled_classes=5, rule=AUTOCAST_PAIR, exact=True, **cfg)
+
+
+@pytest.mark.parametrize("backend,cfg,bias", _params(lambda b: option_cases(full=False) if b.namespace else []))
+def test_labeled_grad(backend, cfg, bias):
+    """ff_grad_labeled with bf16 GEMMs against the exact gradient (float64, no bf16 rounding) of the explicit pair,
+    every option; the bf16 oracle on the pair is the yardstick (test_labeled_vs_pair says why)."""
+    gen = torch.Generator().manual_seed(4)
+    B, K, N, C = 7, 40, 23, 5
+    cfg = FFConfig(**{"threshold": FFConfig.default_threshold(cfg["goodness"], N), **cfg})
+    low = cfg.replace(gemm_dtype="bfloat16")
+    w = (torch.randn(N, K, generator=gen) * K ** -0.5)
+    b = torch.randn(N, generator=gen) * K ** -0.5 if bias else None
+    x = batch(gen, B, K)[0].float()
+    y_pos = torch.randint(0, C, (B,), generator=gen)
+    y_neg = wrong_labels(y_pos, C, gen)
+    r = backend.op("ff_grad_labeled")(x, y_pos, y_neg, C, 1.0, w, b, None, low.op_options)
+    ours = type(oracle.ff_grad(x[:1], x[:1], w, b, cfg))(*r[:6], r[6] if bias else None)
+    xp, xn = embed_label(x, y_pos, C), embed_label(x, y_neg, C)
+    same = oracle.ff_grad(xp, xn, w, b, low)
+    exact = oracle.ff_grad(xp.double(), xn.double(), w.double(), None if b is None else b.double(), cfg)
+    check_outputs("", ours, same, exact, low, AUTOCAST_PAIR)
+
+
+@pytest.mark.parametrize("backend", backend_params(AUTOCAST_BACKENDS))
+def test_bf16_is_what_runs(backend):
+    """Under autocast the GEMMs really are bf16: the cpu kernel's h equals the bf16 oracle's (the same oneDNN GEMM)
+    far more closely than either equals the float32 step's."""
+    torch.manual_seed(3)
+    layer = FFLinear(256, 64, backend=backend.name)
+    xp, xn = torch.rand(16, 256), torch.rand(16, 256)
+    with autocast():
+        low = layer.ff_grad(xp, xn)
+    full = layer.ff_grad(xp, xn)
+    ref = oracle.ff_grad(xp, xn, layer.weight, layer.bias, layer.config.replace(gemm_dtype="bfloat16"))
+    scale = full.h_pos.abs().max().item()
+    assert (low.h_pos - full.h_pos).abs().max().item() > 1e-4 * scale  # bf16 GEMMs, not fp32 ones
+    assert (low.h_pos - ref.h_pos).abs().max().item() <= 2 ** -8 * scale
+    assert low.grad_weight.dtype == torch.float32 and low.grad_bias.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", backend_params(AUTOCAST_BACKENDS))
+def test_resume_mid_training(backend):
+    """A state_dict saved between autocast steps resumes bit for bit: 3 + 3 steps == 6 steps."""
+    gen = torch.Generator().manual_seed(5)
+    data = [batch(gen, 16, 40) for _ in range(6)]
+    kw = dict(backend=backend.name, peer_norm=0.3, weight_decay=0.01)
+    torch.manual_seed(0)
+    straight = FFLinear(40, 24, **kw)
+    torch.manual_seed(0)
+    first = FFLinear(40, 24, **kw)
+    with autocast():
+        for xp, xn in data:
+            straight.ff_step(xp.float(), xn.float())
+        for xp, xn in data[:3]:
+            first.ff_step(xp.float(), xn.float())
+    resumed = FFLinear(40, 24, **kw)
+    resumed.load_state_dict(first.state_dict())
+    with autocast():
+        for xp, xn in data[3:]:
+            resumed.ff_step(xp.float(), xn.float())
+    assert resumed.step_count == straight.step_count == 6
+    for name, t in straight.state_dict().items():
+        if isinstance(t, torch.Tensor):
+            assert t.dtype == torch.float32, name
+            assert torch.equal(t, resumed.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("backend", backend_params(AUTOCAST_BACKENDS))
+def test_net_steps(backend):
+    """FFNet under autocast: the labeled first layer with a head and hard negatives, peer norm, several steps;
+    parameters and state stay float32; losses follow the reference backend's within the bf16 rule."""
+    def make(name):
+        torch.manual_seed(1)
+        return FFNet([30, 20, 16], head=True, num_classes=4, peer_norm=0.1, backend=name)
+    ours, ref = make(backend.name), make("reference")
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x, y = torch.rand(8, 30, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+        with autocast():
+            a = ours.ff_step_labeled(x, y, None, 4, negatives="hard", generator=torch.Generator().manual_seed(7))
+            b = ref.ff_step_labeled(x, y, None, 4, negatives="hard", generator=torch.Generator().manual_seed(7))
+        assert a.losses.dtype == torch.float32 and torch.isfinite(a.losses).all()
+        torch.testing.assert_close(a.losses, b.losses, rtol=2 ** -6, atol=2 ** -6 * b.losses.abs().max().item())
+    for t in ours.state_dict().values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            assert t.dtype == torch.float32
+
+
+def test_outside_autocast_the_config_is_the_layers_own():
+    """Outside autocast (and for float64 weights inside it) the step gets the layer's FFConfig object itself: the
+    ops see exactly the options they saw before mixed precision existed (plus gemm_dtype=param)."""
+    cfg = FFConfig()
+    w32, w64 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float64)
+    assert autocast_config(cfg, w32) is cfg
+    assert cfg.op_options.endswith(";gemm_dtype=param")
+    with autocast():
+        assert autocast_config(cfg, w64) is cfg
+        low = autocast_config(cfg, w32)
+        assert low.gemm_dtype == "bfloat16" and low.replace(gemm_dtype="param") == cfg
+    with torch.autocast("cpu", dtype=BF16, enabled=False):
+        assert autocast_config(cfg, w32) is cfg
+
+
+@pytest.mark.parametrize("backend", backend_params([CPU]))
+def test_float64_under_autocast_is_unchanged(backend):
+    """Autocast leaves float64 layers alone (as nn.Linear): the same bits inside and outside it."""
+    def run(ctx):
+        torch.manual_seed(0)
+        layer = FFLinear(20, 9, backend=backend.name, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(1)
+        with ctx:
+            outs = [layer.ff_step(*batch(gen, 5, 20)) for _ in range(3)]
+        return outs, layer.state_dict()
+    (a, sa), (b, sb) = run(autocast()), run(torch.autocast("cpu", enabled=False))
+    for x, y in zip(a, b):
+        for t, u in zip(x, y):
+            assert torch.equal(t, u)
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("backend", backend_params([CPU]))
+def test_ops_ignore_an_enclosing_autocast(backend):
+    """The ops compute what their options say: gemm_dtype=param under an enclosing autocast gives the fp32 result
+    bit for bit (the kernels' own at::mm is not recast), and the split path equals the fused step."""
+    s = sample_inputs("ff_grad")[0]
+    op = backend.op("ff_grad")
+    plain = op(*s.args("ff_grad"))
+    with autocast():
+        inside = op(*s.args("ff_grad"))
+    for a, b in zip(plain, inside):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,op,i", [pytest.param(CPU, op, i, id=f"cpu-{op}-{sid}", marks=CPU.marks)
+                                          for op in CPU.op_names if op != "ff_update"
+                                          for i, sid in enumerate(sample_ids(op))])
+def test_opcheck_bf16(backend, op, i):
+    """torch.library.opcheck with gemm_dtype=bfloat16 in the options: schemas, fakes, dispatch unchanged."""
+    s = sample_inputs(op, backend.device)[i]
+    s.cfg = s.cfg.replace(gemm_dtype="bfloat16")
+    torch.library.opcheck(backend.op(op), s.args(op))
+
+
+@pytest.mark.parametrize("backend", backend_params([CPU]))
+def test_step_equals_grad_then_update(backend):
+    """Under autocast too, ff_step == ff_grad then ff_update (the update reads the same dW, rounded to bf16 by its
+    GEMM, then widened)."""
+    import ffkernels
+    s = sample_inputs("ff_step")[0]
+    cfg = s.cfg
+    with autocast():
+        a = s.clone()
+        out = ffkernels.ff_step(a["x_pos"], a["x_neg"], a["weight"], a["bias"], a.states("weight"), a.states("bias"),
+                                a.step, cfg, peer_mean=a["peer_mean"], backend=backend.name)
+        b = s.clone()
+        g = ffkernels.ff_grad(b["x_pos"], b["x_neg"], b["weight"], b["bias"], cfg, peer_mean=b["peer_mean"],
+                              backend=backend.name)
+    assert torch.equal(out.loss, g.loss) and torch.equal(out.h_pos, g.h_pos)
+    gw = g.grad_weight
+    assert torch.equal(gw, gw.to(BF16).float()), "the dW of bf16 GEMMs is a widened bf16 tensor"
+    ffkernels.ff_update(b["weight"], b["bias"], gw, g.grad_bias, b.states("weight"), b.states("bias"), b.step, cfg,
+                        loss=g.loss, backend=backend.name)
+    for name in ("weight", "bias", "state1_weight", "state2_weight"):
+        assert torch.equal(a[name], b[name]), name
+
+
+# ---- refusals ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [b.name for b in REFUSING])
+def test_backends_without_bf16_gemms_refuse(name):
+    """cuda and triton have no bf16 GEMMs for float32 weights yet: a step under autocast raises, naming why, rather
+    than running in fp32. Checked where it is decided (no GPU needed)."""
+    with pytest.raises(BackendUnavailableError, match="no bfloat16 GEMMs"):
+        check_gemm_dtype(BACKENDS[name], FFConfig(gemm_dtype="bfloat16"))
+
+
+@pytest.mark.parametrize("backend", backend_params([TRITON]))
+def test_triton_refuses_under_autocast(backend):
+    layer = FFLinear(12, 5, backend="triton", device=backend.device)
+    x = torch.rand(3, 12, device=backend.device)
+    w0 = layer.weight.detach().clone()
+    with autocast(backend.device), pytest.raises(BackendUnavailableError, match="triton.*no bfloat16 GEMMs"):
+        layer.ff_step(x, x)
+    assert torch.equal(layer.weight, w0) and layer.step_count == 0
+    s = sample_inputs("ff_grad", backend.device)[0]
+    s.cfg = s.cfg.replace(gemm_dtype="bfloat16")
+    with pytest.raises(NotImplementedError, match="no bfloat16 GEMMs"):
+        backend.op("ff_grad")(*s.args("ff_grad"))
+
+
+@pytest.mark.parametrize("backend", backend_params([CPU]))
+def test_cpu_refuses_what_it_cannot_run(backend):
+    s = sample_inputs("ff_grad")[0]
+    s.cfg = s.cfg.replace(gemm_dtype="float16")
+    with pytest.raises(RuntimeError, match="CPU kernels have no float16 GEMMs"):
+        backend.op("ff_grad")(*s.args("ff_grad"))
+    s64 = sample_inputs("ff_grad", dtype=torch.float64)[0]
+    s64.cfg = s64.cfg.replace(gemm_dtype="bfloat16")
+    with pytest.raises(TypeError, match="needs float32 weights"):
+        backend.op("ff_grad")(*s64.args("ff_grad"))
+    layer = FFLinear(8, 3, backend="cpu")
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(BackendUnavailableError, match="float16"):
+        layer.ff_step(torch.rand(2, 8), torch.rand(2, 8))
+
+
+# ---- the rules that do not change under autocast -------------------------------------------------------
+
+@pytest.mark.parametrize("backend", backend_params(AUTOCAST_BACKENDS))
+def test_non_finite_rule(backend):
+    """A NaN input under autocast: NonFiniteLossError, weights, state and peer_mean unchanged; in a net, the error
+    names the layer and the layers after it are unchanged."""
+    layer = FFLinear(10, 6, backend=backend.name, peer_norm=0.5)
+    before = {k: v.clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+    x = torch.rand(4, 10)
+    bad = x.clone()
+    bad[1, 3] = float("nan")
+    with autocast(), pytest.raises(NonFiniteLossError):
+        layer.ff_step(bad, x)
+    for k, v in layer.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, before[k]), k
+    assert layer.step_count == 0
+    net = FFNet([10, 8, 6], backend=backend.name)
+    net_before = {k: v.clone() for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
+    with autocast(), pytest.raises(NonFiniteLossError, match="layer 0"):
+        net.ff_step(bad, x)
+    for k, v in net.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, net_before[k]), k
+
+
+@pytest.mark.parametrize("backend", backend_params([CPU]))
+def test_one_host_sync_per_net_step(backend):
+    from test_host_syncs import count_syncs
+
+    net = FFNet([30, 16, 16, 16], head=True, num_classes=4, peer_norm=0.1, backend=backend.name)
+    x, y = torch.rand(8, 30), torch.randint(0, 4, (8,))
+    with autocast():
+        net.ff_step_labeled(x, y, None, 4, negatives="hard")  # warm-up
+        with count_syncs() as calls:
+            net.ff_step_labeled(x, y, None, 4, negatives="hard")
+        assert len(calls) <= 1, calls
+        with count_syncs() as calls:
+            net.ff_step(x, x.flip(0))
+        assert len(calls) <= 1, calls
+
+
+def test_forward_follows_autocast_like_linear():
+    """layer(x) is nn.Linear + ReLU under autocast: bf16 out, as nn.Linear's would be."""
+    layer = FFLinear(12, 5, backend="reference")
+    x = torch.rand(3, 12)
+    with autocast():
+        y = layer(x)
+        lin = torch.nn.functional.linear(oracle.normalize(x, "rms", 1e-8), layer.weight, layer.bias).relu()
+    assert y.dtype == BF16 and torch.equal(y, lin)
+    assert layer(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", backend_params(AUTOCAST_BACKENDS))
+def test_forward_sees_the_steps_inside_one_autocast_region(backend):
+    """torch.autocast caches the casts of leaf parameters for its whole region; the steps update the weights in place
+    inside it. layer(x) and ff_forward(x) after a step in the same region use the updated weights."""
+    layer = FFLinear(12, 5, backend=backend.name, lr=0.1)
+    x = torch.rand(3, 12)
+    with autocast():
+        before = layer(x)
+        layer.ff_step(x, torch.rand(3, 12))
+        after, ff_after = layer(x), layer.ff_forward(x)
+    with autocast():  # a fresh region: nothing cached
+        fresh, ff_fresh = layer(x), layer.ff_forward(x)
+    assert torch.equal(after, fresh) and torch.equal(ff_after, ff_fresh) and not torch.equal(before, after)
+    assert ff_after.dtype == torch.float32 and after.dtype == BF16
+
+
+def test_reference_is_autocast_of_its_own_math():
+    """The oracle's bf16 GEMM is torch.autocast's: F.linear under autocast gives the same z (no bias)."""
+    x, w = torch.rand(5, 16), torch.rand(7, 16)
+    from ffkernels.backends.reference import linear
+    with autocast():
+        auto = torch.nn.functional.linear(x, w)
+    assert torch.equal(linear(x, w, None, "bfloat16"), auto.float())
+
+
+# ---- the commands ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["train", "study", "bench"])
+def test_precision_option(command):
+    """--precision {fp32, bf16}, default fp32, on train, study and bench."""
+    import argparse
+    import importlib
+
+    from ffkernels.cli import COMMANDS
+    from ffkernels.cli_options import HelpFormatter
+
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    importlib.import_module(COMMANDS[command][0]).add_arguments(p)
+    opt = {a.dest: a for a in p._actions}["precision"]
+    assert tuple(opt.choices) == ("fp32", "bf16") and opt.default == "fp32"
+
+
+@pytest.mark.parametrize("backend", backend_params([CPU]))
+def test_train_bf16(backend, tmp_path):
+    """ffkernels train --precision bf16 trains (digits, one epoch) and records its precision; the saved weights and
+    optimizer state are float32."""
+    import json
+
+    from ffkernels.train_cli import main
+
+    out = tmp_path / "run.json"
+    main(["--dataset", "digits", "--epochs", "1", "--hidden", "32", "32", "--precision", "bf16", "--no-progress",
+          "--threads", "1", "--json", str(out), "--save", str(tmp_path / "net.pt")])
+    result = json.loads(out.read_text())
+    assert result["precision"] == "bf16" and 0.0 <= result["test_accuracy"] <= 1.0
+    state = torch.load(tmp_path / "net.pt")
+    assert all(t.dtype in (torch.float32, torch.int64) for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def test_precision_context_has_no_stale_weight_casts():
+    """The commands' autocast region spans epochs of in-place updates (BP's torch.optim too): no weight cache."""
+    from ffkernels.precision import precision_context
+
+    lin = torch.nn.Linear(3, 2)
+    x = torch.ones(1, 3)
+    with precision_context("bf16", "cpu"):
+        a = lin(x)
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+        b = lin(x)
+    assert a.dtype == BF16 and not torch.equal(a, b)
+
+
+def test_study_precision_in_its_config():
+    """bf16 is a setting of the study (another fingerprint); fp32 is left out, so earlier studies keep theirs."""
+    from ffkernels.study.config import StudyConfig
+
+    fp32, bf16 = StudyConfig(), StudyConfig(precision="bf16")
+    assert "precision" not in fp32.to_dict() and bf16.to_dict()["precision"] == "bf16"
+    assert fp32.fingerprint() != bf16.fingerprint()
+    assert StudyConfig.from_dict(bf16.to_dict()) == bf16 and StudyConfig.from_dict(fp32.to_dict()) == fp32
+    assert fp32.differences(bf16) == ["precision: 'fp32' -> 'bf16'"]
+    with pytest.raises(ValueError, match="precision"):
+        StudyConfig(precision="fp16")
+
+
+@pytest.mark.parametrize("backend", backend_params([CPU]))
+def test_bench_bf16_cases(backend, tmp_path):
+    """bench --precision bf16: fused-cpu-bf16 and labeled-cpu-bf16 beside the fp32 cases, their speed-up over them,
+    and floor-bf16 as their floor (timings are reported, never asserted)."""
+    import json
+
+    from ffkernels.bench.cli import main
+
+    out = tmp_path / "b.json"
+    main(["--quick", "--no-network", "--precision", "bf16", "--backends", "cpu", "--shapes", "4x12x8", "--repeats",
+          "1", "--warmup", "0", "--no-progress", "--json", str(out)])
+    rows = {r["case"]: r for r in json.loads(out.read_text())["layer"]["rows"]}
+    for case in ("fused-cpu-bf16", "labeled-cpu-bf16", "floor-bf16", "fused-cpu", "floor"):
+        assert rows[case]["time"] is not None, case
+    assert rows["fused-cpu-bf16"]["precision"] == "bf16" and rows["fused-cpu-bf16"]["speedup_over_fp32"] > 0
+    assert "speedup_over_fp32" not in rows["floor-bf16"] and "precision" not in rows["fused-cpu"]
+
+
+def test_info_says_whether_the_cpu_has_bf16_units():
+    from ffkernels.info import collect
+
+    info = collect()
+    assert info["cpu_bf16"].startswith(("yes", "no", "unknown"))
+    assert info["autocast_gemm_dtypes"]["cpu"] == ["bfloat16"] and info["autocast_gemm_dtypes"]["cuda"] == "none"
