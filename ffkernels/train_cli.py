@@ -112,7 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download a missing on-disk dataset with torchvision")
     p.add_argument("--validation", type=positive_int, default=None, metavar="N",
                    help="hold out N training images (a fixed draw) and evaluate on them instead of the test split: "
-                        "for tuning; the test split is not read")
+                        "for tuning; the test split is not evaluated")
     p.add_argument("--hidden", type=positive_int, nargs="+", default=[1000, 1000, 1000], help="layer widths")
     p.add_argument("--epochs", type=nonnegative_int, default=30, help="training epochs")
     p.add_argument("--batch-size", type=positive_int, default=100,
