@@ -8,6 +8,8 @@ gradient; ``ff_grad_peer`` / ``ff_objective_peer`` also return the new running m
 the step commits after a finite loss; ``FFLayerRef(..., peer_mean=r)`` keeps r and commits it itself, and so does
 ``ff_step`` below.
 """
+import itertools
+
 import torch
 
 from ffkernels import FFStepOutput
@@ -40,3 +42,14 @@ def ff_step(x_pos, x_neg, weight, bias, state_weight, state_bias, step, cfg, pee
         if r_new is not None:
             peer_mean.copy_(r_new)
     return FFStepOutput(*g[:5])
+
+
+def central_difference(f, t: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    """d f / d t by central differences, one element of ``t`` at a time (f: tensor -> float; float64 tensors)."""
+    fd = torch.zeros_like(t)
+    for idx in itertools.product(*map(range, t.shape)):
+        tp, tm = t.clone(), t.clone()
+        tp[idx] += h
+        tm[idx] -= h
+        fd[idx] = (f(tp) - f(tm)) / (2 * h)
+    return fd

@@ -141,20 +141,11 @@ def test_oracle_gradient_is_the_derivative_of_the_written_loss(cfg, bias):
     def loss(w_, b_):
         return float(by_hand(xp, xn, w_, b_, cfg, r)[0])
 
-    def central(f, t):
-        fd = torch.zeros_like(t)
-        for idx in itertools.product(*map(range, t.shape)):
-            tp, tm = t.clone(), t.clone()
-            tp[idx] += 1e-6
-            tm[idx] -= 1e-6
-            fd[idx] = (f(tp) - f(tm)) / 2e-6
-        return fd
-
-    fd_w = central(lambda w_: loss(w_, b), w)
+    fd_w = oracle.central_difference(lambda w_: loss(w_, b), w)
     check("grad_weight", out.grad_weight, fd_w, fd_w, CENTRAL_DIFFERENCES)
     assert fd_w.abs().max() > 1e-3, "a gradient this small would check nothing"
     if bias:
-        fd_b = central(lambda b_: loss(w, b_), b)
+        fd_b = oracle.central_difference(lambda b_: loss(w, b_), b)
         check("grad_bias", out.grad_bias, fd_b, fd_b, CENTRAL_DIFFERENCES)
 
 

@@ -95,16 +95,7 @@ def test_oracle_gradient_is_the_true_one_where_every_unit_is_on():
     def loss(w_, b_):
         return float(oracle.ff_objective(xp, xn, w_, b_, cfg, r).loss)
 
-    def central(f, t):
-        fd = torch.zeros_like(t)
-        for idx in itertools.product(*map(range, t.shape)):
-            tp, tm = t.clone(), t.clone()
-            tp[idx] += 1e-6
-            tm[idx] -= 1e-6
-            fd[idx] = (f(tp) - f(tm)) / 2e-6
-        return fd
-
-    fd_w, fd_b = central(lambda w_: loss(w_, b), w), central(lambda b_: loss(w, b_), b)
+    fd_w, fd_b = oracle.central_difference(lambda w_: loss(w_, b), w), oracle.central_difference(lambda b_: loss(w, b_), b)
     check("grad_weight", out.grad_weight, fd_w, fd_w, CENTRAL_DIFFERENCES)
     check("grad_bias", out.grad_bias, fd_b, fd_b, CENTRAL_DIFFERENCES)
     # and the peer part is not negligible in this case
