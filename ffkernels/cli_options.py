@@ -10,7 +10,7 @@ import torch
 
 from .backends import BACKEND_NAMES
 from .config import GOODNESS, LOSSES, NORMS, OPTIMIZERS, FFConfig
-from .precision import PRECISIONS, precision_context  # noqa: F401 (precision_context: for the commands)
+from .precision import PRECISIONS
 
 FF_DEFAULTS = FFConfig()
 BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
@@ -28,6 +28,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
         return f"{text} (default: {shown})".lstrip()
+
+
+def peek_option(argv, flag: str):
+    """The value ``argv`` gives ``flag`` (None when absent), read before the real parse: for a command's
+    ``preset_defaults``, which set defaults from one option so that explicit flags still win."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(flag, default=None)
+    known, _ = p.parse_known_args(argv)
+    return getattr(known, flag.lstrip("-").replace("-", "_"))
 
 
 def show_progress(args) -> bool:

@@ -123,9 +123,8 @@ def locate(name: str, data_root=None) -> "tuple[bool, str]":
     if name in data_vision.TORCHVISION_CLASSES:
         found = find_idx(name, data_root, default_data_root())
         return (True, found[0]) if found else (False, data_vision.not_found_message(name, data_root))
-    folder, files = data_vision.ON_DISK[name]
-    root = data_vision.resolve_root(data_root)
-    missing = [f for f in files if not os.path.isfile(os.path.join(root, folder, f))]
+    root, missing = data_vision.missing_files(name, data_root)
     if missing:
-        return False, (f"not under {root!r} (missing {', '.join(missing)}); pass --download or --data-root")
-    return True, os.path.join(root, folder)
+        return False, (f"not under {root!r} (missing {', '.join(map(os.path.basename, missing))}); pass "
+                       "--download or --data-root")
+    return True, os.path.join(root, data_vision.ON_DISK[name][0])

@@ -47,12 +47,19 @@ def resolve_root(data_root) -> str:
     return default_data_root() if data_root is None else os.path.expanduser(os.fspath(data_root))
 
 
-def _load(name: str, data_root, download: bool, folder: str, files, read, modules=()) -> Dataset:
-    """Both official splits, ``read(torchvision.datasets, root, train, download)`` -> ((n, C, H, W) uint8, labels),
-    once ``files`` are under ``<root>/<folder>`` (or have been downloaded there); errors say what to do."""
+def missing_files(name: str, data_root) -> "tuple[str, list]":
+    """(root, the paths of ``ON_DISK[name]``'s files that are not under it) for a dataset torchvision reads."""
     root = resolve_root(data_root)
-    paths = [os.path.join(root, folder, f) for f in files]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    folder, files = ON_DISK[name]
+    return root, [p for p in (os.path.join(root, folder, f) for f in files) if not os.path.isfile(p)]
+
+
+def _load(name: str, data_root, download: bool, read, modules=()) -> Dataset:
+    """Both official splits, ``read(torchvision.datasets, root, train, download)`` -> ((n, C, H, W) uint8, labels),
+    once ``ON_DISK[name]``'s files are under ``<root>/<folder>`` (or have been downloaded there); errors say what
+    to do."""
+    root, missing = missing_files(name, data_root)
+    folder = ON_DISK[name][0]
     if missing and not download:
         raise DatasetNotFoundError(
             f"ffkernels: dataset {name!r} not found under {root!r}: missing {', '.join(missing)}. "
@@ -70,11 +77,17 @@ def _load(name: str, data_root, download: bool, folder: str, files, read, module
         if missing:
             raise DatasetNotFoundError(f"ffkernels: downloading {name!r} into {root!r} failed: "
                                        f"{type(e).__name__}: {e}") from e
-        raise DatasetFormatError(f"ffkernels: torchvision could not read {name!r} from {os.path.join(root, folder)!r}: "
-                         f"{type(e).__name__}: {e} (truncated, corrupt or not the official files? delete them "
-                         f"and pass --download to fetch them again)") from e
+        raise DatasetFormatError(f"ffkernels: torchvision could not read {name!r} from "
+                                 f"{os.path.join(root, folder)!r}: {type(e).__name__}: {e} (truncated, corrupt or not "
+                                 "the official files? delete them and pass --download to fetch them again)") from e
+    return _official_split(name, (x_train, y_train), (x_test, y_test), os.path.join(root, folder))
+
+
+def _official_split(name: str, train, test, source: str) -> Dataset:
+    """The Dataset of the official ((n, C, H, W) uint8 images, labels) splits, inputs scaled to [0, 1]."""
+    (x_train, y_train), (x_test, y_test) = train, test
     return from_arrays(name, x_train.reshape(len(x_train), -1), y_train, x_test.reshape(len(x_test), -1), y_test,
-                       10, x_train.shape[1:], scale=1 / 255.0, source=os.path.join(root, folder))
+                       10, x_train.shape[1:], scale=1 / 255.0, source=source)
 
 
 TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -111,14 +124,13 @@ def _download_idx(name: str, root: str) -> None:
 def _load_idx(name: str, data_root, download: bool) -> Dataset:
     found = find_idx(name, data_root, default_data_root())
     if found is None and download:
-        _download_idx(name, resolve_root(data_root))
-        found = find_idx(name, resolve_root(data_root))
+        root = resolve_root(data_root)
+        _download_idx(name, root)
+        found = find_idx(name, root)
     if found is None:
         raise DatasetNotFoundError(not_found_message(name, data_root))
     folder, paths = found
-    (x_train, y_train), (x_test, y_test) = read_split(paths)
-    return from_arrays(name, x_train.reshape(len(x_train), -1), y_train, x_test.reshape(len(x_test), -1), y_test,
-                       10, x_train.shape[1:], scale=1 / 255.0, source=folder)
+    return _official_split(name, *read_split(paths), folder)
 
 
 def load_mnist(data_root=None, download: bool = False) -> Dataset:
@@ -139,7 +151,7 @@ def _read_cifar10(tvd, root, train, download):
 
 def load_cifar10(data_root=None, download: bool = False) -> Dataset:
     """CIFAR-10 (50,000 train / 10,000 test, 3x32x32), from ``<data_root>/cifar-10-batches-py``."""
-    return _load("cifar10", data_root, download, *ON_DISK["cifar10"], _read_cifar10)
+    return _load("cifar10", data_root, download, _read_cifar10)
 
 
 def _read_svhn(tvd, root, train, download):
@@ -149,4 +161,4 @@ def _read_svhn(tvd, root, train, download):
 
 def load_svhn(data_root=None, download: bool = False) -> Dataset:
     """SVHN cropped digits (73,257 train / 26,032 test, 3x32x32), from ``<data_root>/{train,test}_32x32.mat``."""
-    return _load("svhn", data_root, download, *ON_DISK["svhn"], _read_svhn, modules=("scipy.io",))
+    return _load("svhn", data_root, download, _read_svhn, modules=("scipy.io",))

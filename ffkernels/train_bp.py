@@ -3,30 +3,24 @@ FF run it is compared with (BPMLP: the FFNet's layers, normalization included, p
 end with cross-entropy and Adam). Of the FF recipe only the lr schedule and jitter apply; the rest is FF's own."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .augment import jitter as augment_jitter
 from .bp import BPMLP, bp_step, make_bp_optimizer
-from .schedules import linear_cooldown, make_schedule
-from .training import EpochStats, History, bp_accuracy, run_batches
+from .train_common import lr_schedule, run_epochs
+from .training import bp_accuracy, run_batches
 
 BP_RECIPE = ("lr_schedule", "jitter")  # the recipe options that apply to BP (train_common.RECIPE_OPTIONS)
 
 
-def train_bp(args, ds, epoch_line, progress: bool) -> dict:
+def train_bp(args, ds, progress: bool) -> tuple:
     """Train the BP baseline of the parsed ``ffkernels train`` options on ``ds``; print a line per epoch; return
-    the run's result (as the FF run's, ``algo`` "bp")."""
+    (the run's result, as the FF run's with ``algo`` "bp"; the model's state_dict)."""
     torch.manual_seed(args.seed)
     model = BPMLP([ds.in_features, *args.hidden], ds.num_classes, norm=args.norm, device=args.device)
     opt = make_bp_optimizer(model, lr=args.bp_lr)
-    steps = args.epochs * -(-len(ds.y_train) // args.batch_size)
-    sched = None
-    if args.lr_schedule != "constant" and steps:
-        fn = (linear_cooldown(steps, args.cooldown_fraction) if args.lr_schedule == "cooldown"
-              else make_schedule(args.lr_schedule, steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+    fn = lr_schedule(args, len(ds.y_train))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, fn) if fn is not None else None
     gen = torch.Generator().manual_seed(args.seed)
     p = next(model.parameters())
 
@@ -39,20 +33,13 @@ def train_bp(args, ds, epoch_line, progress: bool) -> dict:
             sched.step()
         return loss
 
-    hist = History()
-    t_start = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        st: EpochStats = run_batches(len(ds.y_train), args.batch_size, gen, step, p.device, progress,
-                                     f"epoch {epoch}/{args.epochs}")
-        st.epoch = epoch
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            st.test_accuracy = bp_accuracy(model, ds.x_test, ds.y_test)
-        hist.epochs.append(st)
-        print(epoch_line(st, ds.eval_split), flush=True)
+    hist, seconds = run_epochs(
+        args, lambda epoch: run_batches(len(ds.y_train), args.batch_size, gen, step, p.device, progress,
+                                        f"epoch {epoch}/{args.epochs}"),
+        lambda: bp_accuracy(model, ds.x_test, ds.y_test), ds.eval_split)
     return {"algo": "bp", "dataset": ds.name, "eval_split": ds.eval_split, "hidden": args.hidden,
             "epochs": args.epochs, "backend": "autograd", "device": str(args.device),
             "threads": torch.get_num_threads(), "bp_lr": args.bp_lr, "batch_size": args.batch_size,
-            "seed": args.seed,
-            "recipe": {k: getattr(args, k) for k in BP_RECIPE},
+            "seed": args.seed, "recipe": {k: getattr(args, k) for k in BP_RECIPE},
             "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,
-            "wall_seconds": time.perf_counter() - t_start, **hist.to_dict()}, model.state_dict()
+            "wall_seconds": seconds, **hist.to_dict()}, model.state_dict()

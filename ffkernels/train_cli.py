@@ -19,27 +19,30 @@ from .cli_options import (
     add_precision_option,
     add_run_options,
     nonnegative_int,
+    peek_option,
     positive_int,
-    precision_context,
     show_progress,
 )
 from .config import OPTIMIZERS
 from .data import LOADERS, load_dataset, validation_split
 from .layers import NEGATIVES, PREDICT_METHODS
-from .schedules import SCHEDULES, LRScheduler, linear_cooldown, make_schedule
+from .precision import precision_context
+from .schedules import SCHEDULES, LRScheduler
 from .train_common import (
     DATASET_DEFAULTS,
     build_net,
     describe,
-    epoch_line,
     finish,
+    load_checkpoint,
+    lr_schedule,
     recipe_default,
     recipe_dict,
     recipe_summary,
     resolve_recipe,
+    run_epochs,
 )
 from .train_bp import BP_RECIPE, train_bp
-from .training import History, accuracy, train_ff_epoch
+from .training import accuracy, train_ff_epoch
 
 
 def _default(attr: str) -> str:
@@ -146,19 +149,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--distributed: seconds after which a stuck collective or transfer fails")
 
 
-def load_checkpoint(net, path: str, device) -> None:
-    """Load a --save'd state_dict into ``net``; SystemExit naming the file when it cannot be read or does not fit."""
-    try:
-        state = torch.load(path, map_location=device)
-    except Exception as e:  # missing, unreadable, truncated or not a torch file
-        raise SystemExit(f"ffkernels train: cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
-    try:
-        net.load_state_dict(state)
-    except Exception as e:  # another net's checkpoint: missing or unexpected keys, other shapes
-        raise SystemExit(f"ffkernels train: checkpoint {path!r} does not fit this net: {type(e).__name__}: "
-                         f"{' '.join(str(e).split())}") from None
-
-
 def run(args) -> dict:
     if getattr(args, "precision", "fp32") != "fp32" and getattr(args, "distributed", "none") != "none":
         raise SystemExit("ffkernels train: --precision bf16 is not supported with --distributed yet")
@@ -185,7 +175,7 @@ def run(args) -> dict:
     if algo == "bp":
         print(describe(ds, args, "autograd (BP)", args.device, recipe_summary(args)), flush=True)
         with precision_context(getattr(args, "precision", "fp32"), args.device):  # bf16: torch.autocast
-            result, state = train_bp(args, ds, epoch_line, show_progress(args))
+            result, state = train_bp(args, ds, show_progress(args))
         return finish(args, {**result, "precision": getattr(args, "precision", "fp32")}, state)
     try:
         net = build_net(args, ds.in_features, ds.num_classes)
@@ -194,30 +184,24 @@ def run(args) -> dict:
     if args.resume:
         load_checkpoint(net, args.resume, args.device)
     print(describe(ds, args, net.backend, args.device, recipe_summary(args)), flush=True)
-    steps = args.epochs * -(-len(ds.y_train) // args.batch_size)
-    scheduler = None
-    if args.lr_schedule != "constant" and steps:
-        fn = (linear_cooldown(steps, args.cooldown_fraction) if args.lr_schedule == "cooldown"
-              else make_schedule(args.lr_schedule, steps))
-        scheduler = LRScheduler(net, fn)
+    fn = lr_schedule(args, len(ds.y_train))
+    scheduler = LRScheduler(net, fn) if fn is not None else None
     gen = torch.Generator().manual_seed(args.seed)
-    hist = History()
-    t_start = time.perf_counter()
+
+    def train_epoch(epoch):
+        return train_ff_epoch(net, ds.x_train, ds.y_train, ds.num_classes, args.batch_size, gen,
+                              progress=show_progress(args), desc=f"epoch {epoch}/{args.epochs}",
+                              shared_first_layer=args.first_layer == "shared", negatives=args.negatives,
+                              jitter=args.jitter, image_shape=ds.image_shape, scheduler=scheduler)
+
     with precision_context(getattr(args, "precision", "fp32"), args.device):  # bf16: torch.autocast, fp32 masters
-        for epoch in range(1, args.epochs + 1):
-            st = train_ff_epoch(net, ds.x_train, ds.y_train, ds.num_classes, args.batch_size, gen,
-                                progress=show_progress(args), desc=f"epoch {epoch}/{args.epochs}",
-                                shared_first_layer=args.first_layer == "shared", negatives=args.negatives,
-                                jitter=args.jitter, image_shape=ds.image_shape, scheduler=scheduler)
-            st.epoch = epoch
-            if epoch % args.eval_every == 0 or epoch == args.epochs:
-                st.test_accuracy = accuracy(net, ds.x_test, ds.y_test, ds.num_classes, method=args.predict)
-            hist.epochs.append(st)
-            print(epoch_line(st, ds.eval_split), flush=True)
-    total = time.perf_counter() - t_start
+        hist, total = run_epochs(args, train_epoch,
+                                 lambda: accuracy(net, ds.x_test, ds.y_test, ds.num_classes, method=args.predict),
+                                 ds.eval_split)
     result = {"algo": "ff", "dataset": ds.name, "eval_split": ds.eval_split, "hidden": args.hidden,
-              "optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "epochs": args.epochs, "backend": net.backend,
-              "device": str(args.device), "threads": torch.get_num_threads(), "recipe": recipe_dict(args),
+              "optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+              "epochs": args.epochs, "backend": net.backend, "device": str(args.device),
+              "threads": torch.get_num_threads(), "recipe": recipe_dict(args),
               "precision": getattr(args, "precision", "fp32"),
               "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,
               "wall_seconds": total, **hist.to_dict()}
@@ -227,10 +211,7 @@ def run(args) -> dict:
 def preset_defaults(argv) -> dict:
     """The defaults of the dataset ``--dataset NAME`` in ``argv`` names (train_common.DATASET_DEFAULTS; {} for
     one without its own), set on the parser before parsing so that explicit flags still win."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--dataset", default=None)
-    known, _ = p.parse_known_args(argv)
-    return dict(DATASET_DEFAULTS.get(known.dataset, {}))
+    return dict(DATASET_DEFAULTS.get(peek_option(argv, "--dataset"), {}))
 
 
 def main(argv=None) -> None:

@@ -3,10 +3,13 @@ built from the parsed options, the header, per-epoch and summary lines it prints
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 
 from .layers import FFNet
+from .schedules import linear_cooldown, make_schedule
+from .training import History
 
 # The recipe options of ``ffkernels train`` (issue 10): (attribute, flag, value when off, default). The defaults are
 # the recipe that measured best on mnist5k (README, "ffkernels train"); the command line leaves them None when not
@@ -82,6 +85,46 @@ def build_net(args, in_features: int, num_classes: "int | None" = None) -> FFNet
                  weight_decay=args.weight_decay, backend=args.backend, device=args.device, **kw)
 
 
+def load_checkpoint(net, path: str, device) -> None:
+    """Load a --save'd state_dict into ``net``; SystemExit naming the file when it cannot be read or does not fit."""
+    try:
+        state = torch.load(path, map_location=device)
+    except Exception as e:  # missing, unreadable, truncated or not a torch file
+        raise SystemExit(f"ffkernels train: cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
+    try:
+        net.load_state_dict(state)
+    except Exception as e:  # another net's checkpoint: missing or unexpected keys, other shapes
+        raise SystemExit(f"ffkernels train: checkpoint {path!r} does not fit this net: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())}") from None
+
+
+def lr_schedule(args, n_train: int):
+    """The learning-rate multiplier f(step) of ``--lr-schedule`` over this run's steps (``--epochs`` epochs of
+    ``n_train`` rows in batches of ``--batch-size``), or None when it is constant or there are no steps."""
+    steps = args.epochs * -(-n_train // args.batch_size)
+    if args.lr_schedule == "constant" or not steps:
+        return None
+    if args.lr_schedule == "cooldown":
+        return linear_cooldown(steps, args.cooldown_fraction)
+    return make_schedule(args.lr_schedule, steps)
+
+
+def run_epochs(args, train_epoch, evaluate, split: str = "test", verbose: bool = True):
+    """(History, seconds): ``--epochs`` epochs of ``train_epoch(epoch) -> EpochStats``, ``evaluate() -> accuracy``
+    every ``--eval-every`` epochs and after the last, one ``epoch_line`` per epoch when ``verbose``."""
+    hist = History()
+    t_start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        st = train_epoch(epoch)
+        st.epoch = epoch
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            st.test_accuracy = evaluate()
+        hist.epochs.append(st)
+        if verbose:
+            print(epoch_line(st, split), flush=True)
+    return hist, time.perf_counter() - t_start
+
+
 def describe(ds, args, backend: str, device, extra: str = "") -> str:
     where = f"\n  data: {ds.source}" if getattr(ds, "source", "") else ""
     return (f"ffkernels train: {ds}{where}\n  net {ds.in_features}-{'-'.join(map(str, args.hidden))}, backend "
@@ -101,8 +144,8 @@ def epoch_line(st, split: str = "test") -> str:
 def finish(args, result: dict, state_dict) -> dict:
     """Print the summary and write --save (the FFNet state_dict) and --json."""
     if result["epochs"]:
-        print(f"done: {result.get('eval_split', 'test')} accuracy {result['test_accuracy']:.2%} after {args.epochs} epochs in "
-              f"{result['wall_seconds']:.1f} s (backend {result['backend']!r})")
+        print(f"done: {result.get('eval_split', 'test')} accuracy {result['test_accuracy']:.2%} after {args.epochs} "
+              f"epochs in {result['wall_seconds']:.1f} s (backend {result['backend']!r})")
     else:
         print("done: no epochs run")
     if args.save:

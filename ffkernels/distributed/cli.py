@@ -19,8 +19,8 @@ import torch.distributed as dist
 from ..cli_options import show_progress
 from ..data import load_dataset
 from ..labels import ff_pair
-from ..train_common import build_net, describe, epoch_line, finish, resolve_recipe
-from ..training import EpochStats, History, accuracy, progress_iter, train_ff_epoch
+from ..train_common import build_net, describe, finish, resolve_recipe, run_epochs
+from ..training import EpochStats, accuracy, progress_iter, train_ff_epoch
 from .data_parallel import DataParallelFF, shard
 from .pipeline import PipelineFF
 from .process_group import communication, init_from_env
@@ -152,17 +152,10 @@ def _train(args, ctx) -> dict:
             extra += f"; single-process recipe parts off: {' '.join(args.recipe_off)}"
         print(describe(ds, args, net.backend, ctx.device, extra), flush=True)
     gen = torch.Generator().manual_seed(args.seed)
-    hist = History()
-    t_start = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        st = trainer.epoch(ds, args.batch_size, gen, main and show_progress(args), f"epoch {epoch}/{args.epochs}")
-        st.epoch = epoch
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            st.test_accuracy = trainer.accuracy(ds)
-        hist.epochs.append(st)
-        if main:
-            print(epoch_line(st), flush=True)
-    total = time.perf_counter() - t_start
+    hist, total = run_epochs(
+        args, lambda epoch: trainer.epoch(ds, args.batch_size, gen, main and show_progress(args),
+                                          f"epoch {epoch}/{args.epochs}"),
+        lambda: trainer.accuracy(ds), verbose=main)
     state = trainer.state_dict() if args.save else None
     result = {"dataset": ds.name, "hidden": args.hidden, "epochs": args.epochs, "backend": net.backend,
               "device": str(ctx.device), "threads": torch.get_num_threads(), "distributed": args.distributed,

@@ -14,7 +14,14 @@ import time
 
 import torch
 
-from ..cli_options import HelpFormatter, add_ff_loss_options, add_precision_option, add_run_options, show_progress
+from ..cli_options import (
+    HelpFormatter,
+    add_ff_loss_options,
+    add_precision_option,
+    add_run_options,
+    peek_option,
+    show_progress,
+)
 from ..data import LOADERS, DatasetNotFoundError
 from .algos import ALGO_GROUPS, ALGOS
 from .config import PROBES, StudyConfig
@@ -184,10 +191,8 @@ def run(args):
 def preset_defaults(argv) -> dict:
     """The defaults ``--preset NAME`` in ``argv`` stands for ({} without one); set them on the parser before
     parsing, so that flags given explicitly still override them."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--preset", choices=list(PRESETS), default=None)
-    known, _ = p.parse_known_args(argv)
-    return dict(PRESETS[known.preset]) if known.preset else {}
+    preset = peek_option(argv, "--preset")
+    return dict(PRESETS[preset]) if preset in PRESETS else {}
 
 
 def main(argv=None) -> None:
