@@ -37,3 +37,12 @@ class NonFiniteLossError(FloatingPointError):
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (not built, no GPU, Triton without a GPU or interpreter...)."""
+
+
+class ConvGeometry(NamedTuple):
+    """How an FFConv2d convolves (nn.Conv2d's arguments): each of stride, padding, dilation a pair (h, w)."""
+
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1

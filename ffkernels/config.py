@@ -7,7 +7,11 @@ from functools import cached_property, lru_cache
 
 NORMS = ("rms", "l2", "none")
 GOODNESS = ("sum", "mean")
-LOSSES = ("hinton", "symba")
+LOSSES = ("hinton", "symba", "competitive")
+# What one goodness value sums over (docs/design.md, "Convolutional FF"): "sample" a whole row / image, "location" the
+# channels at one pixel (conv only), "group" one class's channel group (the competitive loss, and only it).
+GOODNESS_OVER = ("sample", "location", "group")
+GOODNESS_POWERS = (1, 2)  # g sums h**p: p = 2 (Hinton's h squared) or 1 (the activity itself, DeeperForward)
 OPTIMIZERS = ("adam", "sgd")
 # The dtype of the GEMM operands (docs/design.md, "Mixed precision"): "param" = the parameters' own dtype (no autocast);
 # "bfloat16"/"float16" = the operands cast once, fp32 accumulation, everything else in the parameters' dtype. Set per
@@ -35,7 +39,10 @@ def _number(name: str, value, lo: float, lo_inclusive: bool = True, hi: float = 
 # The keys of FFConfig.op_options, in the order they are written; python_api/ff_api.cpp parses the same keys.
 OP_OPTION_KEYS = ("norm", "norm_eps", "goodness", "threshold", "loss", "symba_alpha", "optimizer", "lr", "beta1",
                   "beta2", "eps", "momentum", "weight_decay", "peer_norm", "peer_momentum", "gemm_dtype")
-_CHOICE_KEYS = ("norm", "goodness", "loss", "optimizer", "gemm_dtype")
+# The conv ops (and FFLinear's competitive step, which runs as a 1x1 convolution) take three keys more; the linear ops'
+# string has none of them, so a linear op computes sample goodness of h**2 by construction (``op_options`` refuses others).
+CONV_OPTION_KEYS = OP_OPTION_KEYS + ("goodness_over", "goodness_power", "temperature")
+_CHOICE_KEYS = ("norm", "goodness", "loss", "optimizer", "gemm_dtype", "goodness_over")
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,9 @@ class FFConfig:
     peer_norm: float = 0.0       # lambda of peer normalization; 0: off (docs/design.md, "Peer normalization")
     peer_momentum: float = 0.9   # mu of its running mean of the positive activations
     gemm_dtype: str = "param"    # GEMM operand dtype; "param" outside autocast (docs/design.md, "Mixed precision")
+    goodness_over: str = "sample"  # what one goodness sums over: sample | location (conv) | group (competitive)
+    goodness_power: int = 2        # g = s * sum h**p, p in {1, 2}
+    temperature: float = 1.0       # competitive loss: cross-entropy of g / temperature over the class groups
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -65,6 +75,17 @@ class FFConfig:
         set_(self, "norm", _choice("norm", self.norm, NORMS))
         set_(self, "optimizer", _choice("optimizer", self.optimizer, OPTIMIZERS))
         set_(self, "gemm_dtype", _choice("gemm_dtype", self.gemm_dtype, GEMM_DTYPES))
+        set_(self, "goodness_over", _choice("goodness_over", self.goodness_over, GOODNESS_OVER))
+        if (self.loss == "competitive") != (self.goodness_over == "group"):
+            raise ValueError(f"ffkernels: loss='competitive' goes with goodness_over='group' (one goodness per class "
+                             f"group) and only with it, got loss={self.loss!r}, goodness_over={self.goodness_over!r}")
+        power = self.goodness_power
+        if isinstance(power, float) and power.is_integer():
+            power = int(power)
+        if isinstance(power, bool) or power not in GOODNESS_POWERS:
+            raise ValueError(f"ffkernels: goodness_power must be 1 or 2, got {self.goodness_power!r}")
+        set_(self, "goodness_power", int(power))
+        set_(self, "temperature", _number("temperature", self.temperature, 0.0, lo_inclusive=False))
         if not math.isfinite(float(self.threshold)):
             raise ValueError(f"ffkernels: threshold must be finite, got {self.threshold!r}")
         set_(self, "threshold", float(self.threshold))
@@ -95,18 +116,36 @@ class FFConfig:
         d["betas"] = list(self.betas)
         return d
 
+    @property
+    def is_linear(self) -> bool:
+        """Whether the linear ops can run these options: sample goodness of h**2 with the hinton or symba loss."""
+        return self.goodness_over == "sample" and self.goodness_power == 2 and self.loss != "competitive"
+
+    def _options(self, keys) -> str:
+        values = {k: getattr(self, k) for k in keys if hasattr(self, k)}
+        values["beta1"], values["beta2"] = self.betas
+        return ";".join(f"{k}={values[k]!r}" if isinstance(values[k], float) else f"{k}={values[k]}" for k in keys)
+
     @cached_property
     def op_options(self) -> str:
-        """The ``options`` argument of the registered ops: every option as ``key=value``, ``;``-separated.
+        """The ``options`` argument of the linear ops: every option as ``key=value``, ``;``-separated.
 
         One string crosses the op boundary instead of a dozen positional scalars; floats are written with
         ``repr`` (shortest exact round trip), and every op parses all keys (python_api/ff_api.cpp, and
-        ``from_op_options`` for the Triton ops), so a key added here and not there fails loudly.
+        ``from_op_options`` for the Triton ops), so a key added here and not there fails loudly. Options the linear
+        ops do not have (``is_linear`` False) raise ValueError: they run on the conv ops (``conv_op_options``).
         """
-        values = {k: getattr(self, k) for k in OP_OPTION_KEYS if hasattr(self, k)}
-        values["beta1"], values["beta2"] = self.betas
-        return ";".join(f"{k}={values[k]!r}" if isinstance(values[k], float) else f"{k}={values[k]}"
-                        for k in OP_OPTION_KEYS)
+        if not self.is_linear:
+            raise ValueError(f"ffkernels: the linear FF ops compute sample goodness of h**2 with the hinton or symba "
+                             f"loss; loss={self.loss!r}, goodness_over={self.goodness_over!r}, "
+                             f"goodness_power={self.goodness_power} need the conv ops (FFConv2d)")
+        return self._options(OP_OPTION_KEYS)
+
+    @cached_property
+    def conv_op_options(self) -> str:
+        """The ``options`` argument of the conv ops: ``op_options``' keys, then goodness_over, goodness_power and
+        temperature (CONV_OPTION_KEYS)."""
+        return self._options(CONV_OPTION_KEYS)
 
     @staticmethod
     @lru_cache(maxsize=64)
@@ -117,13 +156,14 @@ class FFConfig:
         values = {}
         for item in options.split(";"):
             key, sep, value = item.partition("=")
-            if not sep or key not in OP_OPTION_KEYS:
+            if not sep or key not in CONV_OPTION_KEYS:
                 raise ValueError(f"ffkernels: unknown option {key!r} in options {options!r}; expected the keys "
                                  f"{', '.join(OP_OPTION_KEYS)} (see FFConfig.op_options)")
             if key in values:
                 raise ValueError(f"ffkernels: option {key!r} is given twice in options {options!r}")
             values[key] = value
-        missing = [k for k in OP_OPTION_KEYS if k not in values]
+        keys = CONV_OPTION_KEYS if any(k not in OP_OPTION_KEYS for k in values) else OP_OPTION_KEYS
+        missing = [k for k in keys if k not in values]
         if missing:
             raise ValueError(f"ffkernels: options {options!r} lack {', '.join(missing)} (see FFConfig.op_options)")
         for key in values:
@@ -133,6 +173,9 @@ class FFConfig:
                 except ValueError:
                     raise ValueError(f"ffkernels: option {key} must be a number, got {values[key]!r}") from None
         betas = (values.pop("beta1"), values.pop("beta2"))
+        if "goodness_power" in values:
+            values["goodness_power"] = int(values["goodness_power"]) if values["goodness_power"] in (1.0, 2.0) \
+                else values["goodness_power"]
         return FFConfig(betas=betas, **values)
 
     @property

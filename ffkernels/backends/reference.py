@@ -88,6 +88,10 @@ def peer_objective(z_pos: torch.Tensor, h_pos: torch.Tensor, peer_mean: torch.Te
 def ff_objective_peer(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None):
     """(FFStepOutput, r'): loss (L_ff + L_peer), activations and goodness of one FF layer, differentiable
     w.r.t. weight and bias only, and the new peer running mean r' (None when cfg.peer_norm == 0)."""
+    if not cfg.is_linear:
+        raise ValueError(f"ffkernels: the linear FF step computes sample goodness of h**2 with the hinton or symba loss; "
+                         f"loss={cfg.loss!r}, goodness_over={cfg.goodness_over!r}, goodness_power={cfg.goodness_power} "
+                         "run on the conv step (reference_conv)")
     x_pos, x_neg = x_pos.detach(), x_neg.detach()  # inputs are constants: nothing flows into x
     if cfg.gemm_dtype == "param":
         z_pos = F.linear(normalize(x_pos, cfg.norm, cfg.norm_eps), weight, bias)
@@ -217,6 +221,15 @@ class ReferenceBackend:
         triples = [(weight, grad_w, st_w)] + ([(bias, grad_b, st_b)] if bias is not None else [])
         params, grads, states = (list(t) for t in zip(*triples))
         optimizer_update(params, grads, states, step, cfg)
+
+    def conv_grad(self, x_pos, x_neg, target, weight, bias, geom, num_classes, cfg: FFConfig) -> FFGradOutput:
+        from .reference_conv import conv_grad
+        return conv_grad(x_pos, x_neg, target, weight, bias, geom, cfg, num_classes)
+
+    def conv_step(self, x_pos, x_neg, target, weight, bias, st_w, st_b, step, geom, num_classes,
+                  cfg: FFConfig) -> FFStepOutput:
+        from .reference_conv import conv_step
+        return conv_step(x_pos, x_neg, target, weight, bias, st_w, st_b, step, geom, cfg, num_classes)
 
     def step(self, x_pos, x_neg, weight, bias, st_w, st_b, step, cfg: FFConfig, peer_mean=None) -> FFStepOutput:
         check_peer_mean(peer_mean, weight, cfg, in_place=True)
