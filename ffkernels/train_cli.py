@@ -25,7 +25,7 @@ from .cli_options import (
 )
 from .config import OPTIMIZERS
 from .data import LOADERS, load_dataset, validation_split
-from .layers import NEGATIVES, PREDICT_METHODS
+from .net import NEGATIVES, PREDICT_METHODS
 from .precision import precision_context
 from .schedules import SCHEDULES, LRScheduler
 from .train_common import (

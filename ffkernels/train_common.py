@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .layers import FFNet
+from .net import FFNet
 from .schedules import linear_cooldown, make_schedule
 from .training import History
 

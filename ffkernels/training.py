@@ -9,7 +9,7 @@ import torch
 from .augment import check_image_shape
 from .augment import jitter as augment_jitter
 from .labels import ff_pair, wrong_labels
-from .layers import FFNet
+from .net import FFNet
 from .bp import BPMLP, bp_step
 
 

@@ -506,7 +506,7 @@ def test_fused_cases_do_not_wait_for_the_device(monkeypatch):
     """fused-*/labeled-* call the backend's step as ffkernels.ff_step does, not FFLinear.ff_step, whose finiteness
     check (bool(isfinite(loss))) synchronizes with a GPU every step."""
     from ffkernels.bench.cases import fused_case, labeled_case
-    from ffkernels.layers import FFLinear
+    from ffkernels.linear import FFLinear
 
     def no_sync(self, loss):
         raise AssertionError("a host-side finiteness check ran")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ffkernels.data import load_dataset, locate, subsample, validation_split
-from ffkernels.layers import FFNet
+from ffkernels.net import FFNet
 from ffkernels.training import accuracy, train_ff_epoch
 
 FOUND, WHERE = locate("fashion-mnist")

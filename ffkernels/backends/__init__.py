@@ -23,7 +23,7 @@ import torch
 
 from .._types import BackendUnavailableError, dtype_name
 from .compiled import cpu_backend, cuda_backend
-from .reference import ReferenceBackend
+from .reference_backend import ReferenceBackend
 from .triton import TritonBackend
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
@@ -48,18 +48,20 @@ def _dtype_reason(backend, dtype):
     return f"backend {backend.name!r} supports {names}, got {dtype_name(dtype)}"
 
 
-def resolve_backend(requested: str, device, dtype=None) -> str:
+def resolve_backend(requested: str, device, dtype=None, kernels: str = "step") -> str:
     """The backend name to use for tensors on ``device`` of ``dtype``.
 
-    "auto" picks the fastest usable one (cuda > triton > reference on GPUs, cpu > reference on CPUs);
-    a named backend that cannot run here raises BackendUnavailableError saying why.
+    "auto" picks the fastest usable one (cuda > triton > reference on GPUs, cpu > reference on CPUs) that has the
+    ``kernels`` asked for ("step": the linear step every backend has; "conv_step": the conv step); a named backend
+    that cannot run here raises BackendUnavailableError saying why (a missing conv step: when it is called).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     if requested == "auto":
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
         for name in order:
             b = BACKENDS[name]
-            if b.unavailable_reason() is None and b.device_reason(device) is None and _dtype_reason(b, dtype) is None:
+            if (b.unavailable_reason() is None and b.device_reason(device) is None and _dtype_reason(b, dtype) is None
+                    and hasattr(b, kernels)):
                 return name
         return "reference"
     if requested not in BACKENDS:

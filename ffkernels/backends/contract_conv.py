@@ -32,7 +32,8 @@ def check_conv_weight(weight: Tensor, geom) -> None:
         raise ValueError(f"ffkernels: groups={geom.groups} must be >= 1 and divide out_channels={weight.shape[0]}")
 
 
-def check_conv_inputs(x_pos, x_neg, target, weight: Tensor, bias, geom, cfg: FFConfig, num_classes: int) -> tuple:
+def check_conv_inputs(x_pos, x_neg, target, weight: Tensor, bias, geom, cfg: FFConfig, num_classes: int,
+                      check_range: bool = True) -> tuple:
     """Raise unless the step's inputs fit the layer; return the output's (H_out, W_out).
 
     x_pos (and x_neg, for the hinton and symba losses) (B, C_in, H, W) on the weight's device and dtype; the
@@ -75,12 +76,13 @@ def check_conv_inputs(x_pos, x_neg, target, weight: Tensor, bias, geom, cfg: FFC
     if cfg.peer_norm != 0.0:
         raise ValueError("ffkernels: peer normalization (peer_norm > 0) is for FFLinear; the conv step has none")
     if competitive:
-        check_target(target, x_pos.shape[0], num_classes, weight.shape[0], x_pos.device)
+        check_target(target, x_pos.shape[0], num_classes, weight.shape[0], x_pos.device, check_range)
     return out
 
 
-def check_target(target, batch: int, num_classes: int, channels: int, device) -> None:
-    """The competitive step's labels and class groups."""
+def check_target(target, batch: int, num_classes: int, channels: int, device, check_range: bool = True) -> None:
+    """The competitive step's labels and class groups; ``check_range``: also read the labels' range (CPU tensors
+    only: never a device sync; the layers check it on the device instead, ``conv_step.conv_backend_call``)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"ffkernels: the competitive loss needs num_classes (an int >= 2), got {num_classes!r}")
     if channels % num_classes:
@@ -93,6 +95,6 @@ def check_target(target, batch: int, num_classes: int, channels: int, device) ->
         raise ValueError(f"ffkernels: target must have shape ({batch},), one label per image, got {tuple(target.shape)}")
     if target.device != torch.device(device):
         raise ValueError(f"ffkernels: target is on {target.device} but the inputs are on {device}")
-    if target.device.type == "cpu" and batch and bool(((target < 0) | (target >= num_classes)).any()):
+    if check_range and target.device.type == "cpu" and batch and bool(((target < 0) | (target >= num_classes)).any()):
         bad = target[(target < 0) | (target >= num_classes)][0].item()
         raise ValueError(f"ffkernels: target labels must be in [0, {num_classes}), got {bad}")

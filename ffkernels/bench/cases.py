@@ -48,7 +48,7 @@ from ..backends.contract import autocast_config
 from .. import bp, functional
 from ..config import FFConfig
 from ..labels import wrong_labels
-from ..layers import FFLinear
+from ..linear import FFLinear
 
 DEFAULT_SHAPES = "256x784x2000,256x2000x2000"
 # on a GPU also the large batches where the GEMMs should dominate (4096x2000x2000 is the shape of issue 12's target)

@@ -34,7 +34,7 @@ import torch
 
 from .. import bp
 from ..labels import ff_pair, wrong_labels
-from ..layers import FFNet
+from ..net import FFNet
 from . import memory
 from .progress import progress_bar
 from .timing import describe_error, measure_many, release_memory

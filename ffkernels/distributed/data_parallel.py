@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .._types import FFStepOutput, NonFiniteLossError
-from ..layers import FFNet, FFNetStepOutput
+from ..net import FFNet, FFNetStepOutput
 from ._grads import acc_dtype
 from .net_sync import broadcast_net, check_same_net
 from .process_group import communication, require_initialized

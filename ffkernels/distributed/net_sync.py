@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from .._types import dtype_name
-from ..layers import FFNet
+from ..net import FFNet
 from .process_group import communication, global_rank
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .._types import NonFiniteLossError
-from ..layers import FFNet
+from ..net import FFNet
 from ._grads import WeightedGradSum
 from .net_sync import broadcast_net, check_same_net, gather_layers
 from .process_group import communication, global_rank, require_initialized

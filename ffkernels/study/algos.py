@@ -23,7 +23,7 @@ from ..backends import reference as ref
 from ..bp import BPMLP, make_bp_optimizer
 from ..config import FFConfig
 from ..labels import embed_label, embed_neutral, wrong_labels
-from ..layers import FFNet
+from ..net import FFNet
 from ..training import EpochStats, accuracy, bp_accuracy, run_batches, train_bp_epoch, train_ff_epoch
 from .config import StudyConfig
 from .features import bp_features, ff_features

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..labels import embed_neutral
-from ..layers import FFNet
+from ..net import FFNet
 from ..bp import BPMLP
 
 FEATURE_BATCH = 1000
