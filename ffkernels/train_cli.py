@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
 from .augment import check_image_shape
+from .cnn import add_cnn_options, build_competitive_net, check_cnn_options, input_shape, model_defaults
 from .cli_options import (
     HelpFormatter,
     add_ff_loss_options,
@@ -32,6 +32,7 @@ from .train_common import (
     DATASET_DEFAULTS,
     build_net,
     describe,
+    model_dict,
     finish,
     load_checkpoint,
     lr_schedule,
@@ -42,7 +43,9 @@ from .train_common import (
     run_epochs,
 )
 from .train_bp import BP_RECIPE, train_bp
-from .training import accuracy, train_ff_epoch
+from .training import accuracy, train_competitive_epoch, train_ff_epoch
+
+COMPETITIVE_RECIPE = ("lr_schedule", "jitter")  # the recipe options that apply to --loss competitive
 
 
 def _default(attr: str) -> str:
@@ -147,6 +150,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--distributed pipeline: split every batch into this many micro-batches (default: 1)")
     p.add_argument("--dist-timeout", type=float, default=300.0,
                    help="--distributed: seconds after which a stuck collective or transfer fails")
+    add_cnn_options(p)
 
 
 def run(args) -> dict:
@@ -158,6 +162,7 @@ def run(args) -> dict:
         return run_distributed(args)
     if getattr(args, "micro_batches", None) is not None:
         raise SystemExit("ffkernels train: --micro-batches only applies to --distributed pipeline")
+    competitive = args.loss == "competitive"
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -170,15 +175,21 @@ def run(args) -> dict:
     if args.jitter is None and not ds.image_shape:  # the default jitter is for image datasets only
         args.jitter = 0
     algo = getattr(args, "algo", "ff")
-    resolve_recipe(args, supported=BP_RECIPE if algo == "bp" else None, what=f"with --algo {algo}")
+    if algo == "bp":
+        resolve_recipe(args, supported=BP_RECIPE, what="with --algo bp")
+    elif competitive:
+        resolve_recipe(args, supported=COMPETITIVE_RECIPE, what="with --loss competitive (no labels in the input)")
+    else:
+        resolve_recipe(args)
     check_recipe_options(args, ds)
+    check_cnn_options(args, ds.image_shape, ds.num_classes)
     if algo == "bp":
         print(describe(ds, args, "autograd (BP)", args.device, recipe_summary(args)), flush=True)
         with precision_context(getattr(args, "precision", "fp32"), args.device):  # bf16: torch.autocast
             result, state = train_bp(args, ds, show_progress(args))
         return finish(args, {**result, "precision": getattr(args, "precision", "fp32")}, state)
     try:
-        net = build_net(args, ds.in_features, ds.num_classes)
+        net = (build_competitive_net(args, ds) if competitive else build_net(args, ds.in_features, ds.num_classes))
     except (ValueError, TypeError) as e:  # an option the layers refuse (FFConfig's checks, a bad device...)
         raise SystemExit(f"ffkernels train: {e}") from None
     if args.resume:
@@ -188,7 +199,14 @@ def run(args) -> dict:
     scheduler = LRScheduler(net, fn) if fn is not None else None
     gen = torch.Generator().manual_seed(args.seed)
 
+    shape = input_shape(args, ds)
+
     def train_epoch(epoch):
+        if competitive:
+            return train_competitive_epoch(net, ds.x_train, ds.y_train, args.batch_size, gen,
+                                           progress=show_progress(args), desc=f"epoch {epoch}/{args.epochs}",
+                                           shape=shape, jitter=args.jitter, image_shape=ds.image_shape,
+                                           scheduler=scheduler)
         return train_ff_epoch(net, ds.x_train, ds.y_train, ds.num_classes, args.batch_size, gen,
                               progress=show_progress(args), desc=f"epoch {epoch}/{args.epochs}",
                               shared_first_layer=args.first_layer == "shared", negatives=args.negatives,
@@ -196,9 +214,10 @@ def run(args) -> dict:
 
     with precision_context(getattr(args, "precision", "fp32"), args.device):  # bf16: torch.autocast, fp32 masters
         hist, total = run_epochs(args, train_epoch,
-                                 lambda: accuracy(net, ds.x_test, ds.y_test, ds.num_classes, method=args.predict),
+                                 lambda: accuracy(net, ds.x_test, ds.y_test, ds.num_classes, method=args.predict,
+                                                  shape=shape),
                                  ds.eval_split)
-    result = {"algo": "ff", "dataset": ds.name, "eval_split": ds.eval_split, "hidden": args.hidden,
+    result = {"algo": "ff", "dataset": ds.name, "eval_split": ds.eval_split, **model_dict(args),
               "optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
               "epochs": args.epochs, "backend": net.backend, "device": str(args.device),
               "threads": torch.get_num_threads(), "recipe": recipe_dict(args),
@@ -209,9 +228,11 @@ def run(args) -> dict:
 
 
 def preset_defaults(argv) -> dict:
-    """The defaults of the dataset ``--dataset NAME`` in ``argv`` names (train_common.DATASET_DEFAULTS; {} for
-    one without its own), set on the parser before parsing so that explicit flags still win."""
-    return dict(DATASET_DEFAULTS.get(peek_option(argv, "--dataset"), {}))
+    """The defaults of ``--model cnn`` (cnn.CNN_DEFAULTS and its dataset's) or else of the dataset ``--dataset NAME``
+    in ``argv`` names (train_common.DATASET_DEFAULTS; {} for one without its own), set on the parser before parsing
+    so that explicit flags still win."""
+    dataset = peek_option(argv, "--dataset")
+    return model_defaults(argv, dataset) or dict(DATASET_DEFAULTS.get(dataset, {}))
 
 
 def main(argv=None) -> None:

@@ -125,9 +125,20 @@ def run_epochs(args, train_epoch, evaluate, split: str = "test", verbose: bool =
     return hist, time.perf_counter() - t_start
 
 
+def model_dict(args) -> dict:
+    """The net's options for --json: the MLP's widths, or the CNN's channels, kernel and pooling."""
+    if getattr(args, "model", "mlp") == "cnn":
+        return {"model": "cnn", "channels": args.channels, "kernel_size": args.kernel_size,
+                "pool_after": args.pool_after, "loss": args.loss, "temperature": args.temperature,
+                "goodness": args.goodness, "goodness_power": args.goodness_power}
+    extra = {"loss": "competitive", "temperature": args.temperature} if getattr(args, "loss", "") == "competitive" else {}
+    return {"hidden": args.hidden, **extra}
+
+
 def describe(ds, args, backend: str, device, extra: str = "") -> str:
+    from .cnn import net_summary
     where = f"\n  data: {ds.source}" if getattr(ds, "source", "") else ""
-    return (f"ffkernels train: {ds}{where}\n  net {ds.in_features}-{'-'.join(map(str, args.hidden))}, backend "
+    return (f"ffkernels train: {ds}{where}\n  net {net_summary(args, ds)}, backend "
             f"{backend!r} on {device} ({torch.get_num_threads()} threads){extra}, {args.epochs} epochs, "
             f"batch {args.batch_size}, " + (f"adam lr {args.bp_lr:g}" if getattr(args, "algo", "ff") == "bp"
                                             else f"{args.optimizer} lr {args.lr:g}"))

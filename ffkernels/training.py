@@ -42,13 +42,14 @@ def progress_iter(iterable, enabled: bool, **kw):
 
 @torch.no_grad()
 def accuracy(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int = 1000,
-             method: "str | None" = None) -> float:
+             method: "str | None" = None, shape=None) -> float:
     """Fraction of ``x`` whose predicted label (FFNet.predict: by ``method``, default the head when the net has
-    one, else goodness) equals ``y``."""
+    one, else goodness) equals ``y``. ``shape``: what one row is viewed as for the net (e.g. (C, H, W) for a CNN)."""
     device = net.layers[0].weight.device
     dtype = net.layers[0].weight.dtype
     correct = torch.zeros((), dtype=torch.long, device=device)
     for xb, yb in zip(x.split(batch_size), y.to(device).split(batch_size)):
+        xb = xb if shape is None else xb.reshape(-1, *shape)
         pred = net.predict(xb.to(device, dtype), num_classes, method=method)
         correct += (pred == yb).sum()
     return int(correct) / max(1, len(y))  # one host read
@@ -142,11 +143,12 @@ class _LossDisplay:
 
 
 @torch.no_grad()
-def bp_accuracy(model: BPMLP, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Fraction of ``x`` whose arg-max logit of the BP model equals ``y``."""
+def bp_accuracy(model: BPMLP, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, shape=None) -> float:
+    """Fraction of ``x`` whose arg-max logit of the BP model equals ``y`` (each row viewed as ``shape`` if given)."""
     p = next(model.parameters())
     correct = torch.zeros((), dtype=torch.long, device=p.device)
     for xb, yb in zip(x.split(batch_size), y.to(p.device).split(batch_size)):
+        xb = xb if shape is None else xb.reshape(-1, *shape)
         correct += (model(xb.to(p.device, p.dtype)).argmax(-1) == yb).sum()
     return int(correct) / max(1, len(y))  # one host read
 
@@ -170,6 +172,26 @@ def run_batches(n: int, batch_size: int, generator: torch.Generator, step, devic
         torch.cuda.synchronize(device)
     secs = time.perf_counter() - t0
     return EpochStats(0, (total / max(1, len(batches))).tolist() if total is not None else [], secs, n / secs)
+
+
+def train_competitive_epoch(net: FFNet, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                            generator: torch.Generator, progress: bool = False, desc: str = "train", *,
+                            shape=None, jitter: int = 0, image_shape=None, scheduler=None) -> EpochStats:
+    """One epoch of ``FFNet.ff_step_competitive`` (every layer with loss="competitive": the class groups'
+    cross-entropy, no negatives), batches in the order ``train_ff_epoch`` draws; ``jitter`` as there, then each row
+    viewed as ``shape`` (e.g. (C, H, W) for a CNN)."""
+    device, dtype = net.layers[0].weight.device, net.layers[0].weight.dtype
+
+    def step(idx):
+        xb = x[idx].to(device, dtype, non_blocking=True)
+        if jitter:
+            xb = augment_jitter(xb, image_shape, jitter, generator)
+        out = net.ff_step_competitive(xb if shape is None else xb.reshape(-1, *shape), y[idx].to(device))
+        if scheduler is not None:
+            scheduler.step()
+        return out.losses
+
+    return run_batches(len(y), batch_size, generator, step, device, progress, desc)
 
 
 def train_bp_epoch(model: BPMLP, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,

@@ -1,0 +1,145 @@
+"""FF CNNs for ``ffkernels train --model cnn`` (docs/design.md, "FF CNNs"): the conv stack built from the options as an
+FFNet of FFConv2d layers (competitive loss: one channel group per class) with max-pooling between them, and its
+backprop twin for ``--algo bp``."""
+from __future__ import annotations
+
+import argparse
+
+import torch.nn.functional as F
+from torch import nn
+
+from .backends.reference_conv import normalize_images
+from .cli_options import positive_int
+from .conv import FFConv2d
+from .linear import FFLinear
+from .net import FFNet
+
+MODELS = ("mlp", "cnn")
+# ``--model cnn``'s defaults (over add_arguments'; a dataset's CNN_DATASET_DEFAULTS and explicit flags win)
+CNN_DEFAULTS = {"loss": "competitive", "goodness": "mean", "channels": [40, 80, 160, 320], "pool_after": [1, 3],
+                "kernel_size": 3, "temperature": 1.0, "goodness_power": 2, "lr": 1e-3, "batch_size": 64}
+CNN_DATASET_DEFAULTS: dict = {}
+
+
+def add_cnn_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CNN (--model cnn) and the competitive loss")
+    g.add_argument("--model", default="mlp", choices=MODELS,
+                   help="mlp: FFLinear layers of --hidden widths; cnn: FFConv2d layers of --channels (k x k, padding "
+                        "k//2) with 2x2 max-pooling after the --pool-after layers, trained with --loss competitive. "
+                        f"--model cnn's defaults: {', '.join(f'--{k.replace(chr(95), chr(45))} {_shown(v)}' for k, v in CNN_DEFAULTS.items())}")
+    g.add_argument("--channels", type=positive_int, nargs="+", default=[40, 80, 160, 320],
+                   help="--model cnn: out_channels of each conv layer (multiples of the number of classes)")
+    g.add_argument("--kernel-size", type=positive_int, default=3, help="--model cnn: the (odd) kernel size")
+    g.add_argument("--pool-after", type=int, nargs="*", default=[1, 3], metavar="L",
+                   help="--model cnn: 2x2 max-pooling after these conv layers (0-based)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="--loss competitive: the class-group goodnesses / temperature are the cross-entropy's logits")
+    g.add_argument("--goodness-power", type=int, default=2, choices=[1, 2],
+                   help="goodness of h**p: 2 (squared activity) or 1 (the activity itself)")
+    g.add_argument("--predict-layers", type=int, nargs="+", default=None, metavar="L",
+                   help="--loss competitive: the layers whose class-group goodness is summed to predict (default: all)")
+
+
+def _shown(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def model_defaults(argv, dataset: "str | None") -> dict:
+    """``--model cnn``'s defaults (and its dataset's) when ``argv`` asks for it, else {}."""
+    from .cli_options import peek_option
+    if peek_option(argv, "--model") != "cnn":
+        return {}
+    return {**CNN_DEFAULTS, **CNN_DATASET_DEFAULTS.get(dataset, {})}
+
+
+def check_cnn_options(args, image_shape, num_classes: int) -> None:
+    """SystemExit (one line) for a CNN or competitive setup that cannot be built."""
+    if args.loss == "competitive" and args.model == "mlp":
+        bad = [w for w in args.hidden if w % num_classes]
+        if bad:
+            raise SystemExit(f"ffkernels train: --loss competitive splits every layer into {num_classes} class groups; "
+                             f"--hidden {' '.join(map(str, bad))} is not a multiple of {num_classes}")
+    if args.model != "cnn":
+        return
+    if args.loss != "competitive":
+        raise SystemExit("ffkernels train: --model cnn trains with --loss competitive (one channel group per class, "
+                         "no negatives); the label-in-input losses need an MLP's first layer")
+    if not image_shape or len(image_shape) != 3:
+        raise SystemExit("ffkernels train: --model cnn needs an image dataset (its image shape (C, H, W)); this one "
+                         "is flat")
+    if args.kernel_size % 2 == 0:
+        raise SystemExit(f"ffkernels train: --kernel-size must be odd (padding k//2 keeps the size), got "
+                         f"{args.kernel_size}")
+    bad = [c for c in args.channels if c % num_classes]
+    if bad:
+        raise SystemExit(f"ffkernels train: --channels {' '.join(map(str, bad))} must be multiples of the "
+                         f"{num_classes} classes (one channel group per class)")
+    n = len(args.channels)
+    if any(not 0 <= i < n for i in args.pool_after):
+        raise SystemExit(f"ffkernels train: --pool-after names conv layers 0..{n - 1}, got {args.pool_after}")
+    h, w = image_shape[1:]
+    for i in range(n):
+        if i in args.pool_after:
+            h, w = h // 2, w // 2
+            if min(h, w) < 1:
+                raise SystemExit(f"ffkernels train: pooling after conv layer {i} shrinks the {image_shape[1]}x"
+                                 f"{image_shape[2]} image below 1x1; pool less (--pool-after)")
+    if args.temperature <= 0:
+        raise SystemExit(f"ffkernels train: --temperature must be > 0, got {args.temperature}")
+
+
+def input_shape(args, ds) -> tuple:
+    """The shape one input row has for the net: (C, H, W) for --model cnn, (features,) otherwise."""
+    return tuple(ds.image_shape) if args.model == "cnn" else (ds.in_features,)
+
+
+def build_competitive_net(args, ds) -> FFNet:
+    """The FFNet of ``--loss competitive``: the conv stack of --model cnn, or the MLP of --hidden."""
+    c = ds.num_classes
+    opts = dict(loss="competitive", num_classes=c, goodness=args.goodness, goodness_power=args.goodness_power,
+                temperature=args.temperature, norm=args.norm, optimizer=args.optimizer, lr=args.lr,
+                momentum=args.momentum, weight_decay=args.weight_decay, backend=args.backend, device=args.device)
+    modules = []
+    if args.model == "cnn":
+        chans = [ds.image_shape[0], *args.channels]
+        for i in range(len(args.channels)):
+            modules.append(FFConv2d(chans[i], chans[i + 1], args.kernel_size, padding=args.kernel_size // 2, **opts))
+            if i in args.pool_after:
+                modules.append(nn.MaxPool2d(2))
+    else:
+        dims = [ds.in_features, *args.hidden]
+        modules = [FFLinear(a, b, **opts) for a, b in zip(dims[:-1], dims[1:])]
+    return FFNet(modules=modules, predict_layers=args.predict_layers)
+
+
+class BPCNN(nn.Module):
+    """The backprop twin of ``--model cnn``: the same stack (per-image normalization, conv, ReLU, the same pooling)
+    plus a linear head on the flattened last map, trained end to end with cross-entropy."""
+
+    def __init__(self, image_shape, channels, kernel_size: int, pool_after, num_classes: int, norm: str = "rms",
+                 device=None):
+        super().__init__()
+        chans = [image_shape[0], *channels]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, kernel_size, padding=kernel_size // 2, device=device)
+                                   for a, b in zip(chans[:-1], chans[1:]))
+        self.pool_after, self.norm = set(pool_after), norm
+        h, w = image_shape[1:]
+        for i in range(len(channels)):
+            if i in self.pool_after:
+                h, w = h // 2, w // 2
+        self.head = nn.Linear(channels[-1] * h * w, num_classes, device=device)
+
+    def forward(self, x):
+        for i, conv in enumerate(self.convs):
+            x = F.relu(conv(normalize_images(x, self.norm, 1e-8)))
+            if i in self.pool_after:
+                x = F.max_pool2d(x, 2)
+        return self.head(x.flatten(1))
+
+
+def net_summary(args, ds) -> str:
+    """The header's description of the net."""
+    if args.model == "cnn":
+        layers = "-".join(f"c{c}" + ("-pool" if i in args.pool_after else "") for i, c in enumerate(args.channels))
+        return f"cnn {'x'.join(map(str, ds.image_shape))}-{layers} (k{args.kernel_size})"
+    return f"{ds.in_features}-{'-'.join(map(str, args.hidden))}"
