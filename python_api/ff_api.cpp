@@ -133,8 +133,9 @@ OpOptions parse_options(c10::string_view text, bool conv = false) {
   check_number(q.momentum, "momentum", 0.0, true);
   check_number(q.weight_decay, "weight_decay", 0.0, true);
   if (!conv) {
-    TORCH_CHECK_VALUE(o.loss.loss != Loss::Competitive, "ffkernels: the linear FF ops compute sample goodness of h**2 "
-                      "with the hinton or symba loss; loss='competitive' needs the conv ops (FFConfig.conv_op_options)");
+    TORCH_CHECK_VALUE(o.loss.loss != Loss::Competitive, "ffkernels: the linear FF ops compute sample goodness of "
+                      "h**2 with the hinton or symba loss; loss='competitive' needs the conv ops "
+                      "(FFConfig.conv_op_options)");
     return o;
   }
   o.loss.goodness_over = parse_choice<GoodnessOver>(kv["goodness_over"], kGoodnessOverNames, "goodness_over");
