@@ -52,6 +52,61 @@ struct GoodnessLayout {
   }
 };
 
+// ---- one channel of one image (P outputs): the loops the compiler can vectorize -----------------------------------
+// Double sums keep four partial sums (element p goes to p % 4, combined as (s0 + s1) + (s2 + s3)): a fixed order, so
+// nothing depends on the thread count, without the latency of one serial chain.
+
+template <bool square, typename scalar_t>
+inline double goodness_term(scalar_t h) {
+  return square ? static_cast<double>(h) * static_cast<double>(h) : static_cast<double>(h);
+}
+
+// h = relu(z + b_c) (b_c = 0 without bias: adding +0 changes no h, relu(-0) = relu(+0) = 0 and NaN stays NaN)
+template <typename scalar_t, typename z_t, typename acc_t>
+inline void relu_channel(const z_t* z, acc_t bc, scalar_t* h, int64_t P) {
+  for (int64_t p = 0; p < P; ++p) h[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(z[p]) + bc));
+}
+
+// sum_p h_p^power
+template <bool square, typename scalar_t>
+inline double channel_goodness(const scalar_t* h, int64_t P) {
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  int64_t p = 0;
+  for (; p + 4 <= P; p += 4) {
+    s0 += goodness_term<square>(h[p]);
+    s1 += goodness_term<square>(h[p + 1]);
+    s2 += goodness_term<square>(h[p + 2]);
+    s3 += goodness_term<square>(h[p + 3]);
+  }
+  for (; p < P; ++p) s0 += goodness_term<square>(h[p]);
+  return (s0 + s1) + (s2 + s3);
+}
+
+// dL/dz_p = k_p * s * (2 h_p if square, else 1) * relu'(z_p), with coef_p = k_p * s * (2 or 1) given per location
+// (per_location) or once for the channel; written to dz (the GEMM dtype) as rounded to scalar_t. Returns the sum of
+// the scalar_t values (the channel's share of the bias gradient) when with_sum.
+template <bool square, bool per_location, bool with_sum, typename scalar_t, typename z_t, typename acc_t>
+inline double dz_channel(const scalar_t* h, const acc_t* coef, z_t* dz, int64_t P) {
+  double s[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t p = 0; p < P; ++p) {
+    const acc_t k = coef[per_location ? p : 0];
+    const scalar_t hv = h[p];
+    // relu'(z) = 0 where h <= 0 (h = 0 there, which the square's 2h already gives); NaN passes, as in torch
+    const scalar_t v = static_cast<scalar_t>(square ? k * static_cast<acc_t>(hv) : (hv <= scalar_t(0) ? acc_t(0) : k));
+    dz[p] = static_cast<z_t>(v);
+    if constexpr (with_sum) s[p & 3] += static_cast<double>(v);
+  }
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+template <bool square, typename scalar_t, typename z_t, typename acc_t>
+double dz_channel_any(const scalar_t* h, const acc_t* coef, bool per_location, bool with_sum, z_t* dz, int64_t P) {
+  if (per_location) {
+    return with_sum ? dz_channel<square, true, true>(h, coef, dz, P) : dz_channel<square, true, false>(h, coef, dz, P);
+  }
+  return with_sum ? dz_channel<square, false, true>(h, coef, dz, P) : dz_channel<square, false, false>(h, coef, dz, P);
+}
+
 template <typename scalar_t, typename z_t>
 struct EpilogueArgs {
   z_t* z;                 // (R, C, P): z on entry, dL/dz on exit
@@ -64,12 +119,12 @@ struct EpilogueArgs {
   int64_t B, sides;       // sides: 2 (pos and neg) or 1 (competitive)
 };
 
-template <typename scalar_t, typename z_t>
+template <bool square, typename scalar_t, typename z_t>
 void epilogue(const EpilogueArgs<scalar_t, z_t>& a, const GoodnessLayout& lay, const LossOptions& opt) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = lay.C, P = lay.P, M = C * P, ng = lay.count_per_image(), B = a.B;
+  const bool per_location = lay.over == GoodnessOver::Location;
   const acc_t s = goodness_scale<acc_t>(lay.summed(), opt.goodness);
-  const bool square = opt.goodness_power == 2;
   // dL/dz = (dL/dg) * s * (2h if p = 2, else 1) * relu'(z)
   const acc_t coef_scale = square ? acc_t(2) * s : s;
   const bool competitive = opt.loss == Loss::Competitive;
@@ -85,14 +140,12 @@ void epilogue(const EpilogueArgs<scalar_t, z_t>& a, const GoodnessLayout& lay, c
         scalar_t* hi_ = a.h[side] + i * M;
         std::fill(sums.begin(), sums.end(), 0.0);
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t bc = a.bias ? static_cast<acc_t>(a.bias[c]) : acc_t(0);
-          for (int64_t p = 0; p < P; ++p) {
-            acc_t v = static_cast<acc_t>(zi[c * P + p]);
-            if (a.bias) v += bc;
-            const scalar_t hv = static_cast<scalar_t>(relu(v));
-            hi_[c * P + p] = hv;
-            sums[lay.index(c, p)] += square ? static_cast<double>(hv) * static_cast<double>(hv)
-                                            : static_cast<double>(hv);
+          scalar_t* hc = hi_ + c * P;
+          relu_channel<scalar_t, z_t, acc_t>(zi + c * P, a.bias ? static_cast<acc_t>(a.bias[c]) : acc_t(0), hc, P);
+          if (per_location) {
+            for (int64_t p = 0; p < P; ++p) sums[p] += goodness_term<square>(hc[p]);
+          } else {
+            sums[lay.index(c, 0)] += channel_goodness<square>(hc, P);
           }
         }
         scalar_t* gi = a.g[side] + i * ng;
@@ -131,19 +184,10 @@ void epilogue(const EpilogueArgs<scalar_t, z_t>& a, const GoodnessLayout& lay, c
       // dL/dz over z, and the channel sums for the bias gradient
       for (int64_t side = 0; side < a.sides; ++side) {
         const int64_t r = side * B + i;
-        z_t* zi = a.z + r * M;
-        const scalar_t* hi_ = a.h[side] + i * M;
         for (int64_t c = 0; c < C; ++c) {
-          double db = 0.0;
-          for (int64_t p = 0; p < P; ++p) {
-            const scalar_t hv = hi_[c * P + p];
-            const acc_t k = coef[side][lay.index(c, p)];
-            // relu'(z) = 0 where h <= 0 (h = 0 there, which the square's 2h already gives); NaN passes, as in torch
-            const acc_t v = square ? k * static_cast<acc_t>(hv) : (hv <= scalar_t(0) ? acc_t(0) : k);
-            const scalar_t dz = static_cast<scalar_t>(v);
-            zi[c * P + p] = static_cast<z_t>(dz);
-            db += static_cast<double>(dz);
-          }
+          const acc_t* k = coef[side].data() + (per_location ? 0 : lay.index(c, 0));
+          const double db = dz_channel_any<square>(a.h[side] + i * M + c * P, k, per_location, a.db_part != nullptr,
+                                                   a.z + r * M + c * P, P);
           if (a.db_part) a.db_part[r * C + c] = db;
         }
       }
@@ -195,7 +239,11 @@ void conv_grad_impl(GradResult& r, const at::Tensor& x_pos, const at::Tensor& x_
                                 has_bias ? db_part.data() : nullptr,
                                 B,
                                 has_neg ? 2 : 1};
-  epilogue<scalar_t, z_t>(a, lay, opt);
+  if (opt.goodness_power == 2) {
+    epilogue<true, scalar_t, z_t>(a, lay, opt);
+  } else {
+    epilogue<false, scalar_t, z_t>(a, lay, opt);
+  }
   // z now holds dL/dz
   r.grad_weight = std::get<1>(at::convolution_backward(z, xhat, w, c10::nullopt, geom.stride, geom.padding,
                                                        geom.dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
