@@ -7,6 +7,7 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -24,6 +25,28 @@ inline double sum_squares(const scalar_t* x, int64_t begin, int64_t end) {
   double ss = 0;
   for (int64_t k = begin; k < end; ++k) ss += static_cast<double>(x[k]) * static_cast<double>(x[k]);
   return ss;
+}
+
+// x_hat = x / d_i row by row (rows of K: a (B, K) batch, or the images of a (B, C, H, W) batch with K = C*H*W),
+// written as out_t (the parameters' dtype, or the GEMM dtype under autocast).
+template <typename scalar_t, typename out_t>
+void normalize_rows(const scalar_t* x, out_t* out, int64_t rows, int64_t K, Norm norm, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const scalar_t* xr = x + i * K;
+      out_t* orow = out + i * K;
+      if (norm == Norm::None) {
+        for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<out_t>(xr[k]);
+        continue;
+      }
+      // x / d (ff_math.h row_divisor, the oracle's formula): divide, as the reference does; under autocast the
+      // quotient (in acc_t) is rounded once to the GEMM dtype
+      const acc_t d = static_cast<acc_t>(row_divisor(sum_squares(xr, 0, K), K, norm, eps));
+      for (int64_t k = 0; k < K; ++k)
+        orow[k] = static_cast<out_t>(static_cast<scalar_t>(static_cast<acc_t>(xr[k]) / d));
+    }
+  });
 }
 
 // h = relu(z + a * col + b) over one row of N (col and b may be null); returns sum h^2. z and col are in the GEMM

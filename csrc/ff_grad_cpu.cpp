@@ -30,26 +30,6 @@
 namespace ffk {
 namespace {
 
-template <typename scalar_t, typename out_t>
-void normalize_rows(const scalar_t* x, out_t* out, int64_t rows, int64_t K, Norm norm, double eps) {
-  using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const scalar_t* xr = x + i * K;
-      out_t* orow = out + i * K;
-      if (norm == Norm::None) {
-        for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<out_t>(xr[k]);
-        continue;
-      }
-      // x / d (ff_math.h row_divisor, the oracle's formula): divide, as the reference does; under autocast the
-      // quotient (in acc_t) is rounded once to the GEMM dtype
-      const acc_t d = static_cast<acc_t>(row_divisor(sum_squares(xr, 0, K), K, norm, eps));
-      for (int64_t k = 0; k < K; ++k)
-        orow[k] = static_cast<out_t>(static_cast<scalar_t>(static_cast<acc_t>(xr[k]) / d));
-    }
-  });
-}
-
 // z: (2B, N) in the GEMM dtype z_t; overwritten with dL/dz (also written to dz_full, the parameter-dtype copy, when
 // given). With c_pos given (peer normalization), the positive rows' dL/dz is not written: their c_i go to c_pos.
 template <typename scalar_t, typename z_t>

@@ -13,6 +13,8 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+
 #include "ff_options.h"
 
 namespace ffk {
@@ -38,6 +40,22 @@ void ff_update_cpu(const ParamState& p, const at::Tensor& loss, const OptimOptio
 GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos, const at::Tensor& label_neg,
                                int64_t C, double value, const at::Tensor& weight, const at::Tensor& bias,
                                const at::Tensor& peer_mean, const LossOptions& opt);
+
+// Convolutional FF (ff_conv_cpu.cpp): x_pos (B, C_in, H, W) and x_neg (the same shape; undefined for the competitive
+// loss), target (B,) int64 class labels (competitive only, else undefined), weight (C_out, C_in/groups, kH, kW), bias
+// (C_out) or undefined; opt.peer_norm == 0.
+//   -> loss (0-d), h_pos, h_neg (B, C_out, H_out, W_out), g_pos, g_neg: (B,) per image, (B, H_out, W_out) per
+//      location, (B, num_classes) per class group; h_neg and g_neg are empty (0,) tensors for the competitive loss.
+//      grad_weight in the GEMM dtype (bf16 under autocast; the ff_conv_grad op widens it), grad_bias (C_out) or
+//      undefined.
+struct ConvGeom {
+  std::array<int64_t, 2> stride{1, 1}, padding{0, 0}, dilation{1, 1};
+  int64_t groups = 1;
+};
+
+GradResult ff_conv_grad_cpu(const at::Tensor& x_pos, const at::Tensor& x_neg, const at::Tensor& target,
+                            const at::Tensor& weight, const at::Tensor& bias, const ConvGeom& geom,
+                            int64_t num_classes, const LossOptions& opt);
 
 #ifdef FF_WITH_CUDA
 GradResult ff_grad_cuda(const at::Tensor& x_pos, const at::Tensor& x_neg, const at::Tensor& weight,

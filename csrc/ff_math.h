@@ -19,7 +19,11 @@ namespace ffk {
 
 enum class Norm : int { None = 0, L2 = 1, RMS = 2 };
 enum class Goodness : int { Sum = 0, Mean = 1 };
-enum class Loss : int { Hinton = 0, Symba = 1 };
+// Competitive: the conv ops only (cross-entropy of the class groups' goodness; the linear ops' parser refuses it).
+enum class Loss : int { Hinton = 0, Symba = 1, Competitive = 2 };
+// What one goodness value sums over (the conv ops; the linear ops compute Sample): a whole image, the channels at one
+// output location, or one class's group of consecutive channels (with the competitive loss only).
+enum class GoodnessOver : int { Sample = 0, Location = 1, Group = 2 };
 enum class Optim : int { Adam = 0, SGD = 1 };
 // The GEMM operands' dtype (docs/design.md, "Mixed precision"): the parameters' own, or cast once to bf16/fp16
 // (torch.autocast), with fp32 accumulation and everything else in the parameters' dtype.
@@ -28,7 +32,8 @@ enum class GemmDtype : int { Param = 0, BFloat16 = 1, Float16 = 2 };
 // the same names for Python), so a new variant is declared here once, beside its enum.
 constexpr const char* kNormNames[] = {"none", "l2", "rms"};
 constexpr const char* kGoodnessNames[] = {"sum", "mean"};
-constexpr const char* kLossNames[] = {"hinton", "symba"};
+constexpr const char* kLossNames[] = {"hinton", "symba", "competitive"};
+constexpr const char* kGoodnessOverNames[] = {"sample", "location", "group"};
 constexpr const char* kOptimNames[] = {"adam", "sgd"};
 constexpr const char* kGemmDtypeNames[] = {"param", "bfloat16", "float16"};
 

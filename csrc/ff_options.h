@@ -24,6 +24,10 @@ struct LossOptions {
   double peer_norm = 0.0;      // lambda; 0: no peer normalization (nothing of it runs)
   double peer_momentum = 0.9;  // mu of the running mean r (peer_mean)
   GemmDtype gemm = GemmDtype::Param;  // the GEMM operands' dtype (the binding admits bfloat16 for float weights)
+  // the conv ops' keys (FFConfig.conv_op_options); the linear ops' parser leaves these defaults, which they compute
+  GoodnessOver goodness_over = GoodnessOver::Sample;
+  int goodness_power = 2;    // g = s * sum h^p, p in {1, 2}
+  double temperature = 1.0;  // competitive: cross-entropy of g / temperature over the class groups
 };
 
 struct OptimOptions {

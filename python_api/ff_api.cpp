@@ -13,6 +13,7 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "ff_ops.h"
 
@@ -27,9 +28,18 @@ constexpr const char* kOptionKeys[] = {"norm",      "norm_eps", "goodness", "thr
                                        "eps",       "momentum", "weight_decay", "peer_norm", "peer_momentum",
                                        "gemm_dtype"};
 
-std::string option_keys_text() {
+// The conv ops' options (FFConfig.conv_op_options, CONV_OPTION_KEYS): kOptionKeys, then these.
+constexpr const char* kConvOptionKeys[] = {"goodness_over", "goodness_power", "temperature"};
+
+std::vector<std::string> option_keys(bool conv) {
+  std::vector<std::string> keys(std::begin(kOptionKeys), std::end(kOptionKeys));
+  if (conv) keys.insert(keys.end(), std::begin(kConvOptionKeys), std::end(kConvOptionKeys));
+  return keys;
+}
+
+std::string option_keys_text(bool conv) {
   std::string s;
-  for (const char* k : kOptionKeys) s += (s.empty() ? "" : ", ") + std::string(k);
+  for (const std::string& k : option_keys(conv)) s += (s.empty() ? "" : ", ") + k;
   return s;
 }
 
@@ -59,9 +69,13 @@ struct OpOptions {
   OptimOptions optim;
 };
 
-// Parses and checks the options string once per call: every key must be there, once, and nothing else.
-OpOptions parse_options(c10::string_view text) {
+// Parses and checks the options string once per call: every key must be there, once, and nothing else. The linear
+// ops take FFConfig.op_options (kOptionKeys) and refuse the competitive loss; the conv ops (conv = true) take
+// FFConfig.conv_op_options (kOptionKeys + kConvOptionKeys).
+OpOptions parse_options(c10::string_view text, bool conv = false) {
   const std::string all(text);
+  const std::vector<std::string> keys = option_keys(conv);
+  const char* const source = conv ? "FFConfig.conv_op_options" : "FFConfig.op_options";
   std::map<std::string, std::string> kv;
   size_t pos = 0;
   while (pos <= all.size()) {
@@ -70,17 +84,17 @@ OpOptions parse_options(c10::string_view text) {
     const size_t eq = item.find('=');
     const std::string key = item.substr(0, eq);
     bool known = false;
-    for (const char* k : kOptionKeys) known = known || key == k;
+    for (const std::string& k : keys) known = known || key == k;
     TORCH_CHECK_VALUE(eq != std::string::npos && known, "ffkernels: unknown option '", key, "' in options '", all,
-                      "'; expected the keys ", option_keys_text(), " (see FFConfig.op_options)");
+                      "'; expected the keys ", option_keys_text(conv), " (see ", source, ")");
     TORCH_CHECK_VALUE(kv.emplace(key, item.substr(eq + 1)).second, "ffkernels: option '", key,
                       "' is given twice in options '", all, "'");
     pos = end + 1;
   }
   std::string missing;
-  for (const char* k : kOptionKeys)
-    if (!kv.count(k)) missing += (missing.empty() ? "" : ", ") + std::string(k);
-  TORCH_CHECK_VALUE(missing.empty(), "ffkernels: options '", all, "' lack ", missing, " (see FFConfig.op_options)");
+  for (const std::string& k : keys)
+    if (!kv.count(k)) missing += (missing.empty() ? "" : ", ") + k;
+  TORCH_CHECK_VALUE(missing.empty(), "ffkernels: options '", all, "' lack ", missing, " (see ", source, ")");
   auto number = [&](const char* key) {
     const std::string& v = kv[key];
     char* stop = nullptr;
@@ -118,6 +132,22 @@ OpOptions parse_options(c10::string_view text) {
   check_number(q.eps, "eps", 0.0, true);
   check_number(q.momentum, "momentum", 0.0, true);
   check_number(q.weight_decay, "weight_decay", 0.0, true);
+  if (!conv) {
+    TORCH_CHECK_VALUE(o.loss.loss != Loss::Competitive, "ffkernels: the linear FF ops compute sample goodness of "
+                      "h**2 with the hinton or symba loss; loss='competitive' needs the conv ops "
+                      "(FFConfig.conv_op_options)");
+    return o;
+  }
+  o.loss.goodness_over = parse_choice<GoodnessOver>(kv["goodness_over"], kGoodnessOverNames, "goodness_over");
+  const double power = number("goodness_power");
+  TORCH_CHECK_VALUE(power == 1.0 || power == 2.0, "ffkernels: goodness_power must be 1 or 2, got ",
+                    kv["goodness_power"]);
+  o.loss.goodness_power = static_cast<int>(power);
+  o.loss.temperature = number("temperature");
+  check_number(o.loss.temperature, "temperature", 0.0, false);
+  TORCH_CHECK_VALUE((o.loss.loss == Loss::Competitive) == (o.loss.goodness_over == GoodnessOver::Group),
+                    "ffkernels: loss='competitive' goes with goodness_over='group' (one goodness per class group) and "
+                    "only with it, got loss='", kv["loss"], "', goodness_over='", kv["goodness_over"], "'");
   return o;
 }
 
@@ -351,6 +381,105 @@ GradResult poison_loss(GradResult r, const Tensor& out_of_range) {
   return r;
 }
 
+// ---- the conv ops' arguments (the messages of ffkernels/backends/contract_conv.py) ---------------------------
+
+// The conv ops' inputs after check_conv: contiguous x_pos, x_neg (undefined for the competitive loss), int64 target
+// (competitive only), the geometry.
+struct ConvInputs {
+  Tensor x_pos, x_neg, target;
+  ConvGeom geom;
+};
+
+std::string pair_text(c10::IntArrayRef v) { return "(" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")"; }
+
+// nn.Conv2d's output size along one dimension
+int64_t conv_out_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  const int64_t span = size + 2 * padding - dilation * (kernel - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
+ConvInputs check_conv(const DeviceKernels& k, const LossOptions& o, const Tensor& x_pos, const OptT& x_neg,
+                      const OptT& target, const Tensor& weight, const OptT& bias, c10::IntArrayRef stride,
+                      c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, int64_t num_classes) {
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.numel() > 0, "ffkernels: a conv weight must be a non-empty 4-D "
+                    "(out_channels, in_channels/groups, kH, kW) tensor, got ", weight.sizes());
+  check_weight_dtype(k, weight);
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                    "ffkernels: stride, padding and dilation must be pairs (h, w), got stride=", stride,
+                    ", padding=", padding, ", dilation=", dilation);
+  TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 && padding[1] >= 0 && dilation[0] >= 1 &&
+                        dilation[1] >= 1,
+                    "ffkernels: stride and dilation must be >= 1 and padding >= 0, got stride=", pair_text(stride),
+                    ", padding=", pair_text(padding), ", dilation=", pair_text(dilation));
+  const int64_t c_out = weight.size(0);
+  TORCH_CHECK_VALUE(groups >= 1 && c_out % groups == 0, "ffkernels: groups=", groups,
+                    " must be >= 1 and divide out_channels=", c_out);
+  const int64_t c_in = weight.size(1) * groups;
+  const bool competitive = o.loss == Loss::Competitive;
+  const char* loss_name = kLossNames[static_cast<int>(o.loss)];
+  TORCH_CHECK_VALUE(!(competitive && x_neg.has_value()),
+                    "ffkernels: the competitive loss has no negatives: pass x_neg=None and the target labels");
+  TORCH_CHECK_VALUE(competitive || !target.has_value(), "ffkernels: the ", loss_name,
+                    " loss takes positives and negatives, not target labels");
+  TORCH_CHECK_VALUE(competitive || x_neg.has_value(), "ffkernels: the ", loss_name,
+                    " loss needs x_neg, the negatives (the shape of x_pos)");
+  TORCH_CHECK_VALUE(!competitive || target.has_value(), "ffkernels: the competitive loss needs target, one integer "
+                    "class label per image");
+  const std::pair<const char*, const Tensor*> named[2] = {{competitive ? "x" : "x_pos", &x_pos},
+                                                          {"x_neg", x_neg.has_value() ? &*x_neg : nullptr}};
+  for (const auto& [name, x] : named) {
+    if (x == nullptr) continue;
+    TORCH_CHECK_VALUE(x->dim() == 4, "ffkernels: ", name, " must be 4-D (B, C, H, W), got shape ", x->sizes());
+    TORCH_CHECK_VALUE(x->size(1) == c_in, "ffkernels: ", name, " has ", x->size(1),
+                      " channels but the layer takes in_channels=", c_in);
+    check_same_device(weight, *x, "weight", name);
+    TORCH_CHECK_TYPE(x->scalar_type() == weight.scalar_type(), "ffkernels: ", name, " has dtype ", x->scalar_type(),
+                     " but the layer's weight is ", weight.scalar_type());
+    TORCH_CHECK_VALUE(x->size(0) >= 1, "ffkernels: the batch is empty (B = 0)");
+  }
+  TORCH_CHECK_VALUE(competitive || x_pos.sizes() == x_neg->sizes(),
+                    "ffkernels: x_pos and x_neg must have the same shape, got ", x_pos.sizes(), " and ",
+                    x_neg->sizes());
+  ConvGeom geom;
+  for (int d = 0; d < 2; ++d) {
+    geom.stride[d] = stride[d];
+    geom.padding[d] = padding[d];
+    geom.dilation[d] = dilation[d];
+    TORCH_CHECK_VALUE(conv_out_size(x_pos.size(2 + d), weight.size(2 + d), stride[d], padding[d], dilation[d]) >= 1,
+                      "ffkernels: the kernel ", pair_text(weight.sizes().slice(2)), " (dilation ", pair_text(dilation),
+                      ") is larger than the padded input ", pair_text(x_pos.sizes().slice(2)), " + 2*",
+                      pair_text(padding));
+  }
+  geom.groups = groups;
+  TORCH_CHECK(weight.is_contiguous(), "ffkernels: weight must be contiguous (it is updated in place)");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == c_out, "ffkernels: bias must have shape (", c_out,
+                      "), got ", bias->sizes());
+    check_param(weight, *bias, "bias");
+  }
+  TORCH_CHECK_VALUE(o.peer_norm == 0.0,
+                    "ffkernels: peer normalization (peer_norm > 0) is for FFLinear; the conv step has none");
+  ConvInputs in{x_pos.contiguous(), competitive ? Tensor() : x_neg->contiguous(), Tensor(), geom};
+  if (!competitive) return in;
+  TORCH_CHECK_VALUE(num_classes >= 2, "ffkernels: the competitive loss needs num_classes (an int >= 2), got ",
+                    num_classes);
+  TORCH_CHECK_VALUE(c_out % num_classes == 0, "ffkernels: out_channels=", c_out, " must split into num_classes=",
+                    num_classes, " equal channel groups (a multiple of num_classes)");
+  const Tensor& t = *target;
+  TORCH_CHECK_TYPE(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()) &&
+                       t.scalar_type() != at::kBool,
+                   "ffkernels: target must be an integer tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x_pos.size(0), "ffkernels: target must have shape (", x_pos.size(0),
+                    "), one label per image, got ", t.sizes());
+  check_same_device(x_pos, t, "x", "target");
+  in.target = t.to(at::kLong).contiguous();
+  // the CPU reads the labels' range on the host (the conv ops have CPU kernels only)
+  const int64_t lo = in.target.min().item<int64_t>(), hi = in.target.max().item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0 && hi < num_classes, "ffkernels: target labels must be in [0, ", num_classes,
+                    "), got ", lo < 0 ? lo : hi);
+  return in;
+}
+
 }  // namespace
 
 // ---- the ops (ff_ops.h) --------------------------------------------------------------------------------
@@ -441,9 +570,42 @@ StepTuple ff_step_labeled_op(const DeviceKernels& k, const Tensor& x, const Tens
                      pw, pb, oo, peer_mean);
 }
 
+GradTuple ff_conv_grad_op(const DeviceKernels& k, const Tensor& x_pos, const OptT& x_neg, const OptT& target,
+                          const Tensor& weight, const OptT& bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                          c10::IntArrayRef dilation, int64_t groups, int64_t num_classes, c10::string_view options) {
+  const OpOptions o = parse_options(options, /*conv=*/true);
+  const ConvInputs in =
+      check_conv(k, o.loss, x_pos, x_neg, target, weight, bias, stride, padding, dilation, groups, num_classes);
+  check_gemm_dtype(k, o.loss, weight);
+  c10::DeviceGuard guard(weight.device());
+  const NoAutocast no_autocast;
+  return grad_tuple(k.conv_grad(in.x_pos, in.x_neg, in.target, weight, bias.has_value() ? *bias : Tensor(), in.geom,
+                                num_classes, o.loss),
+                    weight);
+}
+
+StepTuple ff_conv_step_op(const DeviceKernels& k, const Tensor& x_pos, const OptT& x_neg, const OptT& target,
+                          const Tensor& weight, const OptT& bias, const OptT& state1_weight, const OptT& state2_weight,
+                          const OptT& state1_bias, const OptT& state2_bias, c10::IntArrayRef stride,
+                          c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, int64_t num_classes,
+                          int64_t step, c10::string_view options) {
+  const OpOptions o = parse_options(options, /*conv=*/true);
+  const OptimOptions oo = optim_for_step(o, step);
+  const ConvInputs in =
+      check_conv(k, o.loss, x_pos, x_neg, target, weight, bias, stride, padding, dilation, groups, num_classes);
+  check_gemm_dtype(k, o.loss, weight);
+  auto [pw, pb] = checked_states(weight, bias, state1_weight, state2_weight, state1_bias, state2_bias, oo);
+  c10::DeviceGuard guard(weight.device());
+  const NoAutocast no_autocast;
+  return update_from(k,
+                     k.conv_grad(in.x_pos, in.x_neg, in.target, weight, bias.has_value() ? *bias : Tensor(), in.geom,
+                                 num_classes, o.loss),
+                     pw, pb, oo, OptT());
+}
+
 namespace {
 constexpr DeviceKernels kCpuKernels{"CPU", /*half_precision=*/false, &ff_grad_cpu, &ff_update_cpu,
-                                    &ff_grad_labeled_cpu, /*bf16_gemm=*/true};
+                                    &ff_grad_labeled_cpu, /*bf16_gemm=*/true, &ff_conv_grad_cpu};
 }  // namespace
 
 }  // namespace ffk
@@ -474,6 +636,18 @@ TORCH_LIBRARY(ffkernels, m) {
       "ff_step_labeled(Tensor x, Tensor label_pos, Tensor label_neg, int num_classes, float label_value, "
       "Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!)? state1_weight, Tensor(d!)? state2_weight, "
       "Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, Tensor(g!)? peer_mean, int step, str options) "
+      "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg)");
+  // convolutional FF (CPU kernels only): options is FFConfig.conv_op_options; hinton/symba take x_neg and no target,
+  // competitive takes target (B,) class labels and no x_neg (h_neg, g_neg are then empty)
+  m.def(
+      "ff_conv_grad(Tensor x_pos, Tensor? x_neg, Tensor? target, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int num_classes, str options) "
+      "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  m.def(
+      "ff_conv_step(Tensor x_pos, Tensor? x_neg, Tensor? target, Tensor(a!) weight, Tensor(b!)? bias, "
+      "Tensor(c!)? state1_weight, Tensor(d!)? state2_weight, Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, int num_classes, int step, str options) "
       "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg)");
 }
 

@@ -15,7 +15,8 @@ namespace ffk {
 using at::Tensor;
 using c10::optional;
 
-// One device's kernels (csrc/ff_kernels.h). grad_labeled is null on devices without the labeled first layer.
+// One device's kernels (csrc/ff_kernels.h). grad_labeled is null on devices without the labeled first layer, conv_grad
+// on devices without the convolutional step (the ff_conv_* ops are then not registered for that device).
 struct DeviceKernels {
   const char* device;   // for messages: "CPU", "CUDA"
   bool half_precision;  // accepts float16/bfloat16 besides float32/float64
@@ -26,6 +27,9 @@ struct DeviceKernels {
                              double value, const Tensor& weight, const Tensor& bias, const Tensor& peer_mean,
                              const LossOptions& opt);
   bool bf16_gemm = false;  // runs gemm_dtype=bfloat16 (torch.autocast): bf16 GEMM operands, float32 parameters
+  GradResult (*conv_grad)(const Tensor& x_pos, const Tensor& x_neg, const Tensor& target, const Tensor& weight,
+                          const Tensor& bias, const ConvGeom& geom, int64_t num_classes,
+                          const LossOptions& opt) = nullptr;
 };
 
 using GradTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -47,6 +51,14 @@ StepTuple ff_step_labeled_op(const DeviceKernels& k, const Tensor& x, const Tens
                              int64_t num_classes, double label_value, const Tensor& weight, const OptT& bias,
                              const OptT& state1_weight, const OptT& state2_weight, const OptT& state1_bias,
                              const OptT& state2_bias, const OptT& peer_mean, int64_t step, c10::string_view options);
+GradTuple ff_conv_grad_op(const DeviceKernels& k, const Tensor& x_pos, const OptT& x_neg, const OptT& target,
+                          const Tensor& weight, const OptT& bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                          c10::IntArrayRef dilation, int64_t groups, int64_t num_classes, c10::string_view options);
+StepTuple ff_conv_step_op(const DeviceKernels& k, const Tensor& x_pos, const OptT& x_neg, const OptT& target,
+                          const Tensor& weight, const OptT& bias, const OptT& state1_weight, const OptT& state2_weight,
+                          const OptT& state1_bias, const OptT& state2_bias, c10::IntArrayRef stride,
+                          c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, int64_t num_classes,
+                          int64_t step, c10::string_view options);
 
 // The ops with kernels K bound, as plain functions the dispatcher can register.
 template <const DeviceKernels& K>
@@ -74,6 +86,17 @@ struct BoundOps {
                                    const OptT& s1b, const OptT& s2b, const OptT& r, int64_t step, c10::string_view o) {
     return ff_step_labeled_op(K, x, lp, ln, C, value, w, b, s1w, s2w, s1b, s2b, r, step, o);
   }
+  static GradTuple ff_conv_grad(const Tensor& xp, const OptT& xn, const OptT& t, const Tensor& w, const OptT& b,
+                                c10::IntArrayRef st, c10::IntArrayRef pad, c10::IntArrayRef dil, int64_t groups,
+                                int64_t C, c10::string_view o) {
+    return ff_conv_grad_op(K, xp, xn, t, w, b, st, pad, dil, groups, C, o);
+  }
+  static StepTuple ff_conv_step(const Tensor& xp, const OptT& xn, const OptT& t, const Tensor& w, const OptT& b,
+                                const OptT& s1w, const OptT& s2w, const OptT& s1b, const OptT& s2b,
+                                c10::IntArrayRef st, c10::IntArrayRef pad, c10::IntArrayRef dil, int64_t groups,
+                                int64_t C, int64_t step, c10::string_view o) {
+    return ff_conv_step_op(K, xp, xn, t, w, b, s1w, s2w, s1b, s2b, st, pad, dil, groups, C, step, o);
+  }
 };
 
 // Registers kernels K for one dispatch key: TORCH_LIBRARY_IMPL(ffkernels, KEY, m) { register_ops<K>(m); }
@@ -85,6 +108,10 @@ void register_ops(torch::Library& m) {
   if (K.grad_labeled != nullptr) {
     m.impl("ff_grad_labeled", &BoundOps<K>::ff_grad_labeled);
     m.impl("ff_step_labeled", &BoundOps<K>::ff_step_labeled);
+  }
+  if (K.conv_grad != nullptr) {
+    m.impl("ff_conv_grad", &BoundOps<K>::ff_conv_grad);
+    m.impl("ff_conv_step", &BoundOps<K>::ff_conv_step);
   }
 }
 

@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from .contract import grad_outputs_like, step_outputs_like
+from .contract_conv import conv_outputs_like
 from .op_backend import OpBackend
 
 _C = None
@@ -68,6 +69,17 @@ def _register_fakes() -> None:
                          peer_mean, step, options):
         return step_outputs_like(x, weight)
 
+    @torch.library.register_fake("ffkernels::ff_conv_grad")
+    def _ff_conv_grad(x_pos, x_neg, target, weight, bias, stride, padding, dilation, groups, num_classes, options):
+        gb = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
+        return (*conv_outputs_like(x_pos, x_neg, weight, stride, padding, dilation, num_classes, options),
+                torch.empty_like(weight), gb)
+
+    @torch.library.register_fake("ffkernels::ff_conv_step")
+    def _ff_conv_step(x_pos, x_neg, target, weight, bias, s1w, s2w, s1b, s2b, stride, padding, dilation, groups,
+                      num_classes, step, options):
+        return conv_outputs_like(x_pos, x_neg, weight, stride, padding, dilation, num_classes, options)
+
 
 if _C is not None:
     _register_fakes()
@@ -76,8 +88,9 @@ if _C is not None:
 class CompiledBackend(OpBackend):
     """The C++ (``cpu``) or CUDA C++ (``cuda``) kernels of ffkernels._C."""
 
-    def __init__(self, name: str, device_type: str, dtypes, labeled: bool = False, gemm_dtypes=("param",)):
-        super().__init__(name, "ffkernels", labeled=labeled, gemm_dtypes=gemm_dtypes)
+    def __init__(self, name: str, device_type: str, dtypes, labeled: bool = False, gemm_dtypes=("param",),
+                 conv: bool = False):
+        super().__init__(name, "ffkernels", labeled=labeled, gemm_dtypes=gemm_dtypes, conv=conv)
         self.device_type, self.dtypes = device_type, dtypes
 
     def unavailable_reason(self):
@@ -98,12 +111,13 @@ class CompiledBackend(OpBackend):
 
 
 def cpu_backend() -> CompiledBackend:
-    """The C++ CPU kernels, with the supervised first-layer step (x with labels written in, B-row GEMMs), and bf16
-    GEMMs under torch.autocast (ATen's, i.e. oneDNN's)."""
+    """The C++ CPU kernels, with the supervised first-layer step (x with labels written in, B-row GEMMs), the
+    convolutional step (conv_grad, conv_step), and bf16 GEMMs under torch.autocast (ATen's, i.e. oneDNN's)."""
     return CompiledBackend("cpu", "cpu", (torch.float32, torch.float64), labeled=True,
-                           gemm_dtypes=("param", "bfloat16"))
+                           gemm_dtypes=("param", "bfloat16"), conv=True)
 
 
 def cuda_backend() -> CompiledBackend:
-    """The CUDA kernels, with the supervised first-layer step too (no autocast yet: refused with a clear error)."""
+    """The CUDA kernels, with the supervised first-layer step too (no autocast yet: refused with a clear error; no
+    convolutional step yet: no conv_grad / conv_step)."""
     return CompiledBackend("cuda", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16), labeled=True)

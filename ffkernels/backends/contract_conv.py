@@ -98,3 +98,18 @@ def check_target(target, batch: int, num_classes: int, channels: int, device, ch
     if check_range and target.device.type == "cpu" and batch and bool(((target < 0) | (target >= num_classes)).any()):
         bad = target[(target < 0) | (target >= num_classes)][0].item()
         raise ValueError(f"ffkernels: target labels must be in [0, {num_classes}), got {bad}")
+
+
+def conv_outputs_like(x_pos: Tensor, x_neg, weight: Tensor, stride, padding, dilation, num_classes: int,
+                      options: str) -> tuple:
+    """Empty loss, h_pos, h_neg, g_pos, g_neg of the conv ops (their fakes): h (B, C_out, H_out, W_out); g (B,),
+    (B, H_out, W_out) or (B, num_classes) by ``goodness_over`` in ``options`` (FFConfig.conv_op_options); h_neg and
+    g_neg (0,) without negatives (the competitive loss)."""
+    B, C = x_pos.shape[0], weight.shape[0]
+    hw = [conv_out_size(x_pos.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)]
+    over = FFConfig.from_op_options(options).goodness_over
+    g_shape = {"sample": (B,), "location": (B, *hw), "group": (B, num_classes)}[over]
+    h_pos, g_pos = x_pos.new_empty((B, C, *hw)), x_pos.new_empty(g_shape)
+    h_neg, g_neg = (x_pos.new_empty(0), x_pos.new_empty(0)) if x_neg is None else (x_pos.new_empty((B, C, *hw)),
+                                                                                    x_pos.new_empty(g_shape))
+    return x_pos.new_empty(()), h_pos, h_neg, g_pos, g_neg
