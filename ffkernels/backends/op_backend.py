@@ -58,7 +58,8 @@ class OpBackend:
         return FFStepOutput(*r)
 
     def _conv_args(self, x_pos, x_neg, target, weight, bias, geom, num_classes, cfg: FFConfig) -> tuple:
-        check_conv_inputs(x_pos, x_neg, target, weight, bias, geom, cfg, num_classes)
+        # the labels' range is the op's own check (in C++, before any work): no host read of it here
+        check_conv_inputs(x_pos, x_neg, target, weight, bias, geom, cfg, num_classes, check_range=False)
         check_gemm_dtype(self, cfg)
         return list(geom.stride), list(geom.padding), list(geom.dilation), int(geom.groups), int(num_classes or 0)
 
