@@ -142,6 +142,13 @@ class FFConfig:
         return self._options(OP_OPTION_KEYS)
 
     @cached_property
+    def update_config(self) -> "FFConfig":
+        """These options for the update alone (``ff_update``: the optimizer's fields are all it reads): ``self`` when the
+        linear ops take it, else the same optimizer with the linear loss fields, so a conv or competitive layer's
+        split update runs on the one update op."""
+        return self if self.is_linear else self.replace(loss="hinton", goodness_over="sample", goodness_power=2)
+
+    @cached_property
     def conv_op_options(self) -> str:
         """The ``options`` argument of the conv ops: ``op_options``' keys, then goodness_over, goodness_power and
         temperature (CONV_OPTION_KEYS)."""

@@ -168,10 +168,12 @@ class FFLayerBase(nn.Module):
         if loss is not None:
             self._check_finite(loss)
         w, b = self._param_views()
+        flat = (w.shape[0], -1)  # the update op takes 2-D weights: a conv weight and its state as (C_out, C_in/g*kH*kW)
         with torch.no_grad():
-            get_backend(self.backend).update(w, b, grad_weight, grad_bias, self._states("weight"),
+            get_backend(self.backend).update(w.view(flat), b, grad_weight.reshape(flat), grad_bias,
+                                             tuple(t.view(flat) for t in self._states("weight")),
                                              self._states("bias") if b is not None else (),
-                                             self.step_count + 1, self.config)
+                                             self.step_count + 1, self.config.update_config)
         self.step_count += 1
 
     # ---- state -------------------------------------------------------------------------------------

@@ -235,11 +235,11 @@ def preset_defaults(argv) -> dict:
     return model_defaults(argv, dataset) or dict(DATASET_DEFAULTS.get(dataset, {}))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="ffkernels train", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(**preset_defaults(argv))
-    run(p.parse_args(argv))
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

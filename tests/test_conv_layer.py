@@ -340,3 +340,22 @@ def test_bad_construction():
     with pytest.raises(ValueError, match="not both"):
         FFNet([4, 4], modules=[FFLinear(4, 4)])
     assert "FFConv2d" in repr(ffkernels.FFNet(modules=[FFConv2d(1, 4, 3)]))
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_the_split_step_is_the_fused_step(backend):
+    """ff_grad then ff_update (e.g. after an all-reduce) trains a conv layer bit for bit as ff_step_competitive."""
+    torch.manual_seed(0)
+    a = FFConv2d(2, 4, 3, loss="competitive", num_classes=2, backend=backend, dtype=FP64)
+    b = FFConv2d(2, 4, 3, loss="competitive", num_classes=2, backend=backend, dtype=FP64)
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.rand(3, 2, 6, 6, generator=g, dtype=FP64), torch.randint(0, 2, (3,), generator=g)
+        grad = a.ff_grad(x, target=y)
+        a.ff_update(grad.grad_weight, grad.grad_bias, grad.loss)
+        b.ff_step_competitive(x, y)
+    for k, v in a.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, b.state_dict()[k]), k
+    assert a.step_count == b.step_count == 3
