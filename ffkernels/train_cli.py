@@ -156,6 +156,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     if getattr(args, "precision", "fp32") != "fp32" and getattr(args, "distributed", "none") != "none":
         raise SystemExit("ffkernels train: --precision bf16 is not supported with --distributed yet")
+    if getattr(args, "distributed", "none") != "none" and (args.model != "mlp" or args.loss == "competitive"):
+        raise SystemExit("ffkernels train: --model cnn and --loss competitive are not supported with --distributed yet")
     if getattr(args, "distributed", "none") != "none":
         from .distributed.cli import run as run_distributed
 

@@ -57,6 +57,7 @@ def test_the_bp_twin_and_the_competitive_mlp_run(capsys):
     (["--pool-after", "5"], "--pool-after names conv layers"),
     (["--head"], "--head is not supported with --loss competitive"),
     (["--temperature", "0"], "--temperature must be > 0"),
+    (["--distributed", "data"], "not supported with --distributed"),
 ])
 def test_a_cnn_that_cannot_be_built_is_one_line(extra, needle, capsys):
     assert_one_line_error(["train"] + CNN + ["--epochs", "0"] + extra, capsys, needle)
