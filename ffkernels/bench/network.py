@@ -19,6 +19,9 @@ this process, the three algorithms of a depth together with interleaved repeats.
 A configuration that fails (building it, a training step or its memory measurement raises: CUDA out of
 memory, a Triton compile error, a missing kernel) gets a row with ``error`` and None for what it lacks; the
 others are still measured. Rows carry their dtype; the summary is per dtype (``by_dtype``).
+
+The conv net of ``--conv`` (conv_network.py) goes through the same sweep (``bench_depths``): its ConvNetConfig builds
+itself (``build``, ``make_batch``, ``tiny``), so the functions here take either kind of configuration.
 """
 from __future__ import annotations
 
