@@ -43,11 +43,12 @@ from ..config import FFConfig
 from ..conv import FFConv2d
 from .cases import NUM_CLASSES, _under_autocast, fused_backends, has_bf16_gemms
 
-# the CNN recipe's layers (ffkernels train --model cnn: 1 -> 40 -> 80 (pool) -> 160 -> 320 (pool), k3 p1, batch 64),
-# each with the competitive loss (B images) and the hinton loss (B + B), and issue 19's 64 -> 128 at 14x14, 128 + 128
+# the CNN recipe's layers (ffkernels train --model cnn: 1 -> 40 -> 80 (pool) -> 160 -> 320 (pool), k3 p1, batch 64;
+# the pooling follows the 2nd and the 4th conv, so 80 -> 160 and 160 -> 320 both run at 14x14), each with the
+# competitive loss (B images) and the hinton loss (B + B), and issue 19's 64 -> 128 at 14x14, 128 + 128
 CONV_SHAPES = ("competitive:64x1x28x28:40,hinton:64x1x28x28:40,competitive:64x40x28x28:80,hinton:64x40x28x28:80,"
-               "competitive:64x80x14x14:160,hinton:64x80x14x14:160,competitive:64x160x7x7:320,"
-               "hinton:64x160x7x7:320,hinton:128x64x14x14:128")
+               "competitive:64x80x14x14:160,hinton:64x80x14x14:160,competitive:64x160x14x14:320,"
+               "hinton:64x160x14x14:320,hinton:128x64x14x14:128")
 CONV_QUICK_SHAPES = "competitive:4x1x8x8:10,hinton:4x10x6x6:20"
 LOSSES = ("competitive", "hinton")
 _SHAPE_RE = re.compile(r"\s*([a-z]+):(\d+)x(\d+)x(\d+)x(\d+):(\d+)(?:k(\d+))?(?:p(\d+))?\s*")
