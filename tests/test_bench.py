@@ -1,6 +1,7 @@
 """``ffkernels bench``: a quick end-to-end run (JSON structure, machine record, every case ran, the PNG), and
 the pieces that can be checked without timing anything: shape parsing, backend choice, the step-count of the
 timer, the memory meter and the memory accounting. No assertion here depends on how fast anything ran."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -548,6 +549,160 @@ def test_tf32_switch_is_restored():
     finally:
         bench_cli._restore_tf32(before)
     assert (torch.backends.cuda.matmul.allow_tf32, get_fp32_precision()) == (cublas, triton_precision)
+
+# ---- the conv cases (--conv): FFConv2d layer steps against their floor, the competitive conv net vs BPCNN -------------
+
+@pytest.fixture(scope="module")
+def conv_quick_run(tmp_path_factory):
+    """One `ffkernels bench --conv --quick --precision bf16` run (1 thread, one depth: two fresh worker processes) with
+    --json, --plot and --markdown."""
+    n = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("conv_bench")
+    js, png, md = out / "bench.json", out / "bench.png", out / "bench.md"
+    try:
+        main(["bench", "--conv", "--quick", "--device", "cpu", "--threads", "1", "--depths", "1", "--precision",
+              "bf16", "--no-progress", "--json", str(js), "--plot", str(png), "--markdown", str(md)])
+    finally:
+        torch.set_num_threads(n)
+    return json.loads(js.read_text()), png, md
+
+
+def test_conv_quick_runs_every_conv_layer_case(conv_quick_run):
+    from ffkernels.bench.conv_cases import CONV_QUICK_SHAPES, parse_conv_shapes
+
+    result = conv_quick_run[0]
+    assert result["layer"] is None and result["network"] is None  # --conv measures the conv cases instead
+    s = result["settings"]
+    assert s["conv"] and s["shapes"] == CONV_QUICK_SHAPES and s["channels"] == [10, 20] and s["image"] == [1, 8, 8]
+    assert "--conv" in s["command"] and "--channels 10,20 --image 1x8x8" in s["command"]
+    layer = result["conv_layer"]
+    fused = [f"fused-{b}" for b in layer["backends"]]
+    assert ("fused-cpu" in fused) == ("cpu" in available_backends())
+    cases = fused + ["reference", "bp-dx", "floor"] + [f + "-bf16" for f in fused] + ["floor-bf16"]
+    shapes = parse_conv_shapes(CONV_QUICK_SHAPES)
+    assert {(r["shape"], r["case"]) for r in layer["rows"]} == {(str(sh), c) for sh in shapes for c in cases}
+    assert {sh.loss for sh in shapes} == {"competitive", "hinton"}
+    for r in layer["rows"]:
+        t = r["time"]
+        assert 0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"] and t["repeats"] == 2 and "error" not in r
+        assert r["samples_per_s"] == pytest.approx(r["batch"] / t["median_s"])
+        ff_images = r["batch"] * (2 if r["loss"] == "hinton" else 1)
+        assert r["images"] == (r["batch"] if r["kind"] == "bp" else ff_images)
+        assert (r["speedup_over_reference"] is not None) == (r["kind"] == "fused")
+        assert (r["ff_bp_dx_ratio_per_sample"] is not None) == (r["kind"] in ("fused", "reference"))
+        assert (r["ratio_to_floor"] is not None) and (r["kind"] != "floor" or r["ratio_to_floor"] == 1.0)
+        assert (r.get("precision") == "bf16") == r["case"].endswith("-bf16")
+        assert ("speedup_over_fp32" in r) == (r["case"].endswith("-bf16") and r["kind"] == "fused")
+
+
+def test_conv_quick_runs_the_conv_net(conv_quick_run):
+    net = conv_quick_run[0]["conv_network"]
+    assert "profiler" in net["memory_method"]["alloc"] and "RSS" in net["memory_method"]["rss"]
+    assert {(r["algo"], r["depth"]) for r in net["rows"]} == {("ff", 1), ("bp", 1)}
+    for r in net["rows"]:
+        assert r["model"] == "cnn" and r["channels"] == [10, 20] and r["image"] == [1, 8, 8] and r["batch"] == 4
+        assert r["threads"] == 1 and r["samples_per_s"] > 0 and "error" not in r
+        assert r["peak_alloc_bytes"] >= r["persistent_bytes"] > 0 and r["peak_rss_bytes"] >= 0
+    assert {r["algo"]: r["backend"] for r in net["rows"]}["bp"] == "autograd"
+    assert [(p["algo"], p["depth"]) for p in net["summary"]["per_depth"]] == [("ff", 1)]
+
+
+def test_conv_markdown_plot_and_rerendering_from_json(conv_quick_run, tmp_path, capsys):
+    result, png, md = conv_quick_run
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+    text = md.read_text()
+    assert "**conv 1 -> 10, 8x8, k3 p1, B = 4 real images (FF: 4 images, competitive" in text
+    assert "**conv 10 -> 20, 6x6, k3 p1, B = 4 real images (FF: 8 images = 4 pos + 4 neg, hinton" in text
+    assert "| case | median ms | min-max ms | images/s | x floor | speed-up vs ref | FF/BP-dx per image |" in text
+    assert "| floor | " in text and "| bp-dx | " in text and "| floor-bf16 | " in text
+    assert "floor: " in text and "GFLOP/s, plus the optimizer's pass" in text
+    assert "conv network: 1x8x8 images, depth d = the first d layers of c10-c20-pool" in text
+    assert "| depth | algo |" in text and "targets (issue 12" not in text  # the targets are the linear cases'
+    js = tmp_path / "r.json"
+    js.write_text(json.dumps(result))
+    again = tmp_path / "again.md"
+    main(["bench", "--from-json", str(js), "--markdown", str(again), "--plot", str(tmp_path / "again.png")])
+    assert again.read_text() == text
+    assert "conv network" in capsys.readouterr().out
+    assert (tmp_path / "again.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_conv_shape_parsing():
+    from ffkernels.bench.conv_cases import CONV_SHAPES, ConvShape, parse_conv_shapes
+
+    sh = ConvShape.parse("hinton:128x64x14x14:128")
+    assert (sh.loss, sh.batch, sh.in_channels, sh.height, sh.width, sh.out_channels, sh.kernel, sh.padding) == (
+        "hinton", 128, 64, 14, 14, 128, 3, 1)
+    assert str(sh) == "hinton:128x64x14x14:128k3p1" and ConvShape.parse(str(sh)) == sh and sh.ff_images == 256
+    sh = ConvShape.parse("competitive:8x3x9x7:20k5p0")
+    assert sh.output_hw == (5, 3) and sh.ff_images == 8 and sh.num_classes == 10
+    assert len(parse_conv_shapes(CONV_SHAPES)) == 9
+    for bad, message in (("64x1x28x28:40", "LOSS"), ("symba:4x1x8x8:10", "loss is one of"), ("competitive:4x1x8x8:12", "multiple"),
+                         ("hinton:4x1x2x2:10k5p0", "larger"), ("hinton:0x1x8x8:10", "batch"), (" , ", "no conv")):
+        with pytest.raises(ValueError, match=message):
+            parse_conv_shapes(bad)
+
+
+def test_conv_settings_and_net_configs():
+    import argparse
+
+    from ffkernels.bench import cli as bench_cli
+    from ffkernels.bench.conv_cases import CONV_SHAPES
+    from ffkernels.bench.conv_network import ConvNetConfig
+    from ffkernels.bench.network_worker import config_from_json
+
+    def settings(*argv):
+        p = argparse.ArgumentParser()
+        bench_cli.add_arguments(p)
+        return bench_cli._settings(p.parse_args(list(argv)))
+    for device in ("cpu", "cuda"):  # the CNN recipe's layers and net on every device
+        s = settings("--conv", "--device", device)
+        assert (s["shapes"], s["depths"], s["batch"]) == (CONV_SHAPES, [1, 2, 3, 4], 64)
+        assert (s["channels"], s["image"]) == ([40, 80, 160, 320], [1, 28, 28]) and "width" not in s
+    assert settings("--conv", "--channels", "20,30", "--image", "3x9x9")["image"] == [3, 9, 9]
+    with pytest.raises(ValueError, match="--width describes the MLP"):
+        settings("--conv", "--width", "8")
+    with pytest.raises(ValueError, match="add --conv"):
+        settings("--image", "1x8x8")
+    cfg = ConvNetConfig("bp", 4, 64)
+    assert cfg.describe() == "c40-c80-pool-c160-c320-pool (k3)" and ConvNetConfig("ff", 3, 64).pools == (1,)
+    assert config_from_json(json.dumps(dataclasses.asdict(cfg))) == cfg  # what the memory worker receives
+    assert config_from_json(json.dumps(dataclasses.asdict(NetConfig("ff", 1, 8, 4)))) == NetConfig("ff", 1, 8, 4)
+    for kw, message in (({"depth": 5}, "needs 5 conv layers"), ({"depth": 2, "channels": (40, 15)}, "multiples"),
+                        ({"image": (1, 2, 2)}, "below 1x1"), ({"algo": "ff-labeled"}, "algo"),
+                        ({"kernel_size": 4}, "odd")):
+        with pytest.raises(ValueError, match=message):
+            ConvNetConfig(**{"algo": "ff", "depth": 4, "batch": 8, **kw})
+
+
+def test_conv_cases_train_and_a_failing_one_is_recorded(tmp_path, monkeypatch, restore_threads, capsys):
+    import ffkernels.bench.conv_layer as conv_layer_mod
+    from ffkernels.bench.conv_cases import ConvCase, ConvShape, conv_backends, conv_layer_cases
+
+    backends, _ = conv_backends("cpu", torch.float32)
+    shape = ConvShape.parse("competitive:3x2x5x5:10")
+    for case in conv_layer_cases(backends):  # every real case steps (and the FF ones train) on this shape
+        step = case.build(shape, torch.device("cpu"), torch.float32)
+        first, second = step(), step()
+        if case.kind in ("fused", "reference"):
+            assert torch.isfinite(first.loss) and not torch.equal(first.h_pos, second.h_pos)
+
+    def build_fails(shape, device, dtype):
+        raise RuntimeError("no conv kernel for this")
+    fake = [ConvCase("fused-a", "fused", "a", lambda shape, device, dtype: (lambda: None)),
+            ConvCase("fused-b", "fused", "b", build_fails), ConvCase("floor", "floor", None,
+                                                                     lambda shape, device, dtype: (lambda: None))]
+    monkeypatch.setattr(conv_layer_mod, "conv_layer_cases", lambda backends, bf16=False: fake)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--conv", "--device", "cpu", "--no-network", "--shapes", "hinton:2x1x4x4:4", "--repeats", "1",
+              "--warmup", "0", "--min-time", "0", "--no-progress", "--json", str(tmp_path / "b.json"), "--markdown",
+              str(tmp_path / "b.md")])
+    assert exit_info.value.code == 1
+    assert "conv layer hinton:2x1x4x4:4k3p1 float32 fused-b: RuntimeError: no conv kernel" in capsys.readouterr().err
+    rows = {r["case"]: r for r in json.loads((tmp_path / "b.json").read_text())["conv_layer"]["rows"]}
+    assert rows["fused-b"]["time"] is None and rows["fused-a"]["ratio_to_floor"] > 0
+    assert "| fused-b | error |" in (tmp_path / "b.md").read_text()
+
 
 # ---- scripts/gpu_check.sh: its time budget, its guard, its phase runner (run here, without a GPU) ------------------
 

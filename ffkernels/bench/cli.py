@@ -5,6 +5,7 @@ FF-vs-BP training throughput and peak memory as depth grows. Prints tables; ``--
     ffkernels bench --device cuda --dtype bfloat16,float32 --json gpu.json --plot gpu.png
     ffkernels bench --quick                          # tiny shapes, few repeats (a smoke run)
     ffkernels bench --json cpu.json --markdown cpu.md --plot cpu.png
+    ffkernels bench --conv --threads 1               # the conv cases: FFConv2d steps and the competitive conv net
 
 A case that fails (CUDA out of memory, a Triton compile error, a missing kernel) is recorded with its error
 and the rest goes on; the exit status is then 1. With ``--json`` (and ``--markdown``) the file is rewritten
@@ -26,6 +27,9 @@ from ..backends import BACKEND_NAMES
 from ..cli_options import HelpFormatter, add_precision_option, show_progress
 from . import report
 from .cases import DEFAULT_SHAPES, GPU_SHAPES, QUICK_SHAPES, fused_backends, parse_shapes
+from .conv_cases import CONV_QUICK_SHAPES, CONV_SHAPES, conv_backends, parse_conv_shapes
+from .conv_layer import bench_conv_layers
+from .conv_network import ConvNetConfig, bench_conv_network
 from .layer import bench_layers
 from .machine import machine_info
 from .memory import methods as memory_methods
@@ -44,6 +48,16 @@ DEFAULTS = {
     "warmup": (3, 1),
     "min_time": (0.05, 0.0),
 }
+# with --conv (the conv cases, on any device): the CNN recipe's layers and net (batch 64, 1x28x28 images)
+CONV_DEFAULTS = {
+    "shapes": (CONV_SHAPES, CONV_QUICK_SHAPES),
+    "depths": ("1,2,3,4", "1,2"),
+    "channels": ("40,80,160,320", "10,20"),
+    "image": ("1x28x28", "1x8x8"),
+    "batch": (64, 4),
+    **{k: DEFAULTS[k] for k in ("repeats", "warmup", "min_time")},
+}
+LINEAR_ONLY, CONV_ONLY = ("width", "in_features"), ("channels", "image")
 # the defaults that differ with --device cuda (not --quick): the large shapes, and a network batch where the
 # activations BP stores are not lost next to the weights (B = 4096, the batch of issue 12's target shape)
 CUDA_DEFAULTS = {"shapes": GPU_SHAPES, "batch": 4096}
@@ -66,6 +80,17 @@ def _int_list(text: str) -> list:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _image_shape(text: str) -> list:
+    parts = text.lower().split("x")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected an image shape CxHxW (e.g. 1x28x28), got {text!r}")
     return values
 
 
@@ -93,17 +118,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated fused backends to measure, some of "
                         f"{', '.join(b for b in BACKEND_NAMES if b != 'reference')} (default: every built one that "
                         "runs on the device and dtype; the reference step is always measured)")
+    p.add_argument("--conv", action="store_true",
+                   help="measure the convolution cases instead of the linear ones: the FFConv2d layer steps (fused, "
+                        "its floor, the reference, BP-dx) on conv --shapes, and the competitive conv net (FFNet of "
+                        "FFConv2d with pooling) vs BPCNN as depth grows (--depths, --channels, --image, --batch)")
     p.add_argument("--shapes", default=None,
                    help=f"layer shapes BxKxN (B real samples = rows of x_pos = rows of x_neg, K -> N), "
                         f"comma-separated (default: {DEFAULTS['shapes'][0]}; with --device cuda "
-                        f"{CUDA_DEFAULTS['shapes']})")
+                        f"{CUDA_DEFAULTS['shapes']}). With --conv, conv shapes LOSS:BxCxHxW:N[kK][pP] (loss "
+                        f"competitive: B images; hinton: B pos + B neg; C -> N channels, kernel K (3), padding P (1)); "
+                        f"default {CONV_SHAPES}")
     p.add_argument("--depths", type=_int_list, default=None,
-                   help=f"network depths for FF vs BP (default: {DEFAULTS['depths'][0]})")
+                   help=f"network depths for FF vs BP (default: {DEFAULTS['depths'][0]}; with --conv "
+                        f"{CONV_DEFAULTS['depths'][0]}: the first d conv layers of --channels)")
+    p.add_argument("--channels", type=_int_list, default=None,
+                   help=f"--conv: out_channels of the conv net's layers, 2x2 max-pooling after the 2nd and 4th "
+                        f"(the CNN recipe's; default: {CONV_DEFAULTS['channels'][0]})")
+    p.add_argument("--image", type=_image_shape, default=None,
+                   help=f"--conv: the conv net's input images CxHxW (default: {CONV_DEFAULTS['image'][0]})")
     p.add_argument("--width", type=_positive_int, default=None,
                    help=f"network layer width (default: {DEFAULTS['width'][0]})")
     p.add_argument("--batch", type=_positive_int, default=None,
                    help=f"network batch: real samples per step (default: {DEFAULTS['batch'][0]}; with --device cuda "
-                        f"{CUDA_DEFAULTS['batch']})")
+                        f"{CUDA_DEFAULTS['batch']}; with --conv {CONV_DEFAULTS['batch'][0]} images)")
     p.add_argument("--in-features", type=_positive_int, default=None,
                    help=f"network input size (default: {DEFAULTS['in_features'][0]}, MNIST)")
     p.add_argument("--repeats", type=_positive_int, default=None,
@@ -127,23 +164,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_precision_option(p, "bf16: also measure the float32 layer steps under torch.autocast(dtype=bfloat16) "
                             "(fused-<backend>-bf16, labeled-<backend>-bf16, on backends with bf16 GEMMs), side by "
-                            "side with the fp32 ones, and floor-bf16 (bf16 GEMMs + the optimizer pass)")
+                            "side with the fp32 ones, and floor-bf16 (bf16 GEMMs + the optimizer pass); with --conv "
+                            "fused-<backend>-bf16 and the conv floor-bf16 (bf16 convolutions + the optimizer pass)")
 
 
 def _settings(args) -> dict:
-    """The effective options: given ones, else the --quick, the --device cuda or the normal defaults."""
-    s = {k: getattr(args, k) for k in DEFAULTS}
-    for k, (normal, quick) in DEFAULTS.items():
+    """The effective options: given ones, else the --quick, the --device cuda or the normal defaults (with --conv:
+    CONV_DEFAULTS, on every device)."""
+    conv = bool(getattr(args, "conv", False))
+    given = [k for k in (LINEAR_ONLY if conv else CONV_ONLY) if getattr(args, k, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)} "
+                         + ("describe" if len(given) > 1 else "describes")
+                         + (" the MLP of the linear cases; the conv net takes --channels and --image" if conv
+                            else " the conv net: add --conv"))
+    table = CONV_DEFAULTS if conv else DEFAULTS
+    s = {k: getattr(args, k, None) for k in table}
+    for k, (normal, quick) in table.items():
         if s[k] is None:
-            s[k] = quick if args.quick else CUDA_DEFAULTS.get(k, normal) if args.device == "cuda" else normal
+            s[k] = (quick if args.quick else normal if conv
+                    else CUDA_DEFAULTS.get(k, normal) if args.device == "cuda" else normal)
     if isinstance(s["depths"], str):
         s["depths"] = _int_list(s["depths"])
+    if conv:
+        s["channels"] = _int_list(s["channels"]) if isinstance(s["channels"], str) else s["channels"]
+        s["image"] = _image_shape(s["image"]) if isinstance(s["image"], str) else s["image"]
     if s["warmup"] < 0:
         raise ValueError(f"--warmup must be >= 0, got {s['warmup']}")
     if not s["min_time"] >= 0:
         raise ValueError(f"--min-time must be >= 0, got {s['min_time']}")
     dtypes = _dtypes(args)
-    s.update(device=args.device, dtype=",".join(dtypes), dtypes=dtypes, quick=args.quick,
+    s.update(conv=conv, device=args.device, dtype=",".join(dtypes), dtypes=dtypes, quick=args.quick,
              threads=torch.get_num_threads(), tf32=bool(getattr(args, "tf32", False)),
              precision=getattr(args, "precision", "fp32"))
     s["command"] = reproduce_command(s, args)
@@ -161,11 +212,16 @@ def reproduce_command(s: dict, args) -> str:
         parts.append("--tf32")
     if s.get("precision", "fp32") != "fp32":
         parts += ["--precision", s["precision"]]
+    if s.get("conv"):
+        parts.append("--conv")
     if args.backends:
         parts += ["--backends", args.backends]
     if not args.no_layer:
         parts += ["--shapes", s["shapes"]]
-    if not args.no_network:
+    if not args.no_network and s.get("conv"):
+        parts += ["--depths", ",".join(map(str, s["depths"])), "--channels", ",".join(map(str, s["channels"])),
+                  "--image", "x".join(map(str, s["image"])), "--batch", str(s["batch"])]
+    elif not args.no_network:
         parts += ["--depths", ",".join(map(str, s["depths"])), "--width", str(s["width"]), "--batch",
                   str(s["batch"]), "--in-features", str(s["in_features"])]
     parts += ["--repeats", str(s["repeats"]), "--warmup", str(s["warmup"]), "--min-time", str(s["min_time"])]
@@ -214,15 +270,23 @@ def _run(args) -> dict:
     s = _settings(args)
     device = torch.device(args.device)
     timing = {"warmup": s["warmup"], "repeats": s["repeats"], "min_time": s["min_time"]}
+    conv = s["conv"]
     plans = {}
     if not args.no_layer:  # a requested backend that cannot run in one of the dtypes fails before measuring
         requested = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
-        plans = {name: fused_backends(device, DTYPES[name], requested) for name in s["dtypes"]}
-        shapes = parse_shapes(s["shapes"])
+        choose = conv_backends if conv else fused_backends
+        plans = {name: choose(device, DTYPES[name], requested) for name in s["dtypes"]}
+        shapes = parse_conv_shapes(s["shapes"]) if conv else parse_shapes(s["shapes"])
+    if conv and not args.no_network:  # a depth, channel list or image the net cannot have fails before measuring
+        for d in s["depths"]:
+            ConvNetConfig("ff", d, s["batch"], channels=s["channels"], image=s["image"])
+    layer = None if args.no_layer else {"backends": [], "skipped": [], "rows": [], "by_dtype": {}}
+    network = None if args.no_network else {"memory_method": memory_methods(device, MEMORY_STEPS), "rows": [],
+                                            "summary": summarize([])}
+    # the linear cases in "layer" and "network", the conv cases (--conv) in "conv_layer" and "conv_network"
     result = {"schema": SCHEMA, "machine": machine_info(device), "settings": s, "complete": False,
-              "layer": None if args.no_layer else {"backends": [], "skipped": [], "rows": [], "by_dtype": {}},
-              "network": None if args.no_network else {"memory_method": memory_methods(device, MEMORY_STEPS),
-                                                       "rows": [], "summary": summarize([])}}
+              "layer": None if conv else layer, "network": None if conv else network,
+              "conv_layer": layer if conv else None, "conv_network": network if conv else None}
     before = _set_tf32(True) if s["tf32"] else None
     save = lambda: _save(args, result, t0)  # noqa: E731
     try:
@@ -230,7 +294,7 @@ def _run(args) -> dict:
         for name in s["dtypes"]:  # dtype by dtype: its layer steps, then its networks
             if not args.no_layer:
                 _run_layers(result, name, plans[name], shapes, device, timing, save, show_progress(args),
-                            bf16=s["precision"] == "bf16" and name == "float32")
+                            bf16=s["precision"] == "bf16" and name == "float32", conv=conv)
             if not args.no_network:
                 _run_networks(args, result, name, s, device, timing, save)
         result["complete"] = True
@@ -243,8 +307,9 @@ def _run(args) -> dict:
     return result
 
 
-def _run_layers(result, name, plan, shapes, device, timing, save, progress, bf16: bool = False) -> None:
-    layer = result["layer"]
+def _run_layers(result, name, plan, shapes, device, timing, save, progress, bf16: bool = False,
+                conv: bool = False) -> None:
+    layer = result["conv_layer" if conv else "layer"]
     backends, skipped = plan
     layer["by_dtype"][name] = {"backends": backends, "skipped": skipped}
     layer["backends"] += [b for b in backends if b not in layer["backends"]]
@@ -254,19 +319,24 @@ def _run_layers(result, name, plan, shapes, device, timing, save, progress, bf16
     def on_shape(rows):
         layer["rows"] = base + rows
         save()
-    bench_layers(shapes, device, DTYPES[name], backends, progress=progress, on_shape=on_shape, bf16=bf16, **timing)
+    bench = bench_conv_layers if conv else bench_layers
+    bench(shapes, device, DTYPES[name], backends, progress=progress, on_shape=on_shape, bf16=bf16, **timing)
 
 
 def _run_networks(args, result, name, s, device, timing, save) -> None:
-    net = result["network"]
+    net = result["conv_network" if s["conv"] else "network"]
     base = list(net["rows"])
 
     def on_depth(rows):
         net["rows"] = base + rows
         net["summary"] = summarize(net["rows"])
         save()
-    bench_network(s["depths"], width=s["width"], batch=s["batch"], in_features=s["in_features"], device=device,
-                  dtype=name, threads=args.threads, progress=show_progress(args), on_depth=on_depth, **timing)
+    common = dict(batch=s["batch"], device=device, dtype=name, threads=args.threads, progress=show_progress(args),
+                  on_depth=on_depth, **timing)
+    if s["conv"]:
+        bench_conv_network(s["depths"], channels=s["channels"], image=s["image"], **common)
+    else:
+        bench_network(s["depths"], width=s["width"], in_features=s["in_features"], **common)
 
 
 def failures(result: dict) -> list:
@@ -275,6 +345,10 @@ def failures(result: dict) -> list:
            for r in (result.get("layer") or {}).get("rows", []) if r.get("error")]
     out += [f"network depth {r['depth']} {r.get('dtype', '')} {r['algo']}: {r['error']}"
             for r in (result.get("network") or {}).get("rows", []) if r.get("error")]
+    out += [f"conv layer {r['shape']} {r.get('dtype', '')} {r['case']}: {r['error']}"
+            for r in (result.get("conv_layer") or {}).get("rows", []) if r.get("error")]
+    out += [f"conv network depth {r['depth']} {r.get('dtype', '')} {r['algo']}: {r['error']}"
+            for r in (result.get("conv_network") or {}).get("rows", []) if r.get("error")]
     return out
 
 

@@ -77,9 +77,18 @@ def bench_layers(shapes, device, dtype, backends, *, warmup: int, repeats: int, 
     ``on_shape(rows)``, when given, is called after every shape with the rows so far (to save them)."""
     cases = layer_cases(backends, bf16=True) if bf16 else layer_cases(backends)
     plan = [(shape, [c for c in cases if c.applies_to(shape)]) for shape in shapes]
+    return bench_plan(plan, device, dtype, derive, desc="layer steps", warmup=warmup, repeats=repeats,
+                      min_time=min_time, progress=progress, on_shape=on_shape)
+
+
+def bench_plan(plan, device, dtype, derive_rows, *, desc: str, warmup: int, repeats: int, min_time: float,
+               progress: bool = True, on_shape=None) -> list:
+    """Time the cases of every (shape, cases) of ``plan`` (a shape's cases together, their repeats interleaved) and
+    return ``derive_rows(shape, cases, times, errors, dtype name)`` of every shape, in order. A case whose build
+    raises gets its error recorded; ``on_shape(rows)`` is called after every shape with the rows so far."""
     name = dtype_name(dtype)
     rows = []
-    with progress_bar(total=sum(len(cs) for _, cs in plan), desc=f"layer steps {name}", enabled=progress) as bar:
+    with progress_bar(total=sum(len(cs) for _, cs in plan), desc=f"{desc} {name}", enabled=progress) as bar:
         for shape, shape_cases in plan:
             steps, errors = {}, {}
             for case in shape_cases:
@@ -94,7 +103,7 @@ def bench_layers(shapes, device, dtype, backends, *, warmup: int, repeats: int, 
             del steps
             release_memory(device)
             bar.update(len(shape_cases))
-            rows.extend(derive(shape, shape_cases, times, errors, name))
+            rows.extend(derive_rows(shape, shape_cases, times, errors, name))
             if on_shape is not None:
                 on_shape(rows)
     return rows

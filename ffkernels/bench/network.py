@@ -19,6 +19,9 @@ this process, the three algorithms of a depth together with interleaved repeats.
 A configuration that fails (building it, a training step or its memory measurement raises: CUDA out of
 memory, a Triton compile error, a missing kernel) gets a row with ``error`` and None for what it lacks; the
 others are still measured. Rows carry their dtype; the summary is per dtype (``by_dtype``).
+
+The conv net of ``--conv`` (conv_network.py) goes through the same sweep (``bench_depths``): its ConvNetConfig builds
+itself (``build``, ``make_batch``, ``tiny``), so the functions here take either kind of configuration.
 """
 from __future__ import annotations
 
@@ -76,13 +79,20 @@ class NetConfig:
     def dims(self) -> list:
         return [self.in_features] + [self.width] * self.depth
 
+    def tiny(self) -> "NetConfig":
+        """A tiny model of the same kind (see _warm_runtime)."""
+        return replace(self, depth=1, width=8)
+
 
 def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _build(cfg: NetConfig, x: torch.Tensor, y: torch.Tensor):
-    """(step, persistent_bytes, backend): the training step and what its model keeps between steps."""
+def _build(cfg, x: torch.Tensor, y: torch.Tensor):
+    """(step, persistent_bytes, backend): the training step and what its model keeps between steps. A config other
+    than a NetConfig (conv_network.ConvNetConfig) builds itself (``cfg.build``)."""
+    if not isinstance(cfg, NetConfig):
+        return cfg.build(x, y)
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     if cfg.algo in FF_ALGOS:
         net = FFNet(cfg.dims, backend=cfg.backend, device=device, dtype=dtype)
@@ -111,15 +121,17 @@ def _build(cfg: NetConfig, x: torch.Tensor, y: torch.Tensor):
     return step, persistent, "autograd"
 
 
-def make_batch(cfg: NetConfig):
-    """(x, y): a fixed random batch of ``cfg.batch`` inputs in [0, 1) and labels."""
+def make_batch(cfg):
+    """(x, y): a fixed random batch of ``cfg.batch`` inputs in [0, 1) and labels (a ConvNetConfig: its own)."""
+    if not isinstance(cfg, NetConfig):
+        return cfg.make_batch()
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(cfg.batch, cfg.in_features, generator=gen).to(cfg.device, DTYPES[cfg.dtype])
     y = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=gen).to(cfg.device)
     return x, y
 
 
-def build_step(cfg: NetConfig):
+def build_step(cfg):
     """The training step of ``cfg`` on its own fixed batch (a no-argument callable)."""
     return _build(cfg, *make_batch(cfg))[0]
 
@@ -127,14 +139,14 @@ def build_step(cfg: NetConfig):
 MEMORY_STEPS = 3  # steps of each memory measurement (the first one creates the optimizer state)
 
 
-def _warm_runtime(cfg: NetConfig, x, y) -> None:
+def _warm_runtime(cfg, x, y) -> None:
     """Two steps of a tiny model of the same kind: the lazy imports, library buffers and threads a first step
     starts (autograd engine, torch.optim, BLAS) are the runtime's memory, not the measured model's."""
-    tiny_step = _build(replace(cfg, depth=1, width=8), x, y)[0]
+    tiny_step = _build(cfg.tiny(), x, y)[0]
     tiny_step(), tiny_step()
 
 
-def measure_memory(cfg: NetConfig) -> dict:
+def measure_memory(cfg) -> dict:
     """Peak training memory of one configuration, in this process, above what it held before the model:
 
     ``peak_alloc_bytes`` at the allocator level (tensor bytes), ``peak_rss_bytes`` the process's peak RSS
@@ -196,7 +208,7 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(ffkernels.__file__)))
 
 
-def measure_memory_isolated(cfg: NetConfig, timeout: float = 3600) -> dict:
+def measure_memory_isolated(cfg, timeout: float = 3600) -> dict:
     """``measure_memory`` in a fresh Python process running this same ffkernels."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
@@ -268,7 +280,7 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def _error_row(cfg: NetConfig, backend, error: str) -> dict:
+def _error_row(cfg, backend, error: str) -> dict:
     return {**asdict(cfg), "backend": backend, "threads": torch.get_num_threads(), "time": None,
             "samples_per_s": None, "ms_per_sample": None, "persistent_bytes": None, "peak_alloc_bytes": None,
             "peak_rss_bytes": None, "transient_alloc_bytes": None, "error": error}
@@ -281,26 +293,36 @@ def bench_network(depths, *, width: int, batch: int, in_features: int, device, d
     "summary"}. Per depth the three are timed together in this process (interleaved repeats); then the memory of
     each is measured alone: on the CPU in a fresh subprocess (it owns its RSS high-water mark). A configuration
     that fails gets a row with ``error``. ``on_depth(rows)``, when given, is called after every depth."""
+    def configs(depth):
+        return [NetConfig(algo=a, depth=depth, width=width, batch=batch, in_features=in_features, device=str(device),
+                          dtype=dtype, backend=backend, threads=threads) for a in ALGOS]
+    return bench_depths(depths, configs, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
+                        min_time=min_time, progress=progress, on_depth=on_depth)
+
+
+def bench_depths(depths, configs, *, device, dtype: str, warmup: int, repeats: int, min_time: float,
+                 progress: bool = True, on_depth=None, desc: str = "networks") -> dict:
+    """The depth sweep of ``bench_network`` over ``configs(depth)`` (configurations that differ only in algo, the
+    FF ones and "bp"): {"memory_method", "rows", "summary"}."""
     device = torch.device(device)
     isolate = device.type == "cpu"
     if isolate and memory.rss_unavailable_reason():
         raise RuntimeError(f"ffkernels bench: cannot measure CPU memory: {memory.rss_unavailable_reason()} "
                            "(run without the network part: --no-network)")
     rows = []
-    with progress_bar(total=len(depths) * (1 + len(ALGOS)), desc=f"networks {dtype}", enabled=progress) as bar:
-        for depth in depths:
-            configs = [NetConfig(algo=a, depth=depth, width=width, batch=batch, in_features=in_features,
-                                 device=str(device), dtype=dtype, backend=backend, threads=threads) for a in ALGOS]
+    plan = [(depth, configs(depth)) for depth in depths]
+    with progress_bar(total=sum(1 + len(cs) for _, cs in plan), desc=f"{desc} {dtype}", enabled=progress) as bar:
+        for depth, depth_configs in plan:
             bar.set_postfix_str(f"depth {depth}: timing")
             errors = {}
             try:
-                timed = time_configs(configs, warmup=warmup, repeats=repeats, min_time=min_time, errors=errors)
+                timed = time_configs(depth_configs, warmup=warmup, repeats=repeats, min_time=min_time, errors=errors)
             except Exception as e:  # noqa: BLE001 (the shared batch could not be made: every config fails)
                 timed = {}
-                errors = {c.algo: describe_error(e) for c in configs}
+                errors = {c.algo: describe_error(e) for c in depth_configs}
             release_memory(device)
             bar.update()
-            for cfg in configs:
+            for cfg in depth_configs:
                 bar.set_postfix_str(f"depth {depth}: memory of {cfg.algo}")
                 if cfg.algo not in timed:
                     rows.append(_error_row(cfg, None, errors.get(cfg.algo, "not measured")))

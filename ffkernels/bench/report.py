@@ -10,6 +10,7 @@ import os
 import tempfile
 
 from . import targets
+from .conv_cases import ConvShape, conv_flops
 from .machine import describe
 from .network import ALGOS, row_dtype
 
@@ -76,6 +77,43 @@ def layer_table(rows: list, markdown: bool = False) -> str:
     return "\n\n".join(blocks)
 
 
+def _conv_layer_cells(r: dict) -> list:
+    if r.get("time") is None:
+        return [r["case"], "error", "-", "-", "-", "-", "-"]
+    return [r["case"], _fmt(r["time"]["median_ms"], ".3f"),
+            f"{r['time']['min_ms']:.3f}-{r['time']['max_ms']:.3f}", _fmt(r["samples_per_s"], ",.0f"),
+            _fmt(r["ratio_to_floor"], ".2f"), _fmt(r["speedup_over_reference"], ".2f"),
+            _fmt(r["ff_bp_dx_ratio_per_sample"], ".2f")]
+
+
+def conv_layer_table(rows: list, markdown: bool = False) -> str:
+    """One block per conv shape (and dtype, when the rows have several): every case's time and its ratios to the
+    floor, the reference and BP-dx; the bf16 speed-ups, what the floor's convolutions achieved, the failed cases."""
+    header = ["case", "median ms", "min-max ms", "images/s", "x floor", "speed-up vs ref", "FF/BP-dx per image"]
+    several = len({r.get("dtype") for r in rows}) > 1
+    bullet = "- " if markdown else "  "
+    blocks = []
+    for shape_text, dtype in dict.fromkeys((r["shape"], r.get("dtype")) for r in rows):
+        rs = [r for r in rows if r["shape"] == shape_text and r.get("dtype") == dtype]
+        r0, b = rs[0], rs[0]["batch"]
+        ff = (f"FF: {b} images, competitive over class groups" if r0["loss"] == "competitive"
+              else f"FF: {2 * b} images = {b} pos + {b} neg, hinton")
+        title = (f"conv {r0['in_channels']} -> {r0['out_channels']}, {r0['height']}x{r0['width']}, k{r0['kernel']} "
+                 f"p{r0['padding']}, B = {b} real images ({ff}; BP: {b} images)" + (f", {dtype}" if several else ""))
+        block = _block(title, _table(header, [_conv_layer_cells(r) for r in rs], markdown), markdown)
+        notes = [f"{bullet}{r['case']} failed: {r['error']}" for r in rs if r.get("error")]
+        notes += [f"{bullet}{r['case']}: {r['speedup_over_fp32']:.2f}x the speed of its fp32 case "
+                  f"(torch.autocast bf16; x floor is to floor-bf16)" for r in rs if r.get("speedup_over_fp32")]
+        shape = ConvShape.parse(shape_text)
+        for floor in (r for r in rs if r["kind"] == "floor" and r.get("time")):
+            flops = 2 * conv_flops(shape, floor["images"])  # the forward and the weight-gradient convolutions
+            notes.append(f"{bullet}{floor['case']}: {flops / 1e9:.3g} GFLOP (conv + weight-gradient conv over "
+                         f"{floor['images']} images) in {floor['time']['median_ms']:.3f} ms = "
+                         f"{flops / floor['time']['median_s'] / 1e9:.3g} GFLOP/s, plus the optimizer's pass")
+        blocks.append("\n".join([block, *([""] * markdown), *notes]) if notes else block)
+    return "\n\n".join(blocks)
+
+
 def _mib(v):
     return None if v is None else v / MiB
 
@@ -109,10 +147,17 @@ def network_table(net: dict, markdown: bool = False, default_dtype: str = "float
         rs = [r for r in rows if row_dtype(r, default_dtype) == dt]
         sub = {"per_depth": [p for p in summary["per_depth"] if p.get("dtype", dt) == dt]}
         r0 = rs[0]
-        title = (f"whole network: {r0['in_features']} inputs, depth x {r0['width']}-wide layers, batch {r0['batch']} "
-                 "real samples" + (f", {dt}" if len(dtypes) > 1 else "")
-                 + "\n(ff: supervised, label in the input; ff-labeled: the same, the first layer's GEMMs "
-                 "shared by pos and neg; bp: same MLP + linear head, cross-entropy)")
+        if r0.get("model") == "cnn":
+            title = (f"conv network: {'x'.join(map(str, r0['image']))} images, depth d = the first d layers of "
+                     f"{conv_net_layers(r0)} (k{r0['kernel_size']} p{r0['kernel_size'] // 2}), batch {r0['batch']} "
+                     "images" + (f", {dt}" if len(dtypes) > 1 else "")
+                     + f"\n(ff: FFNet of FFConv2d, competitive loss over {r0['num_classes']} channel groups, "
+                     "ff_step_competitive; bp: BPCNN, the same convs and pooling + linear head, cross-entropy)")
+        else:
+            title = (f"whole network: {r0['in_features']} inputs, depth x {r0['width']}-wide layers, batch "
+                     f"{r0['batch']} real samples" + (f", {dt}" if len(dtypes) > 1 else "")
+                     + "\n(ff: supervised, label in the input; ff-labeled: the same, the first layer's GEMMs "
+                     "shared by pos and neg; bp: same MLP + linear head, cross-entropy)")
         if markdown:
             title = title.replace("\n", " ")
         lines = [_block(title, _network_rows_table(rs, sub, markdown), markdown), "",
@@ -136,6 +181,12 @@ def network_table(net: dict, markdown: bool = False, default_dtype: str = "float
     if any("transient_alloc_bytes" in r for r in rows):
         notes.append("transient: peak alloc - persistent, what training needs beyond what the model keeps")
     return "\n\n".join(parts) + "\n" + "\n".join(([""] + [f"- {n}" for n in notes]) if markdown else notes)
+
+
+def conv_net_layers(row: dict) -> str:
+    """A conv net row's layers, e.g. ``c40-c80-pool-c160-c320-pool`` (all of them, not only this depth's)."""
+    pools = set(row.get("pool_after") or ())
+    return "-".join(f"c{c}" + ("-pool" if i in pools else "") for i, c in enumerate(row["channels"]))
 
 
 def targets_block(result: dict, markdown: bool = False) -> str:
@@ -167,7 +218,19 @@ def text_report(result: dict, markdown: bool = False) -> str:
                   for b, why, dt in skipped]
     if result["network"] is not None and result["network"]["rows"]:
         parts.append(network_table(result["network"], markdown, s["dtype"].split(",")[0]))
-    parts.append(targets_block(result, markdown))
+    conv_layer = result.get("conv_layer")  # --conv (absent from results saved before it)
+    if conv_layer is not None and conv_layer["rows"]:
+        parts.append(conv_layer_table(conv_layer["rows"], markdown))
+        by_dtype = conv_layer.get("by_dtype")
+        skipped = ([(b, why, dt) for dt, v in by_dtype.items() for b, why in v["skipped"]] if by_dtype and
+                   len(by_dtype) > 1 else [(b, why, None) for b, why in conv_layer["skipped"]])
+        parts += [("- " if markdown else "") + f"skipped fused conv backend {b!r}{f' in {dt}' if dt else ''}: {why}"
+                  for b, why, dt in skipped]
+    conv_net = result.get("conv_network")
+    if conv_net is not None and conv_net["rows"]:
+        parts.append(network_table(conv_net, markdown, s["dtype"].split(",")[0]))
+    if not s.get("conv"):  # the issue-12 targets are the linear cases'
+        parts.append(targets_block(result, markdown))
     return "\n\n".join(parts)
 
 
@@ -204,7 +267,7 @@ def write_plot(path: str, result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    net = result["network"]
+    net = result["network"] or result.get("conv_network")  # --conv: the conv net
     if not net or not net["rows"]:
         raise ValueError("ffkernels bench: --plot shows the network part (throughput and memory vs depth); "
                          "it cannot be drawn with --no-network")
@@ -232,15 +295,17 @@ def write_plot(path: str, result: dict) -> None:
                 ax_m.plot(depths, [_mib(r["persistent_bytes"]) for r in mem], ls="--", color=color, alpha=0.6 * alpha,
                           label=f"{label}{suffix}: params + optimizer state" + (" + grads" if algo == "bp" else ""))
     r0 = net["rows"][0]
+    conv = r0.get("model") == "cnn"
     for ax, ylabel in ((ax_t, "real samples / s"), (ax_m, "MiB above the process before the model")):
-        ax.set_xlabel(f"depth (layers of width {r0['width']})")
+        ax.set_xlabel(f"depth (the first d conv layers of {conv_net_layers(r0)})" if conv
+                      else f"depth (layers of width {r0['width']})")
         ax.set_ylabel(ylabel)
         ax.set_xticks(sorted({r["depth"] for r in net["rows"]}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ax_t.set_ylim(bottom=0)
     ax_m.set_ylim(bottom=0)
-    ax_t.set_title(f"training throughput, batch {r0['batch']}")
+    ax_t.set_title(f"{'conv net ' if conv else ''}training throughput, batch {r0['batch']}")
     ax_m.set_title("peak training memory (allocator level)")
     s = result["settings"]
     fig.suptitle(f"ffkernels bench, {s['device']} {s['dtype']}: {describe(result['machine'])}", fontsize=9)
