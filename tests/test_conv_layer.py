@@ -383,3 +383,20 @@ def test_the_conv_step_op_compiles_fullgraph(backend):
     assert not torch.equal(compiled[0], w), "the in-place update did not happen"
     for a, e in zip(list(got) + compiled, list(want) + eager):
         assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_channels_last_and_strided_inputs_are_accepted(backend):
+    """Inputs in any memory format or strides train exactly as their contiguous copy (the layer makes them
+    contiguous)."""
+    x, y = _batches(1)[0]
+    nets = [_cnn(backend) for _ in range(3)]
+    wide = torch.zeros(3, 1, 9, 16, dtype=FP64)
+    wide[..., ::2] = x
+    inputs = [x, x.to(memory_format=torch.channels_last), wide[..., ::2]]
+    assert not inputs[2].is_contiguous()
+    for net, xin in zip(nets, inputs):
+        net.ff_step_competitive(xin, y)
+    for net in nets[1:]:
+        for a, b in zip(net.parameters(), nets[0].parameters()):
+            assert torch.equal(a, b)
