@@ -18,6 +18,7 @@ from backends import CPU, DTYPE_IDS, FP32, FP64, state_dtype
 from ffkernels import FFConfig
 from ffkernels._types import BackendUnavailableError, ConvGeometry
 from ffkernels.backends import BACKENDS
+from ffkernels.backends import compiled as _ext
 from ffkernels.backends import reference_conv as oracle
 from ffkernels.backends.contract import autocast_config
 from ffkernels.config import OP_OPTION_KEYS
@@ -426,13 +427,15 @@ def test_schemas_follow_the_samples():
         assert written == list(MUTATED[op]), op
 
 
-def test_conv_ops_only_on_the_cpu_backend():
-    assert hasattr(BACKENDS["cpu"], "conv_step") and hasattr(BACKENDS["cpu"], "conv_grad")
-    for name in ("cuda", "triton"):
-        assert not hasattr(BACKENDS[name], "conv_step"), name
+def test_conv_ops_on_the_cpu_and_cuda_backends():
+    """cpu and cuda have the conv step (cuda's kernels registered for the CUDA key in a CUDA build), triton has not."""
+    for name in ("cpu", "cuda"):
+        assert hasattr(BACKENDS[name], "conv_step") and hasattr(BACKENDS[name], "conv_grad"), name
+    assert not hasattr(BACKENDS["triton"], "conv_step")
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     for op in OPS:
-        assert has(f"ffkernels::{op}", "CPU") and not has(f"ffkernels::{op}", "CUDA"), op
+        assert has(f"ffkernels::{op}", "CPU"), op
+        assert has(f"ffkernels::{op}", "CUDA") == _ext.built_with_cuda(), op
 
 
 # ---- bad input: an exception naming the problem, nothing changed -----------------------------------------------------
