@@ -41,7 +41,7 @@ GradResult ff_grad_labeled_cpu(const at::Tensor& x, const at::Tensor& label_pos,
                                int64_t C, double value, const at::Tensor& weight, const at::Tensor& bias,
                                const at::Tensor& peer_mean, const LossOptions& opt);
 
-// Convolutional FF (ff_conv_cpu.cpp): x_pos (B, C_in, H, W) and x_neg (the same shape; undefined for the competitive
+// Convolutional FF (ff_conv_cpu.cpp; ff_conv_cuda.cu below): x_pos (B, C_in, H, W) and x_neg (the same shape; undefined for the competitive
 // loss), target (B,) int64 class labels (competitive only, else undefined), weight (C_out, C_in/groups, kH, kW), bias
 // (C_out) or undefined; opt.peer_norm == 0.
 //   -> loss (0-d), h_pos, h_neg (B, C_out, H_out, W_out), g_pos, g_neg: (B,) per image, (B, H_out, W_out) per
@@ -64,6 +64,11 @@ void ff_update_cuda(const ParamState& p, const at::Tensor& loss, const OptimOpti
 GradResult ff_grad_labeled_cuda(const at::Tensor& x, const at::Tensor& label_pos, const at::Tensor& label_neg,
                                 int64_t C, double value, const at::Tensor& weight, const at::Tensor& bias,
                                 const at::Tensor& peer_mean, const LossOptions& opt);
+// ff_conv_cuda.cu: ff_conv_grad_cpu's contract on CUDA tensors (float32, float64, float16, bfloat16; no lower-precision
+// convolutions); target already clamped into [0, num_classes) by the binding.
+GradResult ff_conv_grad_cuda(const at::Tensor& x_pos, const at::Tensor& x_neg, const at::Tensor& target,
+                             const at::Tensor& weight, const at::Tensor& bias, const ConvGeom& geom,
+                             int64_t num_classes, const LossOptions& opt);
 #endif
 
 }  // namespace ffk

@@ -384,10 +384,12 @@ GradResult poison_loss(GradResult r, const Tensor& out_of_range) {
 // ---- the conv ops' arguments (the messages of ffkernels/backends/contract_conv.py) ---------------------------
 
 // The conv ops' inputs after check_conv: contiguous x_pos, x_neg (undefined for the competitive loss), int64 target
-// (competitive only), the geometry.
+// (competitive only; off the CPU clamped into [0, num_classes)), the geometry, and off the CPU a 0-d bool tensor, true
+// when a target label was out of range (for poison_loss; undefined on the CPU, where the range raises).
 struct ConvInputs {
   Tensor x_pos, x_neg, target;
   ConvGeom geom;
+  Tensor out_of_range;
 };
 
 std::string pair_text(c10::IntArrayRef v) { return "(" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")"; }
@@ -473,7 +475,14 @@ ConvInputs check_conv(const DeviceKernels& k, const LossOptions& o, const Tensor
                     "), one label per image, got ", t.sizes());
   check_same_device(x_pos, t, "x", "target");
   in.target = t.to(at::kLong).contiguous();
-  // the CPU reads the labels' range on the host (the conv ops have CPU kernels only)
+  if (!x_pos.is_cpu()) {
+    // off the CPU the range is not read on the host (a sync at every step): as the labeled ops (check_labeled), the
+    // labels are clamped for the kernels and the loss made NaN when one was out of range, so nothing is updated
+    in.out_of_range = at::logical_or(in.target.lt(0), in.target.ge(num_classes)).any();
+    in.target = in.target.clamp(0, num_classes - 1);
+    return in;
+  }
+  // the CPU reads the labels' range on the host
   const int64_t lo = in.target.min().item<int64_t>(), hi = in.target.max().item<int64_t>();
   TORCH_CHECK_VALUE(lo >= 0 && hi < num_classes, "ffkernels: target labels must be in [0, ", num_classes,
                     "), got ", lo < 0 ? lo : hi);
@@ -579,8 +588,9 @@ GradTuple ff_conv_grad_op(const DeviceKernels& k, const Tensor& x_pos, const Opt
   check_gemm_dtype(k, o.loss, weight);
   c10::DeviceGuard guard(weight.device());
   const NoAutocast no_autocast;
-  return grad_tuple(k.conv_grad(in.x_pos, in.x_neg, in.target, weight, bias.has_value() ? *bias : Tensor(), in.geom,
-                                num_classes, o.loss),
+  return grad_tuple(poison_loss(k.conv_grad(in.x_pos, in.x_neg, in.target, weight, bias.has_value() ? *bias : Tensor(),
+                                            in.geom, num_classes, o.loss),
+                                in.out_of_range),
                     weight);
 }
 
@@ -598,8 +608,9 @@ StepTuple ff_conv_step_op(const DeviceKernels& k, const Tensor& x_pos, const Opt
   c10::DeviceGuard guard(weight.device());
   const NoAutocast no_autocast;
   return update_from(k,
-                     k.conv_grad(in.x_pos, in.x_neg, in.target, weight, bias.has_value() ? *bias : Tensor(), in.geom,
-                                 num_classes, o.loss),
+                     poison_loss(k.conv_grad(in.x_pos, in.x_neg, in.target, weight,
+                                             bias.has_value() ? *bias : Tensor(), in.geom, num_classes, o.loss),
+                                 in.out_of_range),
                      pw, pb, oo, OptT());
 }
 
@@ -637,8 +648,9 @@ TORCH_LIBRARY(ffkernels, m) {
       "Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!)? state1_weight, Tensor(d!)? state2_weight, "
       "Tensor(e!)? state1_bias, Tensor(f!)? state2_bias, Tensor(g!)? peer_mean, int step, str options) "
       "-> (Tensor loss, Tensor h_pos, Tensor h_neg, Tensor g_pos, Tensor g_neg)");
-  // convolutional FF (CPU kernels only): options is FFConfig.conv_op_options; hinton/symba take x_neg and no target,
-  // competitive takes target (B,) class labels and no x_neg (h_neg, g_neg are then empty)
+  // convolutional FF (CPU kernels, and CUDA kernels in a CUDA build): options is FFConfig.conv_op_options;
+  // hinton/symba take x_neg and no target, competitive takes target (B,) class labels and no x_neg (h_neg, g_neg are
+  // then empty)
   m.def(
       "ff_conv_grad(Tensor x_pos, Tensor? x_neg, Tensor? target, Tensor weight, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int num_classes, str options) "

@@ -6,7 +6,8 @@ Which GPU cases (items marked ``gpu``) the smoke selection keeps:
 
 - every case of KEEP_FILES (the argument checks, which raise before any kernel runs; the GPU label checks; the two
   files gpu_check.sh runs as phases of their own) and KEEP_TESTS (the long training run);
-- for the option sweeps (OPTION_SWEEPS) and the non-finite and host-sync tests (COVER_FILES): a greedy cover, per
+- for the option sweeps (OPTION_SWEEPS: the linear, labeled, peer-norm and conv ones, and the conv step's non-finite
+  cases) and the non-finite and host-sync tests (COVER_FILES): a greedy cover, per
   backend, of the words of the case ids, shapes left out -- each norm, goodness, loss variant, optimizer variant,
   bias/nobias, peer setting, dtype, way of making the loss non-finite, ... in at least one case, at whatever shape
   that case has (one or two shapes per sweep);
@@ -28,9 +29,11 @@ import pytest
 # test_triton_gpu.py, which are gpu_check.sh's own phases (tests-cuda, tests-triton)
 KEEP_FILES = ("test_bad_op_arguments.py", "test_gpu_labels.py", "test_cuda_gpu.py", "test_triton_gpu.py")
 KEEP_TESTS = ("test_training_vs_oracle.py::test_many_steps_large_layer",)  # the long training run
-# a cover of their words per backend: the option sweeps, and every non-finite and host-sync case kind
+# a cover of their words per backend: the option sweeps (the conv step's too), and every non-finite and host-sync case
+# kind (the conv step's non-finite cases live in test_conv_gpu.py, beside its sweeps)
 OPTION_SWEEPS = ("test_training_vs_oracle.py::test_every_option", "test_labeled.py::test_options",
-                 "test_peer_norm.py::test_steps_match_oracle")
+                 "test_peer_norm.py::test_steps_match_oracle", "test_conv_gpu.py::test_every_option",
+                 "test_conv_gpu.py::test_non_finite_loss_changes_nothing")
 COVER_FILES = ("test_non_finite.py", "test_host_syncs.py")
 _SHAPE = re.compile(r"\d+(x\d+)+")
 BACKENDS = ("reference", "cpu", "cuda", "triton")

@@ -40,8 +40,8 @@ ARGS = {  # each op's arguments in schema order
     "ff_step_labeled": ("x", "label_pos", "label_neg", "num_classes", "label_value", "weight", "bias",
                         "state1_weight", "state2_weight", "state1_bias", "state2_bias", "peer_mean", "step",
                         "options"),
-    # the convolutional ops (cpu only): their samples and opcheck are in test_conv_cpu.py (4-D inputs, their own
-    # options string FFConfig.conv_op_options); sample_inputs has none of them
+    # the convolutional ops (cpu and cuda): their samples and opcheck are in test_conv_cpu.py and test_conv_gpu.py (4-D
+    # inputs, their own options string FFConfig.conv_op_options); sample_inputs has none of them
     "ff_conv_grad": ("x_pos", "x_neg", "target", "weight", "bias", "stride", "padding", "dilation", "groups",
                      "num_classes", "options"),
     "ff_conv_step": ("x_pos", "x_neg", "target", "weight", "bias", "state1_weight", "state2_weight", "state1_bias",

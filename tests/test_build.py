@@ -15,6 +15,7 @@ from ffkernels.backends import compiled as _ext
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("ff_grad", "ff_update", "ff_step")
 LABELED_OPS = ("ff_grad_labeled", "ff_step_labeled")  # the supervised first layer
+CONV_OPS = ("ff_conv_grad", "ff_conv_step")  # the convolutional step
 
 
 @pytest.mark.skipif(os.environ.get("FFKERNELS_NO_EXT") == "1", reason="pure-Python install requested")
@@ -26,7 +27,7 @@ def test_extension_is_built_and_loaded():
 @pytest.mark.skipif(not _ext.loaded(), reason="ffkernels._C not built")
 def test_every_op_has_kernels_for_the_devices_it_was_built_for():
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    for op in OPS + LABELED_OPS:
+    for op in OPS + LABELED_OPS + CONV_OPS:
         assert has(f"ffkernels::{op}", "CPU"), op
         assert has(f"ffkernels::{op}", "CUDA") == _ext.built_with_cuda(), op
 

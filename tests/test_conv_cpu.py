@@ -5,6 +5,9 @@ oracle's own error plus rtol 1e-5; under autocast (bf16 convolutions) the bf16 o
 
 Also: ff_conv_step == ff_conv_grad + ff_update bit for bit, the non-finite rule, opcheck, the argument checks (a bad
 call raises, naming the problem, and changes nothing), the conv options' parser, the thread count.
+
+The cuda backend's conv step runs the same comparisons on a GPU in test_conv_gpu.py, with the helpers here
+(``run_steps(..., backend="cuda")``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from backends import CPU, DTYPE_IDS, FP32, FP64, state_dtype
 from ffkernels import FFConfig
 from ffkernels._types import BackendUnavailableError, ConvGeometry
 from ffkernels.backends import BACKENDS
+from ffkernels.backends import compiled as _ext
 from ffkernels.backends import reference_conv as oracle
 from ffkernels.backends.contract import autocast_config
 from ffkernels.config import OP_OPTION_KEYS
@@ -93,12 +97,13 @@ def _calibrated(cfg: FFConfig, case: Case, batch, weight, bias) -> FFConfig:
 
 
 class Params:
-    """A weight, bias and their optimizer state (the tensors cfg.state_names names, zeros at first), in one dtype."""
+    """A weight, bias and their optimizer state (the tensors cfg.state_names names, zeros at first), in one dtype, on
+    one device."""
 
-    def __init__(self, weight, bias, cfg: FFConfig, dtype):
+    def __init__(self, weight, bias, cfg: FFConfig, dtype, device="cpu"):
         self.names = cfg.state_names
-        self.weight = weight.to(dtype).clone()
-        self.bias = None if bias is None else bias.to(dtype).clone()
+        self.weight = weight.to(device=device, dtype=dtype).clone()
+        self.bias = None if bias is None else bias.to(device=device, dtype=dtype).clone()
         sd = state_dtype(dtype)
         self.st_w = tuple(torch.zeros_like(self.weight, dtype=sd) for _ in self.names)
         self.st_b = () if bias is None else tuple(torch.zeros_like(self.bias, dtype=sd) for _ in self.names)
@@ -120,20 +125,29 @@ def conv_loss_scale(exact, target, cfg: FFConfig) -> float:
     return (sum((d * g).abs().sum() for d, g in zip(ds, gs)) + loss.abs()).item()
 
 
-def check_conv_outputs(prefix, ours, same, exact, target, cfg, rule) -> None:
+def on_cpu(out):
+    """An FFStepOutput / FFGradOutput with its tensors on the CPU (None stays None)."""
+    return type(out)(*(None if t is None else t.cpu() for t in out))
+
+
+def check_conv_outputs(prefix, ours, same, exact, target, cfg, rule, dtype) -> None:
+    """Every field of ``ours`` (CPU tensors of ``dtype``) against the float64 oracle ``exact``, the same-precision
+    oracle ``same`` giving the precision's own error (tolerance.py)."""
     for field, a, r, t in zip(ours._fields, ours, same, exact):
         if t is None:
             assert a is None, f"{prefix}{field}: expected None, got a tensor"
             continue
-        assert a.dtype == (FP64 if rule.name == "float64" else FP32), f"{prefix}{field}: dtype {a.dtype}"
+        assert a.dtype == dtype, f"{prefix}{field}: dtype {a.dtype}"
         check(f"{prefix}{field}", a, r, t, rule, conv_loss_scale(exact, target, cfg) if field == "loss" else None)
 
 
-def run_steps(dtype, case: Case, cfg: FFConfig, bias: bool, *, steps=3, seed=0, autocast=False):
-    """``steps`` fused cpu conv steps against the oracle (in dtype, and in float64 from the same rounded inputs and
-    initial weights), loss, h, g, weight, bias and every state tensor checked after every step. ``autocast``: the
-    cpu steps run inside torch.autocast(bfloat16) with the options autocast_config gives them, the oracles with
+def run_steps(dtype, case: Case, cfg: FFConfig, bias: bool, *, steps=3, seed=0, autocast=False, backend="cpu"):
+    """``steps`` fused conv steps of ``backend`` ("cpu", or "cuda" on CUDA tensors) against the oracle (in dtype, on
+    the backend's device, and in float64 on the CPU from the same rounded inputs and initial weights), loss, h, g,
+    weight, bias and every state tensor checked after every step with tolerance.py's rule for the device. ``autocast``:
+    the steps run inside torch.autocast(bfloat16) with the options autocast_config gives them, the oracles with
     gemm_dtype=bfloat16 (float32 parameters)."""
+    device = "cuda" if backend == "cuda" else "cpu"
     gen = torch.Generator().manual_seed(seed)
     competitive = cfg.loss == "competitive"
     fan_in = case.c_in // case.groups * case.kernel[0] * case.kernel[1]
@@ -145,29 +159,32 @@ def run_steps(dtype, case: Case, cfg: FFConfig, bias: bool, *, steps=3, seed=0, 
                for bt in batches]
     cfg = _calibrated(cfg, case, batches[0], w0, b0)
     ref_cfg = cfg.replace(gemm_dtype="bfloat16") if autocast else cfg
-    rule = AUTOCAST if autocast else rule_for(dtype)
-    ours, same, exact = (Params(w0, b0, cfg, dt) for dt in (dtype, dtype, FP64))
-    cpu = BACKENDS["cpu"]
+    rule = AUTOCAST if autocast else rule_for(dtype, gpu=device == "cuda")
+    ours, same, exact = (Params(w0, b0, cfg, dt, dev) for dt, dev in ((dtype, device), (dtype, device), (FP64, "cpu")))
+    kernels = BACKENDS[backend]
     nc = case.classes if competitive else 0
     for step, (xp, xn, t) in enumerate(batches, start=1):
-        low = [None if v is None else v.to(dtype) for v in (xp, xn)]
+        low = [None if v is None else v.to(device=device, dtype=dtype) for v in (xp, xn)]
+        t_dev = None if t is None else t.to(device)
         if autocast:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 run_cfg = autocast_config(cfg, ours.weight)
                 assert run_cfg.gemm_dtype == "bfloat16"
-                out = cpu.conv_step(*low, t, ours.weight, ours.bias, ours.st_w, ours.st_b, step, case.geom, nc, run_cfg)
+                out = kernels.conv_step(*low, t_dev, ours.weight, ours.bias, ours.st_w, ours.st_b, step, case.geom, nc,
+                                        run_cfg)
         else:
-            out = cpu.conv_step(*low, t, ours.weight, ours.bias, ours.st_w, ours.st_b, step, case.geom, nc, cfg)
+            out = kernels.conv_step(*low, t_dev, ours.weight, ours.bias, ours.st_w, ours.st_b, step, case.geom, nc,
+                                    cfg)
         truth = oracle.conv_step(xp, xn, t, exact.weight, exact.bias, exact.st_w, exact.st_b, step, case.geom,
                                  ref_cfg, nc)
         if dtype == FP64:
             mine = truth  # the rule has k = 0: the same-precision oracle is the float64 one
         else:
-            mine = oracle.conv_step(*low, t, same.weight, same.bias, same.st_w, same.st_b, step, case.geom, ref_cfg,
-                                    nc)
-        check_conv_outputs(f"step {step} ", out, mine, truth, t, ref_cfg, rule)
+            mine = oracle.conv_step(*low, t_dev, same.weight, same.bias, same.st_w, same.st_b, step, case.geom,
+                                    ref_cfg, nc)
+        check_conv_outputs(f"step {step} ", on_cpu(out), on_cpu(mine), truth, t, ref_cfg, rule, dtype)
         for name, a in ours.tensors().items():
-            check(f"step {step} {name}", a, (exact if dtype == FP64 else same).tensors()[name],
+            check(f"step {step} {name}", a.cpu(), (exact if dtype == FP64 else same).tensors()[name].cpu(),
                   exact.tensors()[name], rule)
     return ours
 
@@ -426,13 +443,15 @@ def test_schemas_follow_the_samples():
         assert written == list(MUTATED[op]), op
 
 
-def test_conv_ops_only_on_the_cpu_backend():
-    assert hasattr(BACKENDS["cpu"], "conv_step") and hasattr(BACKENDS["cpu"], "conv_grad")
-    for name in ("cuda", "triton"):
-        assert not hasattr(BACKENDS[name], "conv_step"), name
+def test_conv_ops_on_the_cpu_and_cuda_backends():
+    """cpu and cuda have the conv step (cuda's kernels registered for the CUDA key in a CUDA build), triton has not."""
+    for name in ("cpu", "cuda"):
+        assert hasattr(BACKENDS[name], "conv_step") and hasattr(BACKENDS[name], "conv_grad"), name
+    assert not hasattr(BACKENDS["triton"], "conv_step")
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     for op in OPS:
-        assert has(f"ffkernels::{op}", "CPU") and not has(f"ffkernels::{op}", "CUDA"), op
+        assert has(f"ffkernels::{op}", "CPU"), op
+        assert has(f"ffkernels::{op}", "CUDA") == _ext.built_with_cuda(), op
 
 
 # ---- bad input: an exception naming the problem, nothing changed -----------------------------------------------------

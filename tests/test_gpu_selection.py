@@ -47,6 +47,7 @@ def test_smoke_keeps_every_function_backend_and_dtype(collected):
 
 @pytest.mark.parametrize("func", ["tests/test_training_vs_oracle.py::test_every_option",
                                   "tests/test_peer_norm.py::test_steps_match_oracle",
+                                  "tests/test_conv_gpu.py::test_every_option",
                                   "tests/test_non_finite.py::test_step_with_non_finite_loss_changes_nothing"])
 def test_smoke_covers_every_option_family(collected, func):
     full, smoke = collected

@@ -16,7 +16,8 @@ over. The second is the accuracy asked for where the problem is well conditioned
                                  math), so only the order of the sums differs from the oracle's
     float32, CPU (C++ kernels    k = 4, rtol = 1e-5 (the sweeps need k up to 3.5 on the C++ kernels, 1.3 on the
       and the Triton interpreter)  interpreter)
-    float32, GPU (cuda, triton)  k = 4, rtol = 1e-4. TF32 stays off (torch's default, and Triton's "ieee"), every
+    float32, GPU (cuda, triton)  k = 4, rtol = 1e-4. TF32 stays off (torch's default for GEMMs, and Triton's "ieee";
+                                 cuDNN's convolutions default to TF32, so test_conv_gpu.py turns it off), every
                                  division and square root is IEEE (CUDA by default, Triton's div_rn/sqrt_rn). What is
                                  left: (a) the order of the sums -- cuBLAS's and the kernels' tiles, Triton's split of
                                  kernel 3 over the rows, the CUDA epilogue's bias partials; about sqrt(n) 2^-24 of the

@@ -5,8 +5,9 @@
 namespace ffk {
 namespace {
 
+// no lower-precision GEMMs for float32 weights (autocast is refused), the conv step registered (ff_conv_cuda.cu)
 constexpr DeviceKernels kCudaKernels{"CUDA", /*half_precision=*/true, &ff_grad_cuda, &ff_update_cuda,
-                                     &ff_grad_labeled_cuda};
+                                     &ff_grad_labeled_cuda, /*bf16_gemm=*/false, &ff_conv_grad_cuda};
 
 }  // namespace
 }  // namespace ffk

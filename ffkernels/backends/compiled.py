@@ -118,6 +118,7 @@ def cpu_backend() -> CompiledBackend:
 
 
 def cuda_backend() -> CompiledBackend:
-    """The CUDA kernels, with the supervised first-layer step too (no autocast yet: refused with a clear error; no
-    convolutional step yet: no conv_grad / conv_step)."""
-    return CompiledBackend("cuda", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16), labeled=True)
+    """The CUDA kernels, with the supervised first-layer step and the convolutional step (conv_grad, conv_step: cuDNN's
+    convolutions and CUDA epilogue kernels) too; no autocast yet (refused with a clear error)."""
+    return CompiledBackend("cuda", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16), labeled=True,
+                           conv=True)
