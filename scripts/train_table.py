@@ -30,15 +30,24 @@ def _mean_std(values, fmt="{:.2f}") -> str:
 
 def _options(run: dict) -> str:
     recipe = run.get("recipe") or {}
-    parts = [f"hidden {'-'.join(map(str, run['hidden']))}"]
+    if run.get("model") == "cnn":
+        parts = [f"cnn channels {'-'.join(map(str, run['channels']))}, pool after "
+                 f"{' '.join(map(str, run['pool_after']))}"]
+    else:
+        parts = [f"hidden {'-'.join(map(str, run['hidden']))}"]
+    if run.get("loss") == "competitive" and run.get("algo") != "bp":
+        parts.append(f"competitive, temperature {run.get('temperature')}")
     if run.get("algo") == "bp":
         parts.append(f"bp lr {run.get('bp_lr')}")
     else:
         parts.append(f"lr {run.get('lr', '?')}")
-        if recipe.get("head_layers") is not None:
+        if run.get("loss") == "competitive":
+            pass  # no head, negatives or peer norm: they do not apply
+        elif recipe.get("head_layers") is not None:
             parts.append(f"head layers {' '.join(map(str, recipe['head_layers']))}")
-        parts.append(f"negatives {recipe.get('negatives')}")
-        parts.append(f"peer norm {recipe.get('peer_norm')}")
+        if run.get("loss") != "competitive":
+            parts.append(f"negatives {recipe.get('negatives')}")
+            parts.append(f"peer norm {recipe.get('peer_norm')}")
     parts += [f"jitter {recipe.get('jitter')}", f"{recipe.get('lr_schedule')} schedule"]
     return ", ".join(parts)
 
