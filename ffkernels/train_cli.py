@@ -31,6 +31,7 @@ from .schedules import SCHEDULES, LRScheduler
 from .train_common import (
     DATASET_DEFAULTS,
     build_net,
+    check_output_paths,
     describe,
     model_dict,
     finish,
@@ -154,6 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
+    check_output_paths(args)
     if getattr(args, "precision", "fp32") != "fp32" and getattr(args, "distributed", "none") != "none":
         raise SystemExit("ffkernels train: --precision bf16 is not supported with --distributed yet")
     if getattr(args, "distributed", "none") != "none" and (args.model != "mlp" or args.loss == "competitive"):

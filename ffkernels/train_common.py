@@ -85,6 +85,17 @@ def build_net(args, in_features: int, num_classes: "int | None" = None) -> FFNet
                  weight_decay=args.weight_decay, backend=args.backend, device=args.device, **kw)
 
 
+def check_output_paths(args) -> None:
+    """SystemExit (one line) before any training when --save or --json names a file in a folder that does not exist:
+    a long run must not end in a traceback when it writes its results."""
+    import os
+    for flag in ("save", "json"):
+        path = getattr(args, flag, None)
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise SystemExit(f"ffkernels train: --{flag} {path!r}: the folder {folder!r} does not exist")
+
+
 def load_checkpoint(net, path: str, device) -> None:
     """Load a --save'd state_dict into ``net``; SystemExit naming the file when it cannot be read or does not fit."""
     try:

@@ -63,6 +63,12 @@ def test_a_cnn_that_cannot_be_built_is_one_line(extra, needle, capsys):
     assert_one_line_error(["train"] + CNN + ["--epochs", "0"] + extra, capsys, needle)
 
 
+def test_results_into_a_missing_folder_are_refused_before_training(tmp_path, capsys):
+    for flag in ("--json", "--save"):
+        assert_one_line_error(["train", "--epochs", "1", flag, str(tmp_path / "no" / "run.json")], capsys,
+                              f"{flag} ", "does not exist")
+
+
 def test_competitive_mlp_widths_must_split_into_the_classes(capsys):
     assert_one_line_error(["train", "--dataset", "digits", "--loss", "competitive", "--hidden", "25", "--epochs", "0"],
                           capsys, "not a multiple of 10")
