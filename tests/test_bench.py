@@ -616,7 +616,7 @@ def test_conv_markdown_plot_and_rerendering_from_json(conv_quick_run, tmp_path, 
     assert "| case | median ms | min-max ms | images/s | x floor | speed-up vs ref | FF/BP-dx per image |" in text
     assert "| floor | " in text and "| bp-dx | " in text and "| floor-bf16 | " in text
     assert "floor: " in text and "GFLOP/s, plus the optimizer's pass" in text
-    assert "conv network: 1x8x8 images, depth d = the first d layers of c10-c20-pool" in text
+    assert "conv network: 1x8x8 images, depth d = the first d layers of c10-pool-c20-pool" in text  # recipe pooling
     assert "| depth | algo |" in text and "targets (issue 12" not in text  # the targets are the linear cases'
     js = tmp_path / "r.json"
     js.write_text(json.dumps(result))
@@ -665,7 +665,7 @@ def test_conv_settings_and_net_configs():
     with pytest.raises(ValueError, match="add --conv"):
         settings("--image", "1x8x8")
     cfg = ConvNetConfig("bp", 4, 64)
-    assert cfg.describe() == "c40-c80-pool-c160-c320-pool (k3)" and ConvNetConfig("ff", 3, 64).pools == (1,)
+    assert cfg.describe() == "c40-pool-c80-pool-c160-pool-c320 (k3)" and ConvNetConfig("ff", 3, 64).pools == (0, 1, 2)
     assert config_from_json(json.dumps(dataclasses.asdict(cfg))) == cfg  # what the memory worker receives
     assert config_from_json(json.dumps(dataclasses.asdict(NetConfig("ff", 1, 8, 4)))) == NetConfig("ff", 1, 8, 4)
     for kw, message in (({"depth": 5}, "needs 5 conv layers"), ({"depth": 2, "channels": (40, 15)}, "multiples"),

@@ -25,6 +25,7 @@ import torch
 from .._types import BackendUnavailableError
 from ..backends import BACKEND_NAMES
 from ..cli_options import HelpFormatter, add_precision_option, show_progress
+from ..cnn import CNN_DEFAULTS
 from . import report
 from .cases import DEFAULT_SHAPES, GPU_SHAPES, QUICK_SHAPES, fused_backends, parse_shapes
 from .conv_cases import CONV_QUICK_SHAPES, CONV_SHAPES, conv_backends, parse_conv_shapes
@@ -132,8 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"network depths for FF vs BP (default: {DEFAULTS['depths'][0]}; with --conv "
                         f"{CONV_DEFAULTS['depths'][0]}: the first d conv layers of --channels)")
     p.add_argument("--channels", type=_int_list, default=None,
-                   help=f"--conv: out_channels of the conv net's layers, 2x2 max-pooling after the 2nd and 4th "
-                        f"(the CNN recipe's; default: {CONV_DEFAULTS['channels'][0]})")
+                   help=f"--conv: out_channels of the conv net's layers, with the CNN recipe's 2x2 max-pooling (after "
+                        f"layers {' '.join(map(str, CNN_DEFAULTS['pool_after']))}; default: "
+                        f"{CONV_DEFAULTS['channels'][0]})")
     p.add_argument("--image", type=_image_shape, default=None,
                    help=f"--conv: the conv net's input images CxHxW (default: {CONV_DEFAULTS['image'][0]})")
     p.add_argument("--width", type=_positive_int, default=None,

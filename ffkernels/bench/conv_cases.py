@@ -41,14 +41,23 @@ from ..backends.contract import autocast_config
 from ..backends.reference_conv import normalize_images
 from ..config import FFConfig
 from ..conv import FFConv2d
+from ..cnn import CNN_DEFAULTS
 from .cases import NUM_CLASSES, _under_autocast, fused_backends, has_bf16_gemms
 
-# the CNN recipe's layers (ffkernels train --model cnn: 1 -> 40 -> 80 (pool) -> 160 -> 320 (pool), k3 p1, batch 64;
-# the pooling follows the 2nd and the 4th conv, so 80 -> 160 and 160 -> 320 both run at 14x14), each with the
-# competitive loss (B images) and the hinton loss (B + B), and issue 19's 64 -> 128 at 14x14, 128 + 128
-CONV_SHAPES = ("competitive:64x1x28x28:40,hinton:64x1x28x28:40,competitive:64x40x28x28:80,hinton:64x40x28x28:80,"
-               "competitive:64x80x14x14:160,hinton:64x80x14x14:160,competitive:64x160x14x14:320,"
-               "hinton:64x160x14x14:320,hinton:128x64x14x14:128")
+def _recipe_shapes(batch: int = 64, image=(1, 28, 28)) -> str:
+    """The CNN recipe's layers (cnn.CNN_DEFAULTS: channels, k x k with padding k//2, 2x2 pooling after pool_after), each
+    with the competitive loss (B images) and the hinton loss (B + B), then issue 19's 64 -> 128 at 14x14, 128 + 128."""
+    k, chans = CNN_DEFAULTS["kernel_size"], [image[0], *CNN_DEFAULTS["channels"]]
+    h, w, out = image[1], image[2], []
+    for i in range(len(chans) - 1):
+        for loss in ("competitive", "hinton"):
+            out.append(f"{loss}:{batch}x{chans[i]}x{h}x{w}:{chans[i + 1]}k{k}p{k // 2}")
+        if i in CNN_DEFAULTS["pool_after"]:
+            h, w = h // 2, w // 2
+    return ",".join(out + ["hinton:128x64x14x14:128"])
+
+
+CONV_SHAPES = _recipe_shapes()
 CONV_QUICK_SHAPES = "competitive:4x1x8x8:10,hinton:4x10x6x6:20"
 LOSSES = ("competitive", "hinton")
 _SHAPE_RE = re.compile(r"\s*([a-z]+):(\d+)x(\d+)x(\d+)x(\d+):(\d+)(?:k(\d+))?(?:p(\d+))?\s*")

@@ -25,12 +25,13 @@ from torch import nn
 from .. import bp
 from ..cnn import BPCNN
 from ..conv import FFConv2d
+from ..cnn import CNN_DEFAULTS
 from ..net import FFNet
 from .network import DTYPES, _tensor_bytes, bench_depths
 
 CONV_ALGOS = ("ff", "bp")
-CHANNELS = (40, 80, 160, 320)  # the CNN recipe's (cnn.CNN_DEFAULTS)
-POOL_AFTER = (1, 3)
+CHANNELS = tuple(CNN_DEFAULTS["channels"])      # the CNN recipe's
+POOL_AFTER = tuple(CNN_DEFAULTS["pool_after"])
 IMAGE = (1, 28, 28)            # MNIST, Fashion-MNIST
 
 
