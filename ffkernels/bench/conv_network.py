@@ -22,12 +22,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import bp
-from ..cnn import BPCNN
+from ..cnn import CNN_DEFAULTS, BPCNN
 from ..conv import FFConv2d
-from ..cnn import CNN_DEFAULTS
 from ..net import FFNet
-from .network import DTYPES, _tensor_bytes, bench_depths
+from .network import DTYPES, _tensor_bytes, bench_depths, bp_step_case
 
 CONV_ALGOS = ("ff", "bp")
 CHANNELS = tuple(CNN_DEFAULTS["channels"])      # the CNN recipe's
@@ -139,16 +137,7 @@ class ConvNetConfig:
 
         model = BPCNN(self.image, list(self.channels[:self.depth]), k, list(self.pools), self.num_classes,
                       device=device).to(dtype)
-        optimizer = bp.make_bp_optimizer(model)
-
-        def step():
-            return bp.bp_step(model, optimizer, x, y)
-
-        def persistent():  # parameters + their .grad + optimizer state
-            params = list(model.parameters())
-            state = [v for s in optimizer.state.values() for v in s.values()]
-            return _tensor_bytes(params + [p.grad for p in params] + state)
-        return step, persistent, "autograd"
+        return bp_step_case(model, x, y)
 
 
 def bench_conv_network(depths, *, channels, image, batch: int, device, dtype: str, backend: str = "auto",

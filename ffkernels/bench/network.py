@@ -108,7 +108,12 @@ def _build(cfg, x: torch.Tensor, y: torch.Tensor):
             return _tensor_bytes(list(net.parameters()) + list(net.buffers()))
         return step, persistent, net.backend
 
-    model = bp.BPMLP(cfg.dims, cfg.num_classes, device=device, dtype=dtype)
+    return bp_step_case(bp.BPMLP(cfg.dims, cfg.num_classes, device=device, dtype=dtype), x, y)
+
+
+def bp_step_case(model, x, y):
+    """(step, persistent, "autograd") of a BP model: one Adam cross-entropy step on (x, y), and the bytes it keeps
+    between steps (parameters, their .grad, the optimizer state); the MLP and the conv net cases share it."""
     optimizer = bp.make_bp_optimizer(model)
 
     def step():
