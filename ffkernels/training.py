@@ -48,10 +48,17 @@ def accuracy(net: FFNet, x: torch.Tensor, y: torch.Tensor, num_classes: int, bat
     device = net.layers[0].weight.device
     dtype = net.layers[0].weight.dtype
     correct = torch.zeros((), dtype=torch.long, device=device)
-    for xb, yb in zip(x.split(batch_size), y.to(device).split(batch_size)):
-        xb = xb if shape is None else xb.reshape(-1, *shape)
-        pred = net.predict(xb.to(device, dtype), num_classes, method=method)
-        correct += (pred == yb).sum()
+    was_training = getattr(net, "training", None)  # None: a wrapper that is no nn.Module
+    if was_training is not None:
+        net.eval()  # modules between the layers that train differently (dropout) predict in eval mode
+    try:
+        for xb, yb in zip(x.split(batch_size), y.to(device).split(batch_size)):
+            xb = xb if shape is None else xb.reshape(-1, *shape)
+            pred = net.predict(xb.to(device, dtype), num_classes, method=method)
+            correct += (pred == yb).sum()
+    finally:
+        if was_training is not None:
+            net.train(was_training)
     return int(correct) / max(1, len(y))  # one host read
 
 

@@ -400,3 +400,16 @@ def test_channels_last_and_strided_inputs_are_accepted(backend):
     for net in nets[1:]:
         for a, b in zip(net.parameters(), nets[0].parameters()):
             assert torch.equal(a, b)
+
+
+def test_dropout_between_layers_trains_in_train_mode_and_predicts_in_eval_mode():
+    from ffkernels.training import accuracy
+    torch.manual_seed(0)
+    opts = dict(loss="competitive", num_classes=2, backend="reference", dtype=FP64)
+    net = FFNet(modules=[FFConv2d(1, 4, 3, padding=1, **opts), nn.Dropout(0.5), FFConv2d(4, 4, 3, **opts)])
+    x, y = _batches(1)[0]
+    a = net.features(x)[1]
+    b = net.features(x)[1]
+    assert not torch.equal(a, b)  # train mode: dropout draws
+    accs = [accuracy(net, x.flatten(1), y, 2, shape=(1, 9, 8)) for _ in range(2)]
+    assert accs[0] == accs[1] and net.training  # eval mode inside, train mode restored
