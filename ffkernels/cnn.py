@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends.reference_conv import normalize_images
-from .cli_options import positive_int
+from .cli_options import peek_option, positive_int
 from .conv import FFConv2d
 from .linear import FFLinear
 from .net import FFNet
@@ -28,11 +28,13 @@ def add_cnn_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="mlp", choices=MODELS,
                    help="mlp: FFLinear layers of --hidden widths; cnn: FFConv2d layers of --channels (k x k, padding "
                         "k//2) with 2x2 max-pooling after the --pool-after layers, trained with --loss competitive. "
-                        f"--model cnn's defaults: {', '.join(f'--{k.replace(chr(95), chr(45))} {_shown(v)}' for k, v in CNN_DEFAULTS.items())}")
-    g.add_argument("--channels", type=positive_int, nargs="+", default=[40, 80, 160, 320],
+                        f"--model cnn's defaults: {_flags(CNN_DEFAULTS)}; per dataset: "
+                        + "; ".join(f"{name}: {_flags(d)}" for name, d in CNN_DATASET_DEFAULTS.items()))
+    g.add_argument("--channels", type=positive_int, nargs="+", default=list(CNN_DEFAULTS["channels"]),
                    help="--model cnn: out_channels of each conv layer (multiples of the number of classes)")
-    g.add_argument("--kernel-size", type=positive_int, default=3, help="--model cnn: the (odd) kernel size")
-    g.add_argument("--pool-after", type=int, nargs="*", default=[0, 1, 2], metavar="L",
+    g.add_argument("--kernel-size", type=positive_int, default=CNN_DEFAULTS["kernel_size"],
+                   help="--model cnn: the (odd) kernel size")
+    g.add_argument("--pool-after", type=int, nargs="*", default=list(CNN_DEFAULTS["pool_after"]), metavar="L",
                    help="--model cnn: 2x2 max-pooling after these conv layers (0-based)")
     g.add_argument("--temperature", type=float, default=1.0,
                    help="--loss competitive: the class-group goodnesses / temperature are the cross-entropy's logits")
@@ -43,13 +45,13 @@ def add_cnn_options(p: argparse.ArgumentParser) -> None:
                         "the end (default: all; --model cnn: -2 -1)")
 
 
-def _shown(v) -> str:
-    return " ".join(map(str, v)) if isinstance(v, list) else str(v)
+def _flags(defaults: dict) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in defaults.items())
 
 
 def model_defaults(argv, dataset: "str | None") -> dict:
     """``--model cnn``'s defaults (and its dataset's) when ``argv`` asks for it, else {}."""
-    from .cli_options import peek_option
     if peek_option(argv, "--model") != "cnn":
         return {}
     return {**CNN_DEFAULTS, **CNN_DATASET_DEFAULTS.get(dataset, {})}
