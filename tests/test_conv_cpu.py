@@ -334,13 +334,19 @@ def test_step_equals_grad_then_update(loss, over, opt, autocast):
     if autocast:
         cfg = cfg.replace(gemm_dtype="bfloat16")
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg)
-    fused, split = Params(w, b, cfg, FP32), Params(w, b, cfg, FP32)
+    assert_step_is_grad_then_update(cfg, case, xp, xn, t, w, b, nc, "cpu")
+
+
+def assert_step_is_grad_then_update(cfg, case, xp, xn, t, w, b, nc, device) -> None:
+    """Two steps of ff_conv_step against ff_conv_grad + the (linear) ff_update op with its loss on a copy of the
+    same parameters: every output, parameter and state tensor bitwise equal (test_conv_gpu.py runs it on CUDA)."""
+    fused, split = Params(w, b, cfg, FP32, device), Params(w, b, cfg, FP32, device)
     for step in (1, 2):
         out = torch.ops.ffkernels.ff_conv_step(xp, xn, t, fused.weight, fused.bias, *_state_slots(fused),
                                                *_geom_args(case), nc, step, cfg.conv_op_options)
         g = torch.ops.ffkernels.ff_conv_grad(xp, xn, t, split.weight, split.bias, *_geom_args(case), nc,
                                              cfg.conv_op_options)
-        assert g[5].dtype == FP32  # widened from the bf16 convolution's output
+        assert g[5].dtype == FP32  # widened from a bf16 convolution's output
         # the linear op takes 2-D weights: the same memory viewed (C_out, C_in/groups * kH * kW)
         flat = [None if v is None else v.view(v.shape[0], -1) for v in _state_slots(split)[:2]]
         torch.ops.ffkernels.ff_update(split.weight.view(w.shape[0], -1), split.bias, g[5].view(w.shape[0], -1), g[6],

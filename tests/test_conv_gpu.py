@@ -23,7 +23,8 @@ from ffkernels._types import BackendUnavailableError
 from ffkernels.backends import BACKENDS, resolve_backend
 from ffkernels.backends import reference_conv as oracle
 from options import OPTIMIZERS
-from test_conv_cpu import (GEOMETRIES, LOSS_OVER, SHAPE_CONFIGS, Params, _fixed_problem, _geom_args, _linear_options,
+from test_conv_cpu import (GEOMETRIES, LOSS_OVER, SHAPE_CONFIGS, Params, _fixed_problem, _geom_args,
+                           assert_step_is_grad_then_update,
                            _op_samples, _option_cases, _state_slots, check_conv_outputs, on_cpu, run_steps)
 from test_host_syncs import syncs_of
 from tolerance import FP64 as FP64_RULE
@@ -114,19 +115,7 @@ def test_step_equals_grad_then_update(loss, over, opt):
     cfg = FFConfig(loss=loss, goodness_over=over, **OPTIMIZERS[opt])
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg)
     xp, xn, t, w, b = _on_gpu(xp, xn, t, w, b)
-    fused, split = Params(w, b, cfg, FP32, "cuda"), Params(w, b, cfg, FP32, "cuda")
-    for step in (1, 2):
-        out = torch.ops.ffkernels.ff_conv_step(xp, xn, t, fused.weight, fused.bias, *_state_slots(fused),
-                                               *_geom_args(case), nc, step, cfg.conv_op_options)
-        g = torch.ops.ffkernels.ff_conv_grad(xp, xn, t, split.weight, split.bias, *_geom_args(case), nc,
-                                             cfg.conv_op_options)
-        flat = [None if v is None else v.view(v.shape[0], -1) for v in _state_slots(split)[:2]]
-        torch.ops.ffkernels.ff_update(split.weight.view(w.shape[0], -1), split.bias, g[5].view(w.shape[0], -1), g[6],
-                                      *flat, *_state_slots(split)[2:], g[0], step, _linear_options(cfg))
-        for a, c in zip(out, g[:5]):
-            assert torch.equal(a, c)
-        for name, a in fused.tensors().items():
-            assert torch.equal(a, split.tensors()[name]), name
+    assert_step_is_grad_then_update(cfg, case, xp, xn, t, w, b, nc, "cuda")
 
 
 DETERMINISM = [("hinton-sample-p2-7x9-k3", dict(), "7x9-k3"),

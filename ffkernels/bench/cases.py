@@ -123,10 +123,13 @@ def _ff_inputs(shape: LayerShape, device, dtype):
 def _layer_tensors(shape: LayerShape, backend: str, device, dtype):
     """An FFLinear's parameters and optimizer-state buffers (its init, its defaults), for calling a step on them
     directly: (weight, bias, states of weight, states of bias, config)."""
-    layer = FFLinear(shape.in_features, shape.out_features, backend=backend, device=device, dtype=dtype)
-    cfg = layer.config
-    states = {p: tuple(getattr(layer, f"{s}_{p}") for s in cfg.state_names) for p in ("weight", "bias")}
-    return layer.weight.detach(), layer.bias.detach(), states["weight"], states["bias"], cfg
+    return step_tensors(FFLinear(shape.in_features, shape.out_features, backend=backend, device=device, dtype=dtype))
+
+
+def step_tensors(layer):
+    """(weight, bias, states of weight, states of bias, config) of an FF layer (FFLinear, FFConv2d), for calling a
+    backend's step on them directly."""
+    return (layer.weight.detach(), layer.bias.detach(), layer._states("weight"), layer._states("bias"), layer.config)
 
 
 def _build_fused(backend: str):

@@ -42,7 +42,7 @@ from ..backends.reference_conv import normalize_images
 from ..config import FFConfig
 from ..conv import FFConv2d
 from ..cnn import CNN_DEFAULTS
-from .cases import NUM_CLASSES, _under_autocast, fused_backends, has_bf16_gemms
+from .cases import NUM_CLASSES, _under_autocast, fused_backends, has_bf16_gemms, step_tensors
 
 def _recipe_shapes(batch: int = 64, image=(1, 28, 28)) -> str:
     """The CNN recipe's layers (cnn.CNN_DEFAULTS: channels, k x k with padding k//2, 2x2 pooling after pool_after), each
@@ -173,12 +173,9 @@ def _conv_inputs(shape: ConvShape, device, dtype):
 def _conv_layer_tensors(shape: ConvShape, backend: str, device, dtype):
     """An FFConv2d's parameters and optimizer-state buffers (its init, its defaults) for calling a step on them
     directly: (weight, bias, states of weight, states of bias, config)."""
-    layer = FFConv2d(shape.in_channels, shape.out_channels, shape.kernel, padding=shape.padding, loss=shape.loss,
-                     num_classes=NUM_CLASSES if shape.loss == "competitive" else None, backend=backend, device=device,
-                     dtype=dtype)
-    cfg = layer.config
-    states = {p: tuple(getattr(layer, f"{s}_{p}") for s in cfg.state_names) for p in ("weight", "bias")}
-    return layer.weight.detach(), layer.bias.detach(), states["weight"], states["bias"], cfg
+    return step_tensors(FFConv2d(shape.in_channels, shape.out_channels, shape.kernel, padding=shape.padding,
+                                 loss=shape.loss, num_classes=NUM_CLASSES if shape.loss == "competitive" else None,
+                                 backend=backend, device=device, dtype=dtype))
 
 
 def _build_conv_step(backend: str):

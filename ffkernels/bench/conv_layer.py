@@ -8,17 +8,8 @@ as B images), so ``ff_bp_dx_ratio_per_sample`` = (t_FF / B) / (t_BP-dx / B). ``r
 from __future__ import annotations
 
 from .conv_cases import REFERENCE, ConvShape, conv_layer_cases
-from .layer import bench_plan
+from .layer import _median, _ratio, bench_plan, finish_row
 from .timing import Timing
-
-
-def _median(times: dict, name: str):
-    t = times.get(name)
-    return t.median_s if t is not None else None
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b else None
 
 
 def derive_conv(shape: ConvShape, cases, times: dict, errors: "dict | None" = None, dtype: "str | None" = None) -> list:
@@ -46,13 +37,7 @@ def derive_conv(shape: ConvShape, cases, times: dict, errors: "dict | None" = No
             "speedup_over_reference": _ratio(t_ref, median) if case.kind == "fused" else None,
             "ff_bp_dx_ratio_per_sample": _ratio(median, t_bp_dx) if case.kind in ("fused", "reference") else None,
         })
-        if case.precision != "fp32":  # the autocast cases: their precision and speed-up over the fp32 case
-            row["precision"] = case.precision
-            if case.kind != "floor":
-                row["speedup_over_fp32"] = _ratio(_median(times, case.name[: -len("-" + case.precision)]), median)
-        if t is None:
-            row["error"] = errors.get(case.name, "not measured")
-        rows.append(row)
+        rows.append(finish_row(row, case, times, errors))
     return rows
 
 

@@ -59,15 +59,22 @@ def derive(shape: LayerShape, cases, times: dict, errors: "dict | None" = None, 
             "ff_bp_ratio_per_sample": _ratio(median, t_bp) if is_ff else None,
             "ff_bp_dx_ratio_per_sample": _ratio(median, t_bp_dx) if is_ff else None,
         })
-        if case.precision != "fp32":  # the autocast cases: their precision and speed-up over the fp32 case
-            fp32_name = case.name[: -len("-" + case.precision)]
-            row["precision"] = case.precision
-            if case.kind != "floor":  # floor-bf16 also holds the optimizer's pass: no fp32 counterpart
-                row["speedup_over_fp32"] = _ratio(_median(times, fp32_name), median)
-        if t is None:
-            row["error"] = errors.get(case.name, "not measured")
-        rows.append(row)
+        rows.append(finish_row(row, case, times, errors))
     return rows
+
+
+def finish_row(row: dict, case, times: dict, errors: dict) -> dict:
+    """What every layer case's row (linear or conv) ends with: for an autocast case its precision and speed-up over
+    its fp32 case, and for an unmeasured case its error."""
+    median = _median(times, case.name)
+    if case.precision != "fp32":  # the autocast cases: their precision and speed-up over the fp32 case
+        fp32_name = case.name[: -len("-" + case.precision)]
+        row["precision"] = case.precision
+        if case.kind != "floor":  # floor-bf16 also holds the optimizer's pass: no fp32 counterpart
+            row["speedup_over_fp32"] = _ratio(_median(times, fp32_name), median)
+    if times.get(case.name) is None:
+        row["error"] = errors.get(case.name, "not measured")
+    return row
 
 
 def bench_layers(shapes, device, dtype, backends, *, warmup: int, repeats: int, min_time: float,

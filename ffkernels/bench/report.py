@@ -64,9 +64,7 @@ def layer_table(rows: list, markdown: bool = False) -> str:
         title = (f"layer {rs[0]['in_features']} -> {rs[0]['out_features']}, B = {b} real samples "
                  f"(FF: {2 * b} rows = {b} pos + {b} neg; BP: {b} rows)" + (f", {dtype}" if several else ""))
         block = _block(title, _table(header, [_layer_cells(r) for r in rs], markdown), markdown)
-        notes = [f"{'- ' if markdown else '  '}{r['case']} failed: {r['error']}" for r in rs if r.get("error")]
-        notes += [f"{'- ' if markdown else '  '}{r['case']}: {r['speedup_over_fp32']:.2f}x the speed of its fp32 case "
-                  f"(torch.autocast bf16; x floor is to floor-bf16)" for r in rs if r.get("speedup_over_fp32")]
+        notes = _case_notes(rs, markdown)
         floor = next((r for r in rs if r["case"] == "floor" and r.get("time")), None)
         if floor is not None:  # what the GEMMs achieved: compare with the GEMM rate docs/gpu-sizing.md assumes
             flops = floor_flops(floor["batch"], floor["in_features"], floor["out_features"])
@@ -75,6 +73,14 @@ def layer_table(rows: list, markdown: bool = False) -> str:
                          "TFLOP/s")
         blocks.append("\n".join([block, *([""] * markdown), *notes]) if notes else block)
     return "\n\n".join(blocks)
+
+
+def _case_notes(rs: list, markdown: bool) -> list:
+    """The lines under a layer table (linear or conv): the failed cases, and each autocast case's speed-up."""
+    bullet = "- " if markdown else "  "
+    return ([f"{bullet}{r['case']} failed: {r['error']}" for r in rs if r.get("error")]
+            + [f"{bullet}{r['case']}: {r['speedup_over_fp32']:.2f}x the speed of its fp32 case "
+               f"(torch.autocast bf16; x floor is to floor-bf16)" for r in rs if r.get("speedup_over_fp32")])
 
 
 def _conv_layer_cells(r: dict) -> list:
@@ -101,9 +107,7 @@ def conv_layer_table(rows: list, markdown: bool = False) -> str:
         title = (f"conv {r0['in_channels']} -> {r0['out_channels']}, {r0['height']}x{r0['width']}, k{r0['kernel']} "
                  f"p{r0['padding']}, B = {b} real images ({ff}; BP: {b} images)" + (f", {dtype}" if several else ""))
         block = _block(title, _table(header, [_conv_layer_cells(r) for r in rs], markdown), markdown)
-        notes = [f"{bullet}{r['case']} failed: {r['error']}" for r in rs if r.get("error")]
-        notes += [f"{bullet}{r['case']}: {r['speedup_over_fp32']:.2f}x the speed of its fp32 case "
-                  f"(torch.autocast bf16; x floor is to floor-bf16)" for r in rs if r.get("speedup_over_fp32")]
+        notes = _case_notes(rs, markdown)
         shape = ConvShape.parse(shape_text)
         for floor in (r for r in rs if r["kind"] == "floor" and r.get("time")):
             flops = 2 * conv_flops(shape, floor["images"])  # the forward and the weight-gradient convolutions
