@@ -95,7 +95,7 @@ def test_make_pretext_data():
     xr, yr = make_pretext_data(get_pretext("rotation"), x, y, (1, 4, 4), torch.Generator().manual_seed(0))
     assert xr.shape == x.shape and torch.bincount(yr).tolist() == [10, 10, 10, 10]
     assert torch.equal(xr, rotate(x.reshape(40, 1, 4, 4), yr).reshape(40, -1))
-    assert set(PRETEXTS) == {"supervised", "rotation", "flip", "flip-hv", "jigsaw", "hybrid"}
+    assert set(PRETEXTS) == {"supervised", "rotation", "flip", "flip-hv", "jigsaw", "hybrid", "scff"}
     with pytest.raises(ValueError, match="hybrid task has no labels"):
         make_pretext_data(get_pretext("hybrid"), x, y, (1, 4, 4), torch.Generator())
     with pytest.raises(ValueError, match="unknown pretext task 'colour'"):

@@ -28,6 +28,7 @@ from ..training import EpochStats, accuracy, bp_accuracy, run_batches, train_bp_
 from .config import StudyConfig
 from .features import bp_features, ff_features
 from .pretext import PretextTask
+from .scff import SCFFTrainer
 
 EVAL_BATCH = 1000
 
@@ -55,7 +56,7 @@ def check_algo(name: str) -> None:
 
 
 def runs_on(algo: str, task: PretextTask) -> bool:
-    """Whether ``algo`` has a counterpart on ``task`` (only FF trains on a contrast task)."""
+    """Whether ``algo`` has a counterpart on ``task`` (only FF trains on a contrast or pairs task)."""
     return task.kind == "label" or algo == "ff"
 
 
@@ -186,12 +187,15 @@ class GoodnessBPTrainer:
         return bp_features(self.net, embed_neutral(x, self.num_labels))
 
 
-def make_trainer(algo: str, dims, task: PretextTask, num_labels: int, cfg: StudyConfig, device, backend: str):
+def make_trainer(algo: str, dims, task: PretextTask, num_labels: int, cfg: StudyConfig, device, backend: str,
+                 image_shape=None):
     """The trainer of ``algo`` on ``task``. Call after ``torch.manual_seed(seed)``: every algorithm draws its
     layers' initial weights first, so all of them start from the same weights for one seed."""
     check_algo(algo)
     if not runs_on(algo, task):
         raise ValueError(f"ffkernels: {algo} has no counterpart on the {task.name} task (FF only)")
+    if algo == "ff" and task.kind == "pairs":
+        return SCFFTrainer(dims, task, image_shape, cfg, device, backend)
     if algo == "ff":
         return FFTrainer(dims, task, num_labels, cfg, device, backend)
     if algo == "bp":

@@ -33,7 +33,13 @@ from .store import REPORT, RESULTS, StudyFolderError, StudyStore
 
 DEFAULTS = StudyConfig()
 PRESETS = {"paper": PAPER_PRESET}
-PROBE_CHOICES = {**{p: (p,) for p in PROBES}, "both": PROBES}
+PROBE_CHOICES = {**{p: (p,) for p in PROBES}, "both": ("lbfgs", "paper")}
+
+
+def probes_from_args(value) -> tuple:
+    """--probe's names (one string from a preset, or the list given) -> the probes, in order, each once."""
+    names = [value] if isinstance(value, str) else list(value)
+    return tuple(dict.fromkeys(p for name in names for p in PROBE_CHOICES[name]))
 
 
 def _expand(values, choices, what):
@@ -85,9 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.ff_lr, help="FF learning rate, Adam per layer")
     p.add_argument("--bp-lr", type=float, default=d.bp_lr, help="BP learning rate, Adam")
     add_ff_loss_options(p, norm_help="normalization before each layer, FF and BP")
-    p.add_argument("--probe", choices=list(PROBE_CHOICES),
-                   default=next(k for k, v in PROBE_CHOICES.items() if v == d.probes), help="transfer probe: lbfgs (standardized features, L-BFGS), paper (raw features, "
-                                     "Adam for --paper-probe-epochs) or both (tables show both)")
+    p.add_argument("--probe", choices=list(PROBE_CHOICES), nargs="+", metavar="PROBE",
+                   default=next(k for k, v in PROBE_CHOICES.items() if v == d.probes),
+                   help="transfer probes, one or more of: lbfgs (standardized features, L-BFGS), paper (raw features, "
+                        "Adam for --paper-probe-epochs), scff (SCFF's read-out: per-sample standardized layers, "
+                        "dropout, Adam 50 epochs), both (lbfgs and paper); the first fills the main tables")
     p.add_argument("--probe-steps", type=int, default=d.probe_steps,
                    help="L-BFGS iterations of the linear probe")
     p.add_argument("--probe-weight-decay", type=float, default=d.probe_weight_decay,
@@ -111,7 +119,7 @@ def config_from_args(args) -> StudyConfig:
     try:
         return StudyConfig(hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size, ff_lr=args.lr,
                            bp_lr=args.bp_lr, goodness=args.goodness, threshold=args.threshold, loss=args.loss,
-                           norm=args.norm, probes=PROBE_CHOICES[args.probe], probe_steps=args.probe_steps,
+                           norm=args.norm, probes=probes_from_args(args.probe), probe_steps=args.probe_steps,
                            probe_weight_decay=args.probe_weight_decay, paper_probe_epochs=args.paper_probe_epochs,
                            paper_probe_lr=args.paper_probe_lr, hybrid_blur_steps=args.hybrid_blur_steps,
                            knn_k=args.knn_k, tsne_points=args.tsne_points, max_train=args.max_train,

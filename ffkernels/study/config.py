@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -11,7 +12,8 @@ from ..precision import check_precision
 
 STUDY_FORMAT_VERSION = 2   # 2: probes, the Adam probe's settings and the hybrid masks' blur became settings
 PAPER_HIDDEN = (2000, 2000, 2000, 2000)
-PROBES = ("lbfgs", "paper")   # see probe.py: standardized L-BFGS; the paper's Adam-trained linear classifier
+PROBES = ("lbfgs", "paper", "scff")   # probe.py: standardized L-BFGS; the paper's Adam classifier; SCFF's read-out
+SCFF_DEFAULTS = dict(scff_thresholds=((4.0, 6.0), (1.0, 1.0)), scff_lambda=1e-3, scff_shift=2)
 _FF = FFConfig()  # the FF-layer settings default to the layer's own defaults
 
 
@@ -43,9 +45,26 @@ class StudyConfig:
     eval_every: int = 1           # pretext test accuracy every N epochs (training curves)
     version: int = STUDY_FORMAT_VERSION
     precision: str = "fp32"       # bf16: training under torch.autocast (precision.py); not in to_dict when fp32
+    # the scff pretext's layers (pretext.py; algos.SCFFTrainer): (theta+, theta-) per layer, the last pair repeated
+    # for deeper layers, the penalty lambda on the positive goodness, the views' largest shift in pixels. Not in
+    # to_dict at these defaults, so the fingerprints of the studies before scff do not change.
+    scff_thresholds: tuple = SCFF_DEFAULTS["scff_thresholds"]
+    scff_lambda: float = SCFF_DEFAULTS["scff_lambda"]
+    scff_shift: int = SCFF_DEFAULTS["scff_shift"]
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        try:
+            pairs = tuple((float(a), float(b)) for a, b in self.scff_thresholds)
+        except (TypeError, ValueError):
+            raise ValueError(f"ffkernels: study scff_thresholds must be (theta+, theta-) pairs, got "
+                             f"{self.scff_thresholds!r}") from None
+        if not pairs or not all(math.isfinite(v) for pair in pairs for v in pair):
+            raise ValueError(f"ffkernels: study scff_thresholds must be finite (theta+, theta-) pairs, got {pairs!r}")
+        object.__setattr__(self, "scff_thresholds", pairs)
+        if not (math.isfinite(self.scff_lambda) and self.scff_lambda >= 0) or self.scff_shift < 0:
+            raise ValueError(f"ffkernels: study scff_lambda must be finite and >= 0 and scff_shift >= 0, got "
+                             f"{self.scff_lambda}, {self.scff_shift}")
         check_precision(self.precision)
         probes = (self.probes,) if isinstance(self.probes, str) else tuple(self.probes)
         object.__setattr__(self, "probes", probes)
@@ -80,12 +99,19 @@ class StudyConfig:
         d["probes"] = list(self.probes)
         if d["precision"] == "fp32":  # the fingerprints of the studies before --precision stay as they were
             del d["precision"]
+        d["scff_thresholds"] = [list(p) for p in self.scff_thresholds]
+        for k, v in SCFF_DEFAULTS.items():  # likewise before scff
+            if getattr(self, k) == (tuple(map(tuple, v)) if k == "scff_thresholds" else v):
+                del d[k]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "StudyConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        kw = {k: v for k, v in d.items() if k in known}
+        if "scff_thresholds" in kw:
+            kw["scff_thresholds"] = tuple(tuple(p) for p in kw["scff_thresholds"])
+        return cls(**kw)
 
     def fingerprint(self) -> str:
         """A short hash of ``to_dict()``: equal exactly when every setting is equal."""
@@ -94,6 +120,8 @@ class StudyConfig:
     def differences(self, other: "StudyConfig") -> list:
         """["name: mine -> other", ...] for every setting that differs."""
         a, b = self.to_dict(), other.to_dict()
-        a.setdefault("precision", "fp32")  # to_dict leaves out the default precision
-        b.setdefault("precision", "fp32")
+        for d in (a, b):  # to_dict leaves out the defaults of settings added later
+            d.setdefault("precision", "fp32")
+            for k, v in SCFF_DEFAULTS.items():
+                d.setdefault(k, [list(p) for p in v] if k == "scff_thresholds" else v)
         return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k)]

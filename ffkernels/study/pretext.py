@@ -10,10 +10,18 @@ Images are tensors (N, C, H, W); every transform works on the whole batch at onc
 | flip-hv      | 4      | 0 as is, 1 mirrored left-right, 2 upside-down, 3 both                    |
 | jigsaw       | 24     | 2x2 patches reordered: output patch i (row-major) = input patch JIGSAW_PERMUTATIONS[k][i] |
 | hybrid       | (2)    | no label in the input: real images are FF's positives, hybrid images its negatives    |
+| scff         | (2)    | no label: pairs of views; positive = two views of one image, negative = of two images |
 
 ``hybrid`` is unsupervised FF as in Hinton (2022): a negative mixes two different images through a smooth
 random mask (``hybrid_masks``: random bits, blurred repeatedly with [1/4, 1/2, 1/4] along rows and columns,
 cut at 0.5). It trains FF only; backprop has no counterpart (``PretextTask.kind == "contrast"``).
+
+``scff`` is self-contrastive FF (Chen et al., arXiv 2409.11593; ``PretextTask.kind == "pairs"``, FF only): in a batch
+of B images, two random shifts of up to ``max_shift`` pixels per image (zero fill), each view standardized per image
+(zero mean, unit std over its pixels); positive i = view1(i) + view2(i), negative i = view1(i) + view2((i + k) mod B)
+with one k drawn uniformly from [1, B - 1] per batch (``scff_pairs``). The sum is SCFF's first layer exactly: it
+applies the same weights to the two halves of the concatenated pair and adds them. The partner may share the class;
+nothing filters it, as in SCFF. The pairs depend on the batch, so the trainer builds them per batch.
 """
 from __future__ import annotations
 
@@ -112,13 +120,69 @@ def make_hybrid_data(x: torch.Tensor, image_shape, blur_steps: int, generator: t
     return x, (masks * images + (1 - masks) * other).reshape(len(x), -1)
 
 
+def shift_images(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image (N, C, H, W) translated by its own integer (dy, dx), each uniform in [-max_shift, max_shift], the
+    uncovered border filled with zeros (torchvision's RandomAffine(translate=...) on integer shifts)."""
+    if max_shift < 0:
+        raise ValueError(f"ffkernels: max_shift must be >= 0, got {max_shift}")
+    n, _, h, w = images.shape
+    if max_shift == 0 or n == 0:
+        return images.clone()
+    m = max_shift
+    d = torch.randint(-m, m + 1, (n, 2), generator=generator)
+    padded = torch.nn.functional.pad(images, (m, m, m, m))
+    out = torch.empty_like(images)
+    for dy, dx in torch.unique(d, dim=0).tolist():  # one batched copy per distinct shift
+        idx = ((d[:, 0] == dy) & (d[:, 1] == dx)).nonzero().squeeze(1).to(images.device)
+        # output pixel (r, c) = input pixel (r - dy, c - dx): the content moves by (dy, dx)
+        out[idx] = padded[idx, :, m - dy:m - dy + h, m - dx:m - dx + w]
+    return out
+
+
+def standardize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per row of the (N, ...) batch: zero mean, unit standard deviation (unbiased, as torch.std) over the rest."""
+    flat = x.reshape(len(x), -1)
+    flat = flat - flat.mean(1, keepdim=True)
+    return (flat / (flat.std(1, keepdim=True) + eps)).reshape(x.shape)
+
+
+def scff_pairs(x: torch.Tensor, image_shape, max_shift: int, generator: torch.Generator):
+    """(positives, negatives, k) of one batch of B >= 2 flat inputs ``x`` (B, features), as the module docstring
+    says: the two views of every image first, then k."""
+    b = len(x)
+    if b < 2:
+        raise ValueError(f"ffkernels: scff pairs need at least 2 images in a batch, got {b}")
+    images = x.reshape(b, *image_shape)
+    views = [standardize(shift_images(images, max_shift, generator)).reshape(b, -1) for _ in range(2)]
+    k = int(torch.randint(1, b, (1,), generator=generator))
+    return views[0] + views[1], views[0] + views[1].roll(-k, 0), k  # roll(-k)[i] = row (i + k) mod B
+
+
+def pair_batches(n: int, batch_size: int):
+    """Consecutive index batches of ``batch_size`` over range(n), a last batch of one merged into the one before
+    (an scff batch needs two images)."""
+    if n < 2:
+        raise ValueError(f"ffkernels: scff needs at least 2 images, got {n}")
+    batches = list(torch.arange(n).split(batch_size))
+    if len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+def make_scff_data(x: torch.Tensor, image_shape, batch_size: int, max_shift: int, generator: torch.Generator):
+    """(positives, negatives) for all of ``x`` in consecutive batches (``pair_batches``): the fixed pairs the
+    pretext accuracy is measured on."""
+    pairs = [scff_pairs(x[idx], image_shape, max_shift, generator)[:2] for idx in pair_batches(len(x), batch_size)]
+    return torch.cat([p for p, _ in pairs]), torch.cat([q for _, q in pairs])
+
+
 @dataclass(frozen=True)
 class PretextTask:
     name: str
     num_labels: Optional[int]                 # None: the dataset's number of classes (supervised)
     transform: Optional[Callable]             # (images, labels) -> images; None: no transform
     description: str
-    kind: str = "label"                       # "label": predict a label; "contrast": real vs hybrid (FF only)
+    kind: str = "label"   # "label": predict a label; "contrast": real vs hybrid; "pairs": scff (both FF only)
 
     def classes(self, dataset_classes: int) -> int:
         """How many labels the network predicts on this task."""
@@ -133,6 +197,8 @@ PRETEXTS = {
     "jigsaw": PretextTask("jigsaw", len(JIGSAW_PERMUTATIONS), jigsaw, "2x2 patches in one of 24 orders"),
     "hybrid": PretextTask("hybrid", 2, None, "real images vs hybrids of two images (unsupervised FF)",
                           kind="contrast"),
+    "scff": PretextTask("scff", 2, None, "two views of one image vs views of two images (self-contrastive FF)",
+                        kind="pairs"),
 }
 
 
@@ -155,7 +221,8 @@ def make_pretext_data(task: PretextTask, x: torch.Tensor, y: torch.Tensor, image
     A "contrast" task has no labels: use ``make_hybrid_data``.
     """
     if task.kind != "label":
-        raise ValueError(f"ffkernels: the {task.name} task has no labels; its data come from make_hybrid_data")
+        raise ValueError(f"ffkernels: the {task.name} task has no labels; its data come from "
+                         f"{'make_hybrid_data' if task.kind == 'contrast' else 'scff_pairs'}")
     if task.transform is None:
         return x, y
     labels = balanced_labels(len(x), task.num_labels, generator)

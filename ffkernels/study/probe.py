@@ -7,6 +7,9 @@
 - ``paper`` (``fit_adam_probe``): the paper's protocol as far as it is known: a linear classifier on the *raw*
   frozen features, trained with Adam for a fixed number of epochs of shuffled minibatches (nn.Linear's
   initialization, no penalty). It depends on the features' scale, as the paper's numbers do.
+- ``scff`` (``SCFF_PROBE``): SCFF's own read-out (Chen et al., official code): each layer's features standardized
+  per sample (zero mean, unit std over its units), layers concatenated, dropout 0.2, one linear layer, Adam 1e-3
+  for 50 epochs of batches of 64, the lr halved at 20, 35, 50, 60, 70, 80 and 90% of the epochs.
 
 Both run on whatever device the features are on.
 """
@@ -89,23 +92,29 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: 
     return LinearProbe(w.detach(), b.detach(), final)
 
 
+SCFF_PROBE = dict(epochs=50, lr=1e-3, batch_size=64, dropout=0.2,
+                  halve_at=tuple(int(50 * r) for r in (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)))
+
+
 def fit_adam_probes(xs: list, y: torch.Tensor, num_classes: int, epochs: int, lr: float, batch_size: int,
-                    seed: int) -> list:
+                    seed: int, dropout: float = 0.0, halve_at=()) -> list:
     """One linear classifier per feature tensor of ``xs`` (each (n, d_i), raw), trained side by side: each
     starts from nn.Linear's initialization drawn from ``torch.Generator().manual_seed(seed)`` and takes
     ``epochs`` epochs of Adam (``lr``) over the same minibatches of ``batch_size``, in an order drawn from
     ``manual_seed(seed + 1)``. The classifiers share nothing but the batch order (separate losses, separate
     parameters, element-wise Adam), so each is exactly what it would be trained alone; together they cost one
-    autograd graph and one optimizer step per batch instead of one per classifier."""
+    autograd graph and one optimizer step per batch instead of one per classifier. ``dropout``: inverted dropout
+    on the classifiers' input while training (masks from ``manual_seed(seed + 2)``); ``halve_at``: the epochs (0-based,
+    counted as done) after which the lr is halved."""
     if not xs:
         raise ValueError("ffkernels: the Adam probe needs at least one feature tensor")
     for x in xs:
         _check(x, y, num_classes)
         if len(x) != len(xs[0]) or x.device != xs[0].device:
             raise ValueError("ffkernels: the Adam probes' features must have the same rows on the same device")
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"ffkernels: the Adam probe needs epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, "
-                         f"{batch_size}, {lr}")
+    if epochs < 1 or batch_size < 1 or not lr > 0 or not 0 <= dropout < 1:
+        raise ValueError(f"ffkernels: the Adam probe needs epochs >= 1, batch_size >= 1, lr > 0 and dropout in [0, 1), "
+                         f"got {epochs}, {batch_size}, {lr}, {dropout}")
     xs = [x.float() for x in xs]
     device = xs[0].device
     y = y.to(device).long()
@@ -118,12 +127,23 @@ def fit_adam_probes(xs: list, y: torch.Tensor, num_classes: int, epochs: int, lr
         params.append((w.to(device).requires_grad_(), b.to(device).requires_grad_()))
     opt = torch.optim.Adam([t for wb in params for t in wb], lr=lr)
     order = torch.Generator().manual_seed(seed + 1)
+    masks = torch.Generator().manual_seed(seed + 2)
+
+    def dropped(t):
+        if not dropout:
+            return t
+        keep = (torch.rand(t.shape, generator=masks) >= dropout).to(t.device, t.dtype)
+        return t * keep / (1 - dropout)
+
     with torch.enable_grad():
-        for _ in range(epochs):
+        for epoch in range(epochs):
             for idx in torch.randperm(len(y), generator=order).to(device).split(batch_size):
                 opt.zero_grad(set_to_none=True)
-                sum(F.cross_entropy(F.linear(x[idx], w, b), y[idx]) for x, (w, b) in zip(xs, params)).backward()
+                sum(F.cross_entropy(F.linear(dropped(x[idx]), w, b), y[idx]) for x, (w, b) in zip(xs, params)).backward()
                 opt.step()
+            if epoch + 1 in halve_at:
+                for group in opt.param_groups:
+                    group["lr"] *= 0.5
     with torch.no_grad():
         return [LinearProbe(w.detach(), b.detach(), float(F.cross_entropy(F.linear(x, w, b), y)))
                 for x, (w, b) in zip(xs, params)]

@@ -20,7 +20,7 @@ from ..training import progress_iter
 from .algos import check_algo, make_trainer, runs_on
 from .config import StudyConfig
 from .embedding import tsne_2d, tsne_points
-from .pretext import PretextTask, get_pretext, make_hybrid_data, make_pretext_data
+from .pretext import PretextTask, get_pretext, make_hybrid_data, make_pretext_data, make_scff_data
 from .store import StudyStore, row_key
 from .transfer import baseline, transfer
 
@@ -36,8 +36,12 @@ def _generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(*parts))
 
 
-def pretext_data(task: PretextTask, x, y, image_shape, cfg: StudyConfig, generator: torch.Generator):
-    """A label task's (inputs, labels), or a contrast task's (real images, hybrid images)."""
+def pretext_data(task: PretextTask, x, y, image_shape, cfg: StudyConfig, generator: torch.Generator,
+                 test: bool = False):
+    """A label task's (inputs, labels), a contrast task's (real images, hybrid images), or the pairs task's
+    (images,) to train on (the trainer pairs them per batch) and its fixed (positives, negatives) to test on."""
+    if task.kind == "pairs":
+        return make_scff_data(x, image_shape, cfg.batch_size, cfg.scff_shift, generator) if test else (x,)
     if task.kind == "contrast":
         return make_hybrid_data(x, image_shape, cfg.hybrid_blur_steps, generator)
     return make_pretext_data(task, x, y, image_shape, generator)
@@ -52,9 +56,10 @@ def run_one(ds: Dataset, task: PretextTask, algo: str, seed: int, cfg: StudyConf
     check_algo(algo)
     t_start = time.perf_counter()
     num_labels = task.classes(ds.num_classes)
-    test_data = pretext_data(task, ds.x_test, ds.y_test, ds.image_shape, cfg, _generator(PRETEXT_TEST_SEED))
+    test_data = pretext_data(task, ds.x_test, ds.y_test, ds.image_shape, cfg, _generator(PRETEXT_TEST_SEED), test=True)
     torch.manual_seed(seed)
-    trainer = make_trainer(algo, [ds.in_features, *cfg.hidden], task, num_labels, cfg, device, backend)
+    trainer = make_trainer(algo, [ds.in_features, *cfg.hidden], task, num_labels, cfg, device, backend,
+                           ds.image_shape)
 
     # loss: every epoch (FF: one value per layer; BP: the cross-entropy; BP-goodness: one per loss layer);
     # pretext accuracy: every eval_every epochs

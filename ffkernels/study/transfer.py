@@ -9,7 +9,8 @@ from ..bp import BPMLP
 from .config import StudyConfig
 from .features import bp_features
 from .metrics import cluster_metrics
-from .probe import fit_adam_probes, probe_accuracy
+from .pretext import standardize
+from .probe import SCFF_PROBE, fit_adam_probes, probe_accuracy
 
 PROBE_SEED = 0       # the Adam probes' initialization (and PROBE_SEED + 1: batch order), the same for every run
 UNTRAINED_SEED = 0
@@ -27,6 +28,13 @@ def _probe(name: str, f_train: list, y_train, f_test: list, y_test, num_classes:
         probes = fit_adam_probes(trains, y_train, num_classes, cfg.paper_probe_epochs, cfg.paper_probe_lr,
                                  cfg.paper_probe_batch_size, PROBE_SEED)
         acc = [p.accuracy(b.float(), y_test) for p, b in zip(probes, tests)]
+    elif name == "scff":  # per sample standardized per layer, then concatenated (SCFF's read-out)
+        trains = [standardize(a.float()) for a in f_train]
+        tests = [standardize(b.float()) for b in f_test]
+        if many:
+            trains, tests = trains + [torch.cat(trains, 1)], tests + [torch.cat(tests, 1)]
+        probes = fit_adam_probes(trains, y_train, num_classes, seed=PROBE_SEED, **SCFF_PROBE)
+        acc = [p.accuracy(b, y_test) for p, b in zip(probes, tests)]
     else:
         raise ValueError(f"ffkernels: unknown probe {name!r}")
     layers, everything = acc[:len(f_train)], acc[-1]
