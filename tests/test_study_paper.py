@@ -266,6 +266,8 @@ def test_doc_blocks_are_rewritten_from_their_source_and_unknown_ones_refused():
     assert doc_blocks.refresh(new, res) == new and doc_blocks.block_names(new) == ["paper-settings"]
     with pytest.raises(KeyError, match="'nope' has no generator"):
         doc_blocks.refresh("<!-- generated: nope -->\n<!-- end generated: nope -->", res)
+    with pytest.raises(KeyError, match="needs the 'fmnist' results"):
+        doc_blocks.refresh("<!-- generated: fmnist-table -->\n<!-- end generated: fmnist-table -->", res)
 
 
 def test_docs_show_the_generated_settings_and_the_kept_results():
@@ -276,10 +278,9 @@ def test_docs_show_the_generated_settings_and_the_kept_results():
 
     root = os.path.join(os.path.dirname(__file__), "..")
     doc = open(os.path.join(root, "docs", "study.md")).read()
-    kept = os.path.join(root, "docs", "study-paper", "results.json")
-    assert os.path.exists(kept), "the paper-preset run's results.json is kept in docs/study-paper"
-    with open(kept) as f:
-        results = json.load(f)
+    for path, _ in doc_blocks.SOURCES.values():
+        assert os.path.exists(path), f"the kept run's results.json: {path}"
+    results = doc_blocks.load_sources({k: path for k, (path, _) in doc_blocks.SOURCES.items()})
     assert sorted(doc_blocks.block_names(doc)) == sorted(doc_blocks.BLOCKS)
     assert doc_blocks.refresh(doc, results) == doc, "stale: run python -m ffkernels.study.doc_blocks"
 

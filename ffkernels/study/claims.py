@@ -7,7 +7,7 @@ the same shape (the study's reference point, one per dataset). Differences are i
 from __future__ import annotations
 
 from .paper import PAPER_REPORTED_MNIST
-from .tables import ALGO_NAMES, grouped, md, mean_std
+from .tables import ALGO_NAMES, grouped, md, mean_std, reported_header
 
 UNTRAINED = "untrained"
 CLAIM_PRETEXTS = ("supervised", "rotation", "flip", "flip-hv", "jigsaw")
@@ -20,6 +20,8 @@ def claims() -> list:
     out += [("ablation", (p, "bp-goodness-all"), (p, "bp-goodness-last")) for p in CLAIM_PRETEXTS]
     out += [("ablation", (p, "bp-goodness-last"), (p, "bp")) for p in CLAIM_PRETEXTS]
     out += [("hybrid negatives", ("hybrid", "ff"), b) for b in (("supervised", "ff"), ("rotation", "ff"), UNTRAINED)]
+    out += [("scff negatives", ("scff", "ff"), b)
+            for b in (UNTRAINED, ("hybrid", "ff"), ("supervised", "ff"), ("rotation", "ff"), ("rotation", "bp"))]
     return out
 
 
@@ -56,7 +58,7 @@ def claims_table(rows, baseline, dataset: str) -> str:
     g = grouped(rows)
     probes = [p for p in ("paper", "lbfgs") if any(p in r.get("probes", {}) for r in rows if r["dataset"] == dataset)]
     measures = _measures(probes)
-    header = ["claim", "A − B", "paper (reported) transfer", "pretext acc"] + [m for m, _ in measures] + ["seeds"]
+    header = ["claim", "A − B", reported_header(dataset, "transfer"), "pretext acc"] + [m for m, _ in measures] + ["seeds"]
     body = []
     for claim, a, b in claims():
         runs_a = g.get((dataset, *a), [])

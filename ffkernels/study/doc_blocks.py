@@ -1,5 +1,6 @@
-"""docs/study.md's generated blocks: the paper preset's settings, and the tables of the kept paper-preset run
-(docs/study-paper/results.json). Each block sits between
+"""docs/study.md's generated blocks: the paper preset's settings, and the tables of the kept paper-preset runs
+(mnist5k: docs/study-paper/results.json, blocks ``paper-*``; full Fashion-MNIST: docs/study-fashion-mnist/results.json,
+blocks ``fmnist-*``). Each block sits between
 
     <!-- generated: NAME ... -->
     ...
@@ -18,30 +19,54 @@ import re
 from .claims import claims_table
 from .report import baseline_lines, paper_settings_table, paper_table, timing_line, wall_table
 
-DATASET = "mnist5k"
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 DOC = os.path.join(ROOT, "docs", "study.md")
-RESULTS = os.path.join(ROOT, "docs", "study-paper", "results.json")
+# block-name prefix -> (the kept run's results.json, its dataset)
+SOURCES = {"paper": (os.path.join(ROOT, "docs", "study-paper", "results.json"), "mnist5k"),
+           "fmnist": (os.path.join(ROOT, "docs", "study-fashion-mnist", "results.json"), "fashion-mnist")}
+RESULTS = SOURCES["paper"][0]
+DATASET = SOURCES["paper"][1]
 
-BLOCKS = {
-    "paper-settings": lambda res: paper_settings_table(),
-    "paper-table": lambda res: paper_table(res["rows"], DATASET),
-    "paper-references": lambda res: baseline_lines(res["baselines"].get(DATASET)),
-    "paper-claims": lambda res: claims_table(res["rows"], res["baselines"].get(DATASET), DATASET),
-    "paper-walltimes": lambda res: wall_table(res["rows"], DATASET) + "\n\n" + timing_line(res["rows"], DATASET),
+_TABLES = {  # block-name suffix -> generator(results, dataset)
+    "table": lambda res, ds: paper_table(res["rows"], ds),
+    "references": lambda res, ds: baseline_lines(res["baselines"].get(ds)),
+    "claims": lambda res, ds: claims_table(res["rows"], res["baselines"].get(ds), ds),
+    "walltimes": lambda res, ds: wall_table(res["rows"], ds) + "\n\n" + timing_line(res["rows"], ds),
 }
+# block name -> (source prefix or None, generator(results))
+BLOCKS = {"paper-settings": (None, lambda res: paper_settings_table())}
+BLOCKS.update({f"{src}-{name}": (src, lambda res, fn=fn, ds=ds: fn(res, ds))
+               for src, (_, ds) in SOURCES.items() for name, fn in _TABLES.items()})
 _BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)(<!-- end generated: (?P=name) -->)",
                     re.S)
 
 
 def refresh(text: str, results: dict) -> str:
-    """``text`` with every generated block rewritten from ``results`` (an unknown block name is an error)."""
+    """``text`` with every generated block rewritten from ``results``: {source prefix: that run's results.json}, or
+    one results.json for the ``paper`` blocks. An unknown block name, or a block whose source is missing, is an
+    error."""
+    if "rows" in results:
+        results = {"paper": results}
+
     def one(m):
         name = m.group("name")
         if name not in BLOCKS:
             raise KeyError(f"docs block {name!r} has no generator; known: {', '.join(BLOCKS)}")
-        return m.group(1) + BLOCKS[name](results) + "\n" + m.group(4)
+        src, gen = BLOCKS[name]
+        if src is not None and src not in results:
+            raise KeyError(f"docs block {name!r} needs the {src!r} results ({SOURCES[src][0]})")
+        return m.group(1) + gen(results.get(src)) + "\n" + m.group(4)
     return _BLOCK.sub(one, text)
+
+
+def load_sources(paths: dict) -> dict:
+    """{prefix: results} for every source whose results.json exists."""
+    out = {}
+    for src, path in paths.items():
+        if os.path.exists(path):
+            with open(path) as f:
+                out[src] = json.load(f)
+    return out
 
 
 def block_names(text: str) -> list:
@@ -52,10 +77,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Rewrite docs/study.md's generated blocks from the kept paper run.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--doc", default=os.path.normpath(DOC))
-    ap.add_argument("--results", default=os.path.normpath(RESULTS))
+    ap.add_argument("--results", default=os.path.normpath(RESULTS), help="the mnist5k paper run (paper-* blocks)")
+    ap.add_argument("--fmnist-results", default=os.path.normpath(SOURCES["fmnist"][0]),
+                    help="the Fashion-MNIST run (fmnist-* blocks)")
     args = ap.parse_args(argv)
-    with open(args.results) as f:
-        results = json.load(f)
+    results = load_sources({"paper": args.results, "fmnist": args.fmnist_results})
     with open(args.doc) as f:
         text = f.read()
     new = refresh(text, results)

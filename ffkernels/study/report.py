@@ -7,7 +7,7 @@ from .claims import claims_table
 from .paper import PAPER_REPORTED_MNIST, paper_settings
 from .pretext import PRETEXTS
 from .store import REPORT, StudyStore
-from .tables import ALGO_NAMES, grouped, md, mean_std, order
+from .tables import ALGO_NAMES, grouped, md, mean_std, order, reported_header
 
 PAPER_DATASETS = ("mnist", "mnist5k")   # the reported numbers are MNIST's
 
@@ -61,7 +61,7 @@ def paper_table(rows, dataset: str) -> str:
     g = grouped(rows)
     _, pretexts, algos = order(rows)
     probes = [p for p in ("paper", "lbfgs") if any(p in r.get("probes", {}) for r in rows if r["dataset"] == dataset)]
-    header = ["pretext", "algo", "paper (reported) %"]
+    header = ["pretext", "algo", reported_header(dataset, "%")]
     for p in probes:
         header += [f"ours, {p} probe, last layer %", f"ours, {p} probe, best %"]
     header.append("seeds")

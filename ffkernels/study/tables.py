@@ -44,3 +44,11 @@ def md(header, body) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
     return "\n".join(lines)
+
+
+def reported_header(dataset: str, what: str) -> str:
+    """The column of the paper's reported numbers: MNIST's, marked so on another dataset (the secondary summary has
+    no transfer rows for the others: MNIST's are the reference pattern there)."""
+    if dataset in ("mnist", "mnist5k"):
+        return f"paper (reported) {what}"
+    return f"paper on MNIST (reported; {dataset} not reported) {what}"
