@@ -91,7 +91,8 @@ def check_scff_options(args, command: str) -> None:
     given = [flag for flag, value in (("--threshold-neg", getattr(args, "threshold_neg", None) is not None),
                                       ("--scff-lambda", getattr(args, "scff_lambda", 0.0) != 0.0)) if value]
     if given and args.loss != "scff":
-        raise SystemExit(f"ffkernels {command}: {' and '.join(given)} apply to --loss scff only, got --loss {args.loss}")
+        raise SystemExit(f"ffkernels {command}: {' and '.join(given)} apply to --loss scff only, "
+                         f"got --loss {args.loss}")
 
 
 def add_ff_optimizer_options(p: argparse.ArgumentParser) -> None:

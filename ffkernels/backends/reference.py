@@ -98,8 +98,8 @@ def ff_objective_peer(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None)
     w.r.t. weight and bias only, and the new peer running mean r' (None when cfg.peer_norm == 0)."""
     if not cfg.is_linear:
         raise ValueError(f"ffkernels: the linear FF step computes sample goodness of h**2 with the hinton, symba or "
-                         f"scff loss; loss={cfg.loss!r}, goodness_over={cfg.goodness_over!r}, goodness_power={cfg.goodness_power} "
-                         "run on the conv step (reference_conv)")
+                         f"scff loss; loss={cfg.loss!r}, goodness_over={cfg.goodness_over!r}, "
+                         f"goodness_power={cfg.goodness_power} run on the conv step (reference_conv)")
     x_pos, x_neg = x_pos.detach(), x_neg.detach()  # inputs are constants: nothing flows into x
     if cfg.gemm_dtype == "param":
         z_pos = F.linear(normalize(x_pos, cfg.norm, cfg.norm_eps), weight, bias)
