@@ -1,6 +1,6 @@
 // Fused convolutional FF forward + exact local gradient on the CPU (docs/design.md, "The ops", "Numerics").
 //
-// R images: pos then neg (R = 2B, hinton and symba), or pos only (R = B, competitive):
+// R images: pos then neg (R = 2B, hinton, symba and scff), or pos only (R = B, competitive):
 //   1. normalize: xhat = x / d_i per image (over C_in*H*W, ff_math.h row_divisor), pos||neg written once into one
 //                 (R, C_in, H, W) buffer, so one convolution serves each direction
 //   2. conv:      z = conv2d(xhat, W) (R, C_out, H_out, W_out) through ATen (oneDNN), without the bias
@@ -128,7 +128,7 @@ void epilogue(const EpilogueArgs<scalar_t, z_t>& a, const GoodnessLayout& lay, c
   // dL/dz = (dL/dg) * s * (2h if p = 2, else 1) * relu'(z)
   const acc_t coef_scale = square ? acc_t(2) * s : s;
   const bool competitive = opt.loss == Loss::Competitive;
-  const acc_t threshold = static_cast<acc_t>(opt.threshold), alpha = static_cast<acc_t>(opt.symba_alpha);
+  const LossScalars<acc_t> scalars = opt.scalars<acc_t>();
   at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1)), [&](int64_t lo, int64_t hi) {
     std::vector<double> sums(static_cast<size_t>(ng));
     std::vector<acc_t> g[2] = {std::vector<acc_t>(ng), std::vector<acc_t>(ng)};
@@ -174,7 +174,7 @@ void epilogue(const EpilogueArgs<scalar_t, z_t>& a, const GoodnessLayout& lay, c
       } else {
         // every goodness value of a positive image is paired with the same one of its negative image
         for (int64_t j = 0; j < ng; ++j) {
-          const PairTerms<acc_t> t = pair_terms<acc_t>(g[0][j], g[1][j], opt.loss, threshold, alpha, B * ng);
+          const PairTerms<acc_t> t = pair_terms<acc_t>(g[0][j], g[1][j], opt.loss, scalars, B * ng);
           loss += static_cast<double>(t.loss);
           coef[0][j] = coef_scale * t.dg_pos;
           coef[1][j] = coef_scale * t.dg_neg;

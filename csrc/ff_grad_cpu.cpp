@@ -38,6 +38,7 @@ void epilogue(z_t* z, scalar_t* dz_full, const scalar_t* b, scalar_t* h_pos, sca
               at::opmath_type<scalar_t>* c_pos) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t s = goodness_scale<acc_t>(N, opt.goodness);
+  const LossScalars<acc_t> scalars = opt.scalars<acc_t>();
   at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       z_t* zp = z + i * N;
@@ -50,8 +51,7 @@ void epilogue(z_t* z, scalar_t* dz_full, const scalar_t* b, scalar_t* h_pos, sca
       const acc_t gn = row_goodness<scalar_t>(relu_row<scalar_t, acc_t, z_t>(zn, nullptr, acc_t(0), b, hn, N), s);
       g_pos[i] = static_cast<scalar_t>(gp);
       g_neg[i] = static_cast<scalar_t>(gn);
-      const PairTerms<acc_t> t = pair_terms<acc_t>(gp, gn, opt.loss, static_cast<acc_t>(opt.threshold),
-                                                   static_cast<acc_t>(opt.symba_alpha), B);
+      const PairTerms<acc_t> t = pair_terms<acc_t>(gp, gn, opt.loss, scalars, B);
       pair_loss[i] = static_cast<double>(t.loss);
       const acc_t cp = coef_from_dg<acc_t>(t.dg_pos, s);
       const acc_t cn = coef_from_dg<acc_t>(t.dg_neg, s);

@@ -72,6 +72,7 @@ void labeled_impl(GradResult& r, const at::Tensor& x, const int64_t* yp, const i
   scalar_t *hp = r.h_pos.data_ptr<scalar_t>(), *hn = r.h_neg.data_ptr<scalar_t>();
   scalar_t *gpp = r.g_pos.data_ptr<scalar_t>(), *gnp = r.g_neg.data_ptr<scalar_t>();
   const acc_t s = goodness_scale<acc_t>(N, opt.goodness);
+  const LossScalars<acc_t> scalars = opt.scalars<acc_t>();
   at::parallel_for(0, B, std::max<int64_t>(1, 16384 / N), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       z_t* zi = zp + i * N;
@@ -80,8 +81,7 @@ void labeled_impl(GradResult& r, const at::Tensor& x, const int64_t* yp, const i
       const acc_t gn = row_goodness<scalar_t>(relu_row<scalar_t, acc_t, z_t>(zi, wl + yn[i] * N, lv[i], b, hni, N), s);
       gpp[i] = static_cast<scalar_t>(gp);
       gnp[i] = static_cast<scalar_t>(gn);
-      const PairTerms<acc_t> t = pair_terms<acc_t>(gp, gn, opt.loss, static_cast<acc_t>(opt.threshold),
-                                                   static_cast<acc_t>(opt.symba_alpha), B);
+      const PairTerms<acc_t> t = pair_terms<acc_t>(gp, gn, opt.loss, scalars, B);
       pair_loss[i] = static_cast<double>(t.loss);
       cp[i] = coef_from_dg<acc_t>(t.dg_pos, s);
       cn[i] = coef_from_dg<acc_t>(t.dg_neg, s);

@@ -20,7 +20,8 @@ namespace ffk {
 enum class Norm : int { None = 0, L2 = 1, RMS = 2 };
 enum class Goodness : int { Sum = 0, Mean = 1 };
 // Competitive: the conv ops only (cross-entropy of the class groups' goodness; the linear ops' parser refuses it).
-enum class Loss : int { Hinton = 0, Symba = 1, Competitive = 2 };
+// Scff: hinton with its own negative threshold and a penalty lambda |g+| (SCFF, Chen et al. 2024).
+enum class Loss : int { Hinton = 0, Symba = 1, Competitive = 2, Scff = 3 };
 // What one goodness value sums over (the conv ops; the linear ops compute Sample): a whole image, the channels at one
 // output location, or one class's group of consecutive channels (with the competitive loss only).
 enum class GoodnessOver : int { Sample = 0, Location = 1, Group = 2 };
@@ -32,7 +33,7 @@ enum class GemmDtype : int { Param = 0, BFloat16 = 1, Float16 = 2 };
 // the same names for Python), so a new variant is declared here once, beside its enum.
 constexpr const char* kNormNames[] = {"none", "l2", "rms"};
 constexpr const char* kGoodnessNames[] = {"sum", "mean"};
-constexpr const char* kLossNames[] = {"hinton", "symba", "competitive"};
+constexpr const char* kLossNames[] = {"hinton", "symba", "competitive", "scff"};
 constexpr const char* kGoodnessOverNames[] = {"sample", "location", "group"};
 constexpr const char* kOptimNames[] = {"adam", "sgd"};
 constexpr const char* kGemmDtypeNames[] = {"param", "bfloat16", "float16"};
@@ -45,6 +46,12 @@ FF_HD T softplus(T x) {
   using std::exp;
   using std::log1p;
   return x > T(0) ? x + log1p(exp(-x)) : log1p(exp(x));
+}
+
+// torch.sign: -1, 0 or 1 (0 keeps its sign; NaN stays NaN)
+template <typename T>
+FF_HD T sign(T x) {
+  return x > T(0) ? T(1) : (x < T(0) ? T(-1) : x);
 }
 
 template <typename T>
@@ -92,7 +99,7 @@ FF_HD T goodness_scale(int64_t N, Goodness goodness) {
 }
 
 // ---- per-row loss terms ------------------------------------------------------------------------------
-// The loss of a batch of B pos/neg pairs is a sum of per-row (hinton) or per-pair (symba) terms.
+// The loss of a batch of B pos/neg pairs is a sum of per-row (hinton, scff) or per-pair (symba) terms.
 // Each function returns the term's contribution to the loss and to dL/dg (already divided by the
 // batch reduction). The coefficient c with dL/dz = c * h is then coef_from_dg(dL/dg, s).
 
@@ -103,24 +110,42 @@ struct PairTerms {
   T dg_neg;  // dL/dg_neg_i
 };
 
+// The scalar options of the pair losses, in the accumulation type: every kernel passes all of them, each loss reads
+// its own (hinton: threshold; scff: threshold = theta+, threshold_neg = theta-, scff_lambda; symba: symba_alpha).
 template <typename T>
-FF_HD PairTerms<T> pair_terms(T g_pos, T g_neg, Loss loss, T threshold, T symba_alpha, int64_t B) {
+struct LossScalars {
+  T threshold, threshold_neg, symba_alpha, scff_lambda;
+};
+
+template <typename T>
+FF_HD PairTerms<T> pair_terms(T g_pos, T g_neg, Loss loss, const LossScalars<T>& k, int64_t B) {
+  using std::fabs;
   PairTerms<T> t;
   if (loss == Loss::Symba) {
     // L = sum_i softplus(-alpha (g+ - g-)) / B
     const T inv_b = T(1) / T(B);
-    const T a = -symba_alpha * (g_pos - g_neg);
-    const T d = symba_alpha * sigmoid(a) * inv_b;
+    const T a = -k.symba_alpha * (g_pos - g_neg);
+    const T d = k.symba_alpha * sigmoid(a) * inv_b;
     t.loss = softplus(a) * inv_b;
     t.dg_pos = -d;
     t.dg_neg = d;
   } else {
-    // L = [sum_i softplus(theta - g+) + sum_i softplus(g- - theta)] / (2B)
+    // hinton: L = [sum_i softplus(theta - g+) + sum_i softplus(g- - theta)] / (2B)
+    // scff:   L = [sum_i softplus(theta+ - g+) + softplus(g- - theta-) + lambda |g+|] / (2B): hinton's expressions
+    //         with theta- on the negative side, and the penalty only where lambda != 0, so that theta- = theta+ and
+    //         lambda = 0 compute hinton's bits
+    const bool scff = loss == Loss::Scff;
     const T inv_2b = T(1) / (T(2) * T(B));
-    const T ap = threshold - g_pos;
-    const T an = g_neg - threshold;
-    t.loss = (softplus(ap) + softplus(an)) * inv_2b;
-    t.dg_pos = -sigmoid(ap) * inv_2b;
+    const T ap = k.threshold - g_pos;
+    const T an = g_neg - (scff ? k.threshold_neg : k.threshold);
+    T terms = softplus(ap) + softplus(an);
+    T dpos = -sigmoid(ap);
+    if (scff && k.scff_lambda != T(0)) {
+      terms += k.scff_lambda * fabs(g_pos);
+      dpos += k.scff_lambda * sign(g_pos);
+    }
+    t.loss = terms * inv_2b;
+    t.dg_pos = dpos * inv_2b;
     t.dg_neg = sigmoid(an) * inv_2b;
   }
   return t;

@@ -19,8 +19,10 @@ struct LossOptions {
   double norm_eps = 1e-8;
   Goodness goodness = Goodness::Sum;
   double threshold = 1.0;
+  double threshold_neg = 1.0;  // scff's theta- (FFConfig resolves None to threshold before the string is written)
   Loss loss = Loss::Hinton;
   double symba_alpha = 4.0;
+  double scff_lambda = 0.0;    // scff's penalty on |g+|
   double peer_norm = 0.0;      // lambda; 0: no peer normalization (nothing of it runs)
   double peer_momentum = 0.9;  // mu of the running mean r (peer_mean)
   GemmDtype gemm = GemmDtype::Param;  // the GEMM operands' dtype (the binding admits bfloat16 for float weights)
@@ -28,6 +30,13 @@ struct LossOptions {
   GoodnessOver goodness_over = GoodnessOver::Sample;
   int goodness_power = 2;    // g = s * sum h^p, p in {1, 2}
   double temperature = 1.0;  // competitive: cross-entropy of g / temperature over the class groups
+
+  // the pair losses' scalars (ff_math.h pair_terms) in the accumulation type T
+  template <typename T>
+  LossScalars<T> scalars() const {
+    return LossScalars<T>{static_cast<T>(threshold), static_cast<T>(threshold_neg), static_cast<T>(symba_alpha),
+                          static_cast<T>(scff_lambda)};
+  }
 };
 
 struct OptimOptions {

@@ -77,6 +77,24 @@ def add_ff_loss_options(p: argparse.ArgumentParser, norm_help: str = "normalizat
     p.add_argument("--norm", default=d.norm, choices=NORMS, help=norm_help)
 
 
+def add_scff_options(p: argparse.ArgumentParser) -> None:
+    """--threshold-neg, --scff-lambda: the scff loss's own options (``check_scff_options`` refuses them elsewhere)."""
+    p.add_argument("--threshold-neg", type=float, default=None,
+                   help="--loss scff: the negatives' goodness threshold (default: --threshold)")
+    p.add_argument("--scff-lambda", type=float, default=FF_DEFAULTS.scff_lambda,
+                   help="--loss scff: the penalty lambda on the positives' goodness, lambda |g+| per pair")
+
+
+def check_scff_options(args, command: str) -> None:
+    """SystemExit (one line) when --threshold-neg or --scff-lambda is given with a loss other than scff, which would
+    ignore it."""
+    given = [flag for flag, value in (("--threshold-neg", getattr(args, "threshold_neg", None) is not None),
+                                      ("--scff-lambda", getattr(args, "scff_lambda", 0.0) != 0.0)) if value]
+    if given and args.loss != "scff":
+        raise SystemExit(f"ffkernels {command}: {' and '.join(given)} apply to --loss scff only, "
+                         f"got --loss {args.loss}")
+
+
 def add_ff_optimizer_options(p: argparse.ArgumentParser) -> None:
     """--optimizer, --lr, --momentum, --weight-decay: the fused update of every FF layer."""
     d = FF_DEFAULTS

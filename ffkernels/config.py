@@ -4,10 +4,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property, lru_cache
+from typing import Optional
 
 NORMS = ("rms", "l2", "none")
 GOODNESS = ("sum", "mean")
-LOSSES = ("hinton", "symba", "competitive")
+# scff: hinton with a threshold of its own for the negatives and a penalty on the positives' goodness (SCFF, Chen et
+# al. 2024; docs/design.md, "The math")
+LOSSES = ("hinton", "symba", "competitive", "scff")
 # What one goodness value sums over (docs/design.md, "Convolutional FF"): "sample" a whole row / image, "location" the
 # channels at one pixel (conv only), "group" one class's channel group (the competitive loss, and only it).
 GOODNESS_OVER = ("sample", "location", "group")
@@ -37,8 +40,9 @@ def _number(name: str, value, lo: float, lo_inclusive: bool = True, hi: float = 
 
 
 # The keys of FFConfig.op_options, in the order they are written; python_api/ff_api.cpp parses the same keys.
-OP_OPTION_KEYS = ("norm", "norm_eps", "goodness", "threshold", "loss", "symba_alpha", "optimizer", "lr", "beta1",
-                  "beta2", "eps", "momentum", "weight_decay", "peer_norm", "peer_momentum", "gemm_dtype")
+OP_OPTION_KEYS = ("norm", "norm_eps", "goodness", "threshold", "threshold_neg", "loss", "symba_alpha", "scff_lambda",
+                  "optimizer", "lr", "beta1", "beta2", "eps", "momentum", "weight_decay", "peer_norm", "peer_momentum",
+                  "gemm_dtype")
 # The conv ops (and FFLinear's competitive step, which runs as a 1x1 convolution) take three keys more; the linear ops'
 # string has none of them, so a linear op computes sample goodness of h**2 by construction (``op_options`` refuses others).
 CONV_OPTION_KEYS = OP_OPTION_KEYS + ("goodness_over", "goodness_power", "temperature")
@@ -51,8 +55,10 @@ class FFConfig:
 
     goodness: str = "sum"
     threshold: float = 1.0
+    threshold_neg: Optional[float] = None  # scff's threshold of the negatives; None: equal to threshold
     loss: str = "hinton"
     symba_alpha: float = 4.0
+    scff_lambda: float = 0.0     # scff's penalty on the positives' goodness, lambda |g+|
     norm: str = "rms"
     norm_eps: float = 1e-8
     optimizer: str = "adam"
@@ -89,7 +95,13 @@ class FFConfig:
         if not math.isfinite(float(self.threshold)):
             raise ValueError(f"ffkernels: threshold must be finite, got {self.threshold!r}")
         set_(self, "threshold", float(self.threshold))
+        if self.threshold_neg is None:  # resolved here, so a built config holds explicit numbers
+            set_(self, "threshold_neg", self.threshold)
+        if not math.isfinite(float(self.threshold_neg)):
+            raise ValueError(f"ffkernels: threshold_neg must be finite, got {self.threshold_neg!r}")
+        set_(self, "threshold_neg", float(self.threshold_neg))
         set_(self, "symba_alpha", _number("symba_alpha", self.symba_alpha, 0.0, lo_inclusive=False))
+        set_(self, "scff_lambda", _number("scff_lambda", self.scff_lambda, 0.0))
         set_(self, "norm_eps", _number("norm_eps", self.norm_eps, 0.0))
         set_(self, "lr", _number("lr", self.lr, 0.0))
         try:
@@ -118,7 +130,7 @@ class FFConfig:
 
     @property
     def is_linear(self) -> bool:
-        """Whether the linear ops can run these options: sample goodness of h**2 with the hinton or symba loss."""
+        """Whether the linear ops can run these options: sample goodness of h**2 with the hinton, symba or scff loss."""
         return self.goodness_over == "sample" and self.goodness_power == 2 and self.loss != "competitive"
 
     def _options(self, keys) -> str:
@@ -136,8 +148,8 @@ class FFConfig:
         ops do not have (``is_linear`` False) raise ValueError: they run on the conv ops (``conv_op_options``).
         """
         if not self.is_linear:
-            raise ValueError(f"ffkernels: the linear FF ops compute sample goodness of h**2 with the hinton or symba "
-                             f"loss; loss={self.loss!r}, goodness_over={self.goodness_over!r}, "
+            raise ValueError(f"ffkernels: the linear FF ops compute sample goodness of h**2 with the hinton, symba or "
+                             f"scff loss; loss={self.loss!r}, goodness_over={self.goodness_over!r}, "
                              f"goodness_power={self.goodness_power} need the conv ops (FFConv2d)")
         return self._options(OP_OPTION_KEYS)
 

@@ -40,18 +40,20 @@ class FFConv2d(FFLayerBase):
     sums h**goodness_power (2, or 1: the activity itself) over the whole image (``goodness_over="sample"``), over
     the channels at each location (``"location"``: one goodness per pixel, the loss averaged over them), or, with
     ``loss="competitive"`` and ``num_classes``, over each class's group of out_channels/num_classes channels;
-    ``goodness="mean"`` divides by the number of summed elements. Losses: "hinton", "symba" (``ff_step(x_pos,
+    ``goodness="mean"`` divides by the number of summed elements. Losses: "hinton", "symba", "scff" (``ff_step(x_pos,
     x_neg)``), "competitive" (``ff_step_competitive(x, target)``: cross-entropy of the group goodnesses / temperature,
-    no negatives). ``threshold=None``: out_channels for "sum" goodness, 1.0 for "mean". Optimizer options as FFLinear.
+    no negatives). ``threshold=None``: out_channels for "sum" goodness, 1.0 for "mean"; "scff" as FFLinear's
+    (``threshold_neg``, ``scff_lambda``). Optimizer options as FFLinear.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  goodness: str = "mean", goodness_over: Optional[str] = None, goodness_power: int = 2,
                  threshold: Optional[float] = None, loss: str = "hinton", symba_alpha: float = 4.0,
-                 num_classes: Optional[int] = None, temperature: float = 1.0, norm: str = "rms",
-                 norm_eps: float = 1e-8, optimizer: str = "adam", lr: float = 1e-3, betas=(0.9, 0.999),
-                 eps: float = 1e-8, momentum: float = 0.0, weight_decay: float = 0.0, backend: str = "auto"):
+                 threshold_neg: Optional[float] = None, scff_lambda: float = 0.0, num_classes: Optional[int] = None,
+                 temperature: float = 1.0, norm: str = "rms", norm_eps: float = 1e-8, optimizer: str = "adam",
+                 lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0,
+                 weight_decay: float = 0.0, backend: str = "auto"):
         super().__init__()
         for nm, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -83,7 +85,8 @@ class FFConv2d(FFLayerBase):
             goodness_over = "group" if loss == "competitive" else "sample"
         if threshold is None:
             threshold = FFConfig.default_threshold(goodness, out_channels)
-        self.config = FFConfig(goodness=goodness, threshold=threshold, loss=loss, symba_alpha=symba_alpha, norm=norm,
+        self.config = FFConfig(goodness=goodness, threshold=threshold, loss=loss, symba_alpha=symba_alpha,
+                               threshold_neg=threshold_neg, scff_lambda=scff_lambda, norm=norm,
                                norm_eps=norm_eps, optimizer=optimizer, lr=lr, betas=betas, eps=eps, momentum=momentum,
                                weight_decay=weight_decay, goodness_over=goodness_over, goodness_power=goodness_power,
                                temperature=temperature)
@@ -141,7 +144,7 @@ class FFConv2d(FFLayerBase):
     # ---- FF training -------------------------------------------------------------------------------
 
     def ff_step(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> FFStepOutput:
-        """One FF step on positive and negative images (B, C, H, W) (hinton, symba). Returns loss, h_pos, h_neg,
+        """One FF step on positive and negative images (B, C, H, W) (hinton, symba, scff). Returns loss, h_pos, h_neg,
         g_pos, g_neg (with the weights before the update; g (B,) or (B, H_out, W_out) per ``goodness_over``) and
         updates the layer in place; NonFiniteLossError, changing nothing, when the loss is not finite."""
         out = self._step(x_pos, x_neg)
@@ -216,6 +219,7 @@ class FFConv2d(FFLayerBase):
                 f"goodness_power={c.goodness_power}, "
                 + (f"num_classes={self.num_classes}, temperature={c.temperature:g}, " if self.num_classes
                    else f"threshold={c.threshold:g}, ")
+                + (f"threshold_neg={c.threshold_neg:g}, scff_lambda={c.scff_lambda:g}, " if c.loss == "scff" else "")
                 + f"norm={c.norm!r}, optimizer={c.optimizer!r}, lr={c.lr:g}, backend={self.backend_request!r}")
 
 

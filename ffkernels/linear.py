@@ -39,11 +39,15 @@ class FFLinear(FFLayerBase):
     ``loss="competitive"`` (with ``num_classes``) splits the units into one group per class: ``ff_step_competitive(x,
     target)`` trains with the cross-entropy of the group goodnesses, no negatives (docs/design.md, "Convolutional
     FF"; it runs as the conv step of a 1x1 convolution, the same math). ``goodness_power=1`` likewise.
+
+    ``loss="scff"`` (SCFF, Chen et al. 2024) is hinton's loss with the negatives' threshold ``threshold_neg`` (None:
+    ``threshold``, once that is resolved) and ``scff_lambda`` |g+| added per pair (docs/design.md, "The math").
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  goodness: str = "sum", threshold: Optional[float] = None, loss: str = "hinton",
-                 symba_alpha: float = 4.0, norm: str = "rms", norm_eps: float = 1e-8, optimizer: str = "adam",
+                 symba_alpha: float = 4.0, threshold_neg: Optional[float] = None, scff_lambda: float = 0.0,
+                 norm: str = "rms", norm_eps: float = 1e-8, optimizer: str = "adam",
                  lr: float = 3e-3, betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0,
                  weight_decay: float = 0.0, peer_norm: float = 0.0, peer_momentum: float = 0.9,
                  num_classes: Optional[int] = None, goodness_power: int = 2, temperature: float = 1.0,
@@ -62,9 +66,10 @@ class FFLinear(FFLayerBase):
         if threshold is None:
             threshold = FFConfig.default_threshold(goodness, out_features)
         self.config = FFConfig(goodness=goodness, threshold=threshold, loss=loss, symba_alpha=symba_alpha,
-                               norm=norm, norm_eps=norm_eps, optimizer=optimizer, lr=lr, betas=betas,
-                               eps=eps, momentum=momentum, weight_decay=weight_decay, peer_norm=peer_norm,
-                               peer_momentum=peer_momentum, goodness_power=goodness_power, temperature=temperature,
+                               threshold_neg=threshold_neg, scff_lambda=scff_lambda, norm=norm, norm_eps=norm_eps,
+                               optimizer=optimizer, lr=lr, betas=betas, eps=eps, momentum=momentum,
+                               weight_decay=weight_decay, peer_norm=peer_norm, peer_momentum=peer_momentum,
+                               goodness_power=goodness_power, temperature=temperature,
                                goodness_over="group" if loss == "competitive" else "sample")
         self._check_options(self.config)
         self.backend_request = backend
@@ -301,7 +306,9 @@ class FFLinear(FFLayerBase):
     def extra_repr(self) -> str:
         c = self.config
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"goodness={c.goodness!r}, threshold={c.threshold:g}, loss={c.loss!r}, norm={c.norm!r}, "
+                f"goodness={c.goodness!r}, threshold={c.threshold:g}, loss={c.loss!r}, "
+                + (f"threshold_neg={c.threshold_neg:g}, scff_lambda={c.scff_lambda:g}, " if c.loss == "scff" else "")
+                + f"norm={c.norm!r}, "
                 f"optimizer={c.optimizer!r}, lr={c.lr:g}, "
                 + (f"peer_norm={c.peer_norm:g}, peer_momentum={c.peer_momentum:g}, " if c.peer_norm != 0.0 else "")
                 + (f"num_classes={self.num_classes}, temperature={c.temperature:g}, " if self.num_classes else "")

@@ -18,6 +18,8 @@ from .cli_options import (
     add_ff_optimizer_options,
     add_precision_option,
     add_run_options,
+    add_scff_options,
+    check_scff_options,
     nonnegative_int,
     peek_option,
     positive_int,
@@ -126,6 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="real samples (positive-negative pairs) per step")
     add_ff_optimizer_options(p)
     add_ff_loss_options(p)
+    add_scff_options(p)
     add_run_options(p)
     add_precision_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batches")
@@ -156,6 +159,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     check_output_paths(args)
+    check_scff_options(args, "train")
     if getattr(args, "precision", "fp32") != "fp32" and getattr(args, "distributed", "none") != "none":
         raise SystemExit("ffkernels train: --precision bf16 is not supported with --distributed yet")
     if getattr(args, "distributed", "none") != "none" and (args.model != "mlp" or args.loss == "competitive"):

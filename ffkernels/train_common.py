@@ -81,6 +81,7 @@ def build_net(args, in_features: int, num_classes: "int | None" = None) -> FFNet
                   head_optimizer=args.head_optimizer, head_lr=args.head_lr,
                   head_weight_decay=args.head_weight_decay)
     return FFNet([in_features, *args.hidden], goodness=args.goodness, threshold=args.threshold, loss=args.loss,
+                 threshold_neg=getattr(args, "threshold_neg", None), scff_lambda=getattr(args, "scff_lambda", 0.0),
                  norm=args.norm, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                  weight_decay=args.weight_decay, backend=args.backend, device=args.device, **kw)
 
@@ -142,7 +143,10 @@ def model_dict(args) -> dict:
         return {"model": "cnn", "channels": args.channels, "kernel_size": args.kernel_size,
                 "pool_after": args.pool_after, "loss": args.loss, "temperature": args.temperature,
                 "goodness": args.goodness, "goodness_power": args.goodness_power}
-    extra = {"loss": "competitive", "temperature": args.temperature} if getattr(args, "loss", "") == "competitive" else {}
+    loss = getattr(args, "loss", "")
+    extra = ({"loss": "competitive", "temperature": args.temperature} if loss == "competitive" else
+             {"loss": "scff", "threshold_neg": args.threshold_neg, "scff_lambda": args.scff_lambda} if loss == "scff"
+             else {})
     return {"hidden": args.hidden, **extra}
 
 

@@ -23,10 +23,10 @@ namespace {
 // ---- options: one string, FFConfig.op_options (ffkernels/config.py) -------------------------------------
 
 // The keys of FFConfig.op_options (ffkernels/config.py OP_OPTION_KEYS); every op takes all of them.
-constexpr const char* kOptionKeys[] = {"norm",      "norm_eps", "goodness", "threshold", "loss",
-                                       "symba_alpha", "optimizer", "lr",      "beta1",     "beta2",
-                                       "eps",       "momentum", "weight_decay", "peer_norm", "peer_momentum",
-                                       "gemm_dtype"};
+constexpr const char* kOptionKeys[] = {"norm",          "norm_eps",    "goodness",  "threshold", "threshold_neg",
+                                       "loss",          "symba_alpha", "scff_lambda", "optimizer", "lr",
+                                       "beta1",         "beta2",       "eps",       "momentum",  "weight_decay",
+                                       "peer_norm",     "peer_momentum", "gemm_dtype"};
 
 // The conv ops' options (FFConfig.conv_op_options, CONV_OPTION_KEYS): kOptionKeys, then these.
 constexpr const char* kConvOptionKeys[] = {"goodness_over", "goodness_power", "temperature"};
@@ -110,10 +110,15 @@ OpOptions parse_options(c10::string_view text, bool conv = false) {
   o.loss.gemm = parse_choice<GemmDtype>(kv["gemm_dtype"], kGemmDtypeNames, "gemm_dtype");
   o.loss.norm_eps = number("norm_eps");
   o.loss.threshold = number("threshold");
+  o.loss.threshold_neg = number("threshold_neg");
   o.loss.symba_alpha = number("symba_alpha");
+  o.loss.scff_lambda = number("scff_lambda");
   check_number(o.loss.norm_eps, "norm_eps", 0.0, true);
   TORCH_CHECK_VALUE(std::isfinite(o.loss.threshold), "ffkernels: threshold must be finite, got ", o.loss.threshold);
+  TORCH_CHECK_VALUE(std::isfinite(o.loss.threshold_neg), "ffkernels: threshold_neg must be finite, got ",
+                    o.loss.threshold_neg);
   check_number(o.loss.symba_alpha, "symba_alpha", 0.0, false);
+  check_number(o.loss.scff_lambda, "scff_lambda", 0.0, true);
   o.loss.peer_norm = number("peer_norm");
   o.loss.peer_momentum = number("peer_momentum");
   check_number(o.loss.peer_norm, "peer_norm", 0.0, true);
@@ -134,7 +139,7 @@ OpOptions parse_options(c10::string_view text, bool conv = false) {
   check_number(q.weight_decay, "weight_decay", 0.0, true);
   if (!conv) {
     TORCH_CHECK_VALUE(o.loss.loss != Loss::Competitive, "ffkernels: the linear FF ops compute sample goodness of "
-                      "h**2 with the hinton or symba loss; loss='competitive' needs the conv ops "
+                      "h**2 with the hinton, symba or scff loss; loss='competitive' needs the conv ops "
                       "(FFConfig.conv_op_options)");
     return o;
   }

@@ -11,6 +11,9 @@ LOSSES = {  # each loss kind with its defaults, and with a non-default threshold
                "hinton-t0.5-eps0.1": dict(loss="hinton", threshold=0.5, norm_eps=0.1)},
     "symba": {"symba": dict(loss="symba"),
               "symba-a1.5-eps0.1": dict(loss="symba", symba_alpha=1.5, norm_eps=0.1)},
+    # two thresholds and the penalty; then the layer's default threshold for both sides, a larger penalty
+    "scff": {"scff-t2-tn3-l0.05": dict(loss="scff", threshold=2.0, threshold_neg=3.0, scff_lambda=0.05),
+             "scff-l0.5-eps0.1": dict(loss="scff", scff_lambda=0.5, norm_eps=0.1)},
 }
 LOSS_VARIANTS = {name: kw for variants in LOSSES.values() for name, kw in variants.items()}
 OPTIMIZERS = {  # Adam with/without coupled weight decay, SGD plain / momentum / momentum + weight decay

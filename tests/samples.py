@@ -18,7 +18,7 @@ torch.ops.ffkernels (python_api/ff_api.cpp) and torch.ops.ffkernels_triton:
 
 ``options`` is FFConfig.op_options; unused state slots are None; peer_mean (peer normalization's running mean r)
 is given exactly when the configuration has peer_norm > 0 (the first two: with and without bias, Adam and SGD with
-momentum, mu > 0 and mu = 0); in the strided sample of the ops that only read it, it is strided too.
+momentum, mu > 0 and mu = 0; and the scff one); in the strided sample of the ops that only read it, it is strided too.
 """
 from __future__ import annotations
 
@@ -66,6 +66,9 @@ CONFIGS = [
                                                   weight_decay=0.05), False, 1, None),
     ("l2-sum-hinton-sgd-momentum-wd-step1", dict(norm="l2", goodness="sum", loss="hinton", optimizer="sgd", lr=0.02,
                                                  momentum=0.5, weight_decay=0.1), True, 1, 0.7),
+    ("rms-sum-scff-adam-peer", dict(norm="rms", goodness="sum", loss="scff", threshold=3.0, threshold_neg=4.5,
+                                    scff_lambda=0.2, optimizer="adam", peer_norm=0.5, peer_momentum=0.9),
+     True, 2, None),
 ]
 STRIDED = "strided"  # the first configuration with non-contiguous x (and gradients, for ff_update; peer_mean where
 # it is only read)

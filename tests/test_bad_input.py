@@ -87,6 +87,9 @@ def test_bad_labels(backend, kw, exc, msg):
     (dict(lr=-1.0), "lr"), (dict(betas=(0.9, 1.0)), "beta2"), (dict(betas=0.9), "betas"),
     (dict(eps=float("nan")), "eps"), (dict(momentum=-0.1), "momentum"), (dict(threshold=float("inf")), "threshold"),
     (dict(symba_alpha=0.0), "symba_alpha"), (dict(backend="tpu"), "unknown backend"),
+    (dict(loss="scff", threshold_neg=float("nan")), "threshold_neg must be finite, got nan"),
+    (dict(loss="scff", scff_lambda=-0.1), r"scff_lambda must be a finite number >= 0, got -0.1"),
+    (dict(scff_lambda=float("inf")), "scff_lambda"),
 ])
 def test_unknown_or_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):

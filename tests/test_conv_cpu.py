@@ -71,6 +71,8 @@ GEOMETRIES = {
 # (loss, goodness_over): every loss with every goodness it has
 LOSS_OVER = [("hinton", "sample"), ("hinton", "location"), ("symba", "sample"), ("symba", "location"),
              ("competitive", "group")]
+# scff (hinton's terms with theta- on the negatives, plus lambda |g+|): its own smaller sweep in _option_cases
+SCFF_OVER = [("scff", "sample"), ("scff", "location")]
 
 
 # ---- the problem, the oracle and the comparison ---------------------------------------------------------------------
@@ -87,13 +89,15 @@ def _batch(gen, case: Case, competitive: bool):
 
 def _calibrated(cfg: FFConfig, case: Case, batch, weight, bias) -> FFConfig:
     """The threshold, symba's alpha and the temperature set from the goodness the initial weights give (float64), so
-    that the loss is neither saturated nor flat and every gradient term matters."""
+    that the loss is neither saturated nor flat and every gradient term matters; scff's theta- half a spread above
+    theta+."""
     xp, xn, t = batch
     out = oracle.conv_objective(xp, xn, t, weight, bias, case.geom, cfg, case.classes)
     g = out.g_pos if out.g_neg is None else torch.cat([out.g_pos, out.g_neg])
     spread = g.std().item() if g.numel() > 1 else 1.0
     spread = spread if spread > 1e-6 else max(g.abs().mean().item(), 1.0)
-    return cfg.replace(threshold=g.mean().item(), symba_alpha=2.0 / spread, temperature=0.5 * spread)
+    scff = dict(threshold_neg=g.mean().item() + 0.5 * spread) if cfg.loss == "scff" else {}
+    return cfg.replace(threshold=g.mean().item(), symba_alpha=2.0 / spread, temperature=0.5 * spread, **scff)
 
 
 class Params:
@@ -193,7 +197,7 @@ def run_steps(dtype, case: Case, cfg: FFConfig, bias: bool, *, steps=3, seed=0, 
 
 def _option_cases():
     """Every (loss, goodness_over) x goodness x goodness_power x norm; the optimizer variant (options.OPTIMIZERS),
-    the bias, the geometry and norm_eps rotate (every optimizer meets both bias settings)."""
+    the bias, the geometry and norm_eps rotate (every optimizer meets both bias settings). Then scff's reduced sweep."""
     cases = []
     optimizers, geoms = list(OPTIMIZERS), ["7x9-k3", "groups2-p1", "k3x2-s2x1-p1x0-d2x1-groups3"]
     grid = itertools.product(LOSS_OVER, ("sum", "mean"), (1, 2), ("rms", "l2", "none"))
@@ -203,6 +207,13 @@ def _option_cases():
         cid = f"{loss}-{over}-{goodness}-p{power}-{norm}-{opt}-{'bias' if bias else 'nobias'}-{geom}"
         cases.append((cid, dict(loss=loss, goodness_over=over, goodness=goodness, goodness_power=power, norm=norm,
                                 norm_eps=eps, **OPTIMIZERS[opt]), bias, geom))
+    # scff: every goodness_over x goodness x goodness_power once, the norm, penalty and the rest rotating
+    for j, ((loss, over), goodness, power) in enumerate(itertools.product(SCFF_OVER, ("sum", "mean"), (1, 2))):
+        norm, lam = ("rms", "l2", "none")[j % 3], (0.1, 0.5)[j % 2]
+        opt, bias, geom = optimizers[j % len(optimizers)], j % 3 != 2, geoms[j % len(geoms)]
+        cid = f"{loss}-{over}-{goodness}-p{power}-{norm}-l{lam:g}-{opt}-{'bias' if bias else 'nobias'}-{geom}"
+        cases.append((cid, dict(loss=loss, goodness_over=over, goodness=goodness, goodness_power=power, norm=norm,
+                                scff_lambda=lam, **OPTIMIZERS[opt]), bias, geom))
     return cases
 
 

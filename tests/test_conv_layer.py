@@ -74,10 +74,13 @@ def _by_hand(x_pos, x_neg, target, w, b, stride, pad, cfg, classes):
     sp = lambda t: torch.logaddexp(t, torch.zeros_like(t))  # noqa: E731
     if cfg.loss == "hinton":
         return (sp(cfg.threshold - gp).sum() + sp(gn - cfg.threshold).sum()) / (2 * gp.numel())
+    if cfg.loss == "scff":  # theta+ = threshold, theta- = threshold_neg, + lambda |g+| per pair of goodness values
+        terms = sp(cfg.threshold - gp) + sp(gn - cfg.threshold_neg) + cfg.scff_lambda * gp.abs()
+        return terms.sum() / (2 * gp.numel())
     return sp(-cfg.symba_alpha * (gp - gn)).mean()
 
 
-ORACLE_CASES = [c for c in itertools.product(("hinton", "symba", "competitive"), ("sample", "location"),
+ORACLE_CASES = [c for c in itertools.product(("hinton", "symba", "scff", "competitive"), ("sample", "location"),
                                               (1, 2), ("sum", "mean"), ("rms", "l2", "none"))
                 if not (c[0] == "competitive" and c[1] == "location")]
 
@@ -92,7 +95,8 @@ def test_the_conv_oracle_is_the_math(loss, over, power, good, norm):
     b = torch.randn(4, generator=g, dtype=FP64) * 0.1
     comp = loss == "competitive"
     cfg = FFConfig(loss=loss, goodness_over="group" if comp else over, goodness_power=power, goodness=good,
-                   norm=norm, threshold=0.7, temperature=0.5)
+                   norm=norm, threshold=0.7, temperature=0.5,
+                   **(dict(threshold_neg=1.2, scff_lambda=0.3) if loss == "scff" else {}))
     target = torch.tensor([1, 0, 1]) if comp else None
     xn = None if comp else x_neg
     out = conv_grad(x_pos, xn, target, w, b, ConvGeometry((2, 2), (1, 1)), cfg, 2)

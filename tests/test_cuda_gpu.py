@@ -19,8 +19,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(CUDA_BACKEND.skip_reason is no
 
 LOWP = [torch.float16, torch.bfloat16]
 LOWP_SHAPES = [(1, 17, 128), (7, 784, 17), (64, 128, 784)]
-LOSS_OPTIONS = [dict(norm=n, goodness=g, loss=loss)
-                for n, g, loss in itertools.product(("rms", "l2", "none"), ("sum", "mean"), ("hinton", "symba"))]
+LOSS_OPTIONS = [dict(norm=n, goodness=g, loss=loss) for n, g, loss in
+                itertools.product(("rms", "l2", "none"), ("sum", "mean"), ("hinton", "symba", "scff"))]
 OPTIM_OPTIONS = [
     dict(optimizer="adam"),
     dict(optimizer="adam", betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, lr=1e-2),
@@ -51,7 +51,9 @@ def _lowp_reference_update(params, grads, states, step, cfg):
 @pytest.mark.parametrize("loss_opts", LOSS_OPTIONS, ids=lambda o: "-".join(o.values()))
 def test_lowp_grad_within_reference_error(dtype, B, K, N, loss_opts):
     torch.manual_seed(1)
-    cfg = FFConfig(threshold=FFConfig.default_threshold(loss_opts["goodness"], N), **loss_opts)
+    th = FFConfig.default_threshold(loss_opts["goodness"], N)
+    scff = dict(threshold_neg=1.25 * th, scff_lambda=0.1) if loss_opts["loss"] == "scff" else {}
+    cfg = FFConfig(threshold=th, **loss_opts, **scff)
     w = (torch.rand(N, K, device="cuda") * 2 - 1).div(K ** 0.5).to(dtype)
     b = (torch.rand(N, device="cuda") * 2 - 1).div(K ** 0.5).to(dtype)
     x_pos, x_neg = _inputs(B, K, dtype)

@@ -24,16 +24,19 @@ from ffkernels import FFConfig
 from tolerance import CENTRAL_DIFFERENCES, FORMULA, check
 
 F64 = torch.float64
-NORMS, GOODNESS, LOSSES = ("rms", "l2", "none"), ("sum", "mean"), ("hinton", "symba")
+NORMS, GOODNESS, LOSSES = ("rms", "l2", "none"), ("sum", "mean"), ("hinton", "symba", "scff")
 PEER = dict(peer_norm=0.7, peer_momentum=0.6)
 
 
 def grid():
-    """(id, FFConfig, bias) over norm x goodness x loss x bias x peer off/on; threshold, alpha, eps non-default."""
+    """(id, FFConfig, bias) over norm x goodness x loss x bias x peer off/on; threshold, alpha, eps non-default, and
+    scff's two thresholds apart and its penalty on."""
     out = []
     for norm, good, loss, bias, peer in itertools.product(NORMS, GOODNESS, LOSSES, (True, False), (False, True)):
-        kw = dict(norm=norm, goodness=good, loss=loss, norm_eps=0.1, threshold=1.7 if good == "sum" else 0.4,
-                  symba_alpha=2.5, **(PEER if peer else {}))
+        th = 1.7 if good == "sum" else 0.4
+        kw = dict(norm=norm, goodness=good, loss=loss, norm_eps=0.1, threshold=th, symba_alpha=2.5,
+                  **(dict(threshold_neg=1.6 * th, scff_lambda=0.3) if loss == "scff" else {}),
+                  **(PEER if peer else {}))
         cid = f"{norm}-{good}-{loss}-{'bias' if bias else 'nobias'}{'-peer' if peer else ''}"
         out.append(pytest.param(FFConfig(**kw), bias, id=cid))
     return out
@@ -83,6 +86,10 @@ def by_hand(xp, xn, w, b, cfg, r=None):
     if cfg.loss == "hinton":
         loss = (softplus(th - gp).sum() + softplus(gn - th).sum()) / (2 * B)
         dgp, dgn = -sigmoid(th - gp) / (2 * B), sigmoid(gn - th) / (2 * B)
+    elif cfg.loss == "scff":  # theta+ = threshold, theta- = threshold_neg, + lambda |g+| per pair
+        thn, lam = cfg.threshold_neg, cfg.scff_lambda
+        loss = (softplus(th - gp).sum() + softplus(gn - thn).sum() + lam * gp.abs().sum()) / (2 * B)
+        dgp, dgn = (-sigmoid(th - gp) + lam * torch.sign(gp)) / (2 * B), sigmoid(gn - thn) / (2 * B)
     else:
         ai = -a * (gp - gn)
         loss = softplus(ai).sum() / B

@@ -21,7 +21,9 @@ CASES = [((64, 784, 512), dict(goodness="sum", norm="rms", loss="hinton", optimi
          ((33, 200, 130), dict(goodness="sum", norm="none", loss="symba", optimizer="adam", lr=1e-2,
                                betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)),
          # few W tiles for many rows: kernel 3 splits the rows on its own (settings.row_splits; 8 splits on an H200)
-         ((1024, 128, 128), dict(goodness="sum", norm="rms", loss="hinton", optimizer="sgd", lr=0.02, momentum=0.9))]
+         ((1024, 128, 128), dict(goodness="sum", norm="rms", loss="hinton", optimizer="sgd", lr=0.02, momentum=0.9)),
+         ((17, 200, 65), dict(goodness="sum", norm="rms", loss="scff", threshold_neg=80.0, scff_lambda=0.05,
+                              optimizer="adam", lr=3e-3))]
 
 
 def _reference_step_like_kernels(x_pos, x_neg, w, b, states_w, states_b, step, cfg):

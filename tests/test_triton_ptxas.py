@@ -107,11 +107,12 @@ SCRIPT = textwrap.dedent("""
         for arch, dt, norm, prec in ((90, f32, 2, "ieee"), (80, bf16, 0, "ieee"), (80, f32, 1, "tf32")):
             forward(arch, dt, 70, 90, 100, norm, peer, prec, cfg=dict(m=64, n=64, k=32, warps=4))
             forward_labeled(arch, dt, 70, 90, 100, norm, peer)
-        for arch, dt in ((90, bf16), (80, f32)):
+        for arch, dt, loss in ((90, bf16, 1), (80, f32, 3)):  # symba; scff (hinton's code with its two additions)
             compile_for(ff_loss_kernel, arch, ss_part_ptr=f32, gp_ptr=dt, gn_ptr=dt, coef_ptr=f32, loss_ptr=dt,
                         colsum_part_ptr=p, r_ptr=p, r_new_ptr=p, v_ptr=p, B=70, N=90, num_tiles=2, threshold=1.0,
-                        symba_alpha=4.0, num_m_tiles=2, **peer_scalars(70, 90, 0.5 if peer else 0.0, 0.9),
-                        GOODNESS=1, LOSS=1, PEER=peer, BLOCK=128, BLOCK_UNITS=128)
+                        threshold_neg=1.5, symba_alpha=4.0, scff_lambda=0.1, num_m_tiles=2,
+                        **peer_scalars(70, 90, 0.5 if peer else 0.0, 0.9),
+                        GOODNESS=1, LOSS=loss, PEER=peer, BLOCK=128, BLOCK_UNITS=128)
         for arch, dt, up, norm in ((90, f32, NO_UPDATE, 2), (90, bf16, optim_args(3, adam), 0),
                                    (80, f32, optim_args(3, sgd), 1)):
             for split in (False, True):

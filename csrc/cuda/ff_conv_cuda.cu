@@ -1,7 +1,7 @@
 // Fused convolutional FF forward + exact local gradient on a CUDA GPU: the algorithm of ff_conv_cpu.cpp
 // (docs/design.md, "Convolutional FF", "Numerics"; docs/cuda.md, "The conv step").
 //
-// R images: pos then neg (R = 2B, hinton and symba), or pos only (R = B, competitive). Everything on the current
+// R images: pos then neg (R = 2B, hinton, symba and scff), or pos only (R = B, competitive). Everything on the current
 // stream, no host sync; no float atomics: every reduction has an order fixed by the launch shape.
 //   1. normalize_kernel       (ff_rows.cuh) block per image: sum of squares over C_in*H*W by block reduction in acc,
 //                             d = row_divisor, xhat = x / d for pos||neg into one (R, C_in, H, W) buffer (competitive
@@ -15,7 +15,7 @@
 //                             goodness_location_kernel thread per (image, location) ("location"): the C_out channels
 //                                                      at that pixel, summed in channel order (coalesced over pixels)
 //   4. loss terms, dL/dg      pair_loss_kernel         thread per (pair, goodness value): ffk::pair_terms (hinton,
-//                                                      symba), the term in double, c = dL/dg * s * (2 or 1)
+//                                                      symba, scff), the term in double, c = dL/dg * s * (2 or 1)
 //                             competitive_loss_kernel  thread per image: cross-entropy of g / temperature over the
 //                                                      class groups, log-sum-exp and softmax in double
 //   5. sum_pairs_kernel       (ff_rows.cuh) one block: the loss = the terms summed in double in a fixed order
@@ -139,8 +139,8 @@ __global__ void goodness_location_kernel(const scalar_t* __restrict__ z, const s
   out.store(lay, r, p, sum);
 }
 
-// Thread per (pair i, goodness value j), over B * ng threads (hinton, symba): goodness value j of positive image i is
-// paired with value j of negative image i; the loss is over all B * ng pairs (ffk::pair_terms). term: (B * ng) the
+// Thread per (pair i, goodness value j), over B * ng threads (hinton, symba, scff): goodness value j of positive image
+// i is paired with value j of negative image i; the loss is over all B * ng pairs (ffk::pair_terms). term: (B * ng) the
 // pairs' loss terms in double; coef: (R, ng) c = dL/dg * s * (2 or 1) of every goodness value.
 template <typename acc_t>
 __global__ void pair_loss_kernel(const acc_t* __restrict__ g, int64_t B, int32_t ng, LossArgs<acc_t> args,
@@ -148,7 +148,7 @@ __global__ void pair_loss_kernel(const acc_t* __restrict__ g, int64_t B, int32_t
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t pairs = B * ng;
   if (t >= pairs) return;
-  const PairTerms<acc_t> pt = pair_terms<acc_t>(g[t], g[pairs + t], args.loss, args.threshold, args.symba_alpha, pairs);
+  const PairTerms<acc_t> pt = pair_terms<acc_t>(g[t], g[pairs + t], args.loss, args.scalars, pairs);
   term[t] = static_cast<double>(pt.loss);
   coef[t] = coef_scale * pt.dg_pos;
   coef[pairs + t] = coef_scale * pt.dg_neg;
@@ -240,8 +240,7 @@ void launch_conv_epilogue(const at::Tensor& z, const scalar_t* bias, const at::T
         out.g, target.const_data_ptr<int64_t>(), lay.B, lay.ng, opt.temperature, coef_scale,
         term.data_ptr<double>(), coef.data_ptr<acc_t>());
   } else {
-    const LossArgs<acc_t> args{out.scale, static_cast<acc_t>(opt.threshold), static_cast<acc_t>(opt.symba_alpha),
-                               opt.loss};
+    const LossArgs<acc_t> args{out.scale, opt.scalars<acc_t>(), opt.loss};
     pair_loss_kernel<acc_t><<<blocks_for(lay.B * lay.ng, kConvThreads), kConvThreads, 0, stream>>>(
         out.g, lay.B, lay.ng, args, coef_scale, term.data_ptr<double>(), coef.data_ptr<acc_t>());
   }

@@ -79,8 +79,7 @@ GradResult ff_grad_cuda(const at::Tensor& x_pos, const at::Tensor& x_neg, const 
     e.peer_v = peer ? pb->v.template const_data_ptr<acc_t>() : nullptr;
     e.B = B;
     e.N = N;
-    e.loss = cuda::LossArgs<acc_t>{goodness_scale<acc_t>(N, opt.goodness), static_cast<acc_t>(opt.threshold),
-                                   static_cast<acc_t>(opt.symba_alpha), opt.loss};
+    e.loss = cuda::LossArgs<acc_t>{goodness_scale<acc_t>(N, opt.goodness), opt.scalars<acc_t>(), opt.loss};
     res.grad_bias = cuda::launch_epilogue<scalar_t>(e, peer ? pb->loss.template const_data_ptr<double>() : nullptr,
                                                     loss.data_ptr<scalar_t>(), opts, stream);
     // z now holds dL/dz

@@ -210,7 +210,8 @@ inline int64_t pairs_per_block(int64_t B) {
 
 template <typename acc_t>
 struct LossArgs {
-  acc_t goodness_scale, threshold, symba_alpha;
+  acc_t goodness_scale;
+  LossScalars<acc_t> scalars;
   Loss loss;
 };
 
@@ -256,7 +257,7 @@ __global__ void epilogue_kernel(EpilogueArgs<scalar_t> e) {
     // g is rounded to the output dtype before it enters the loss, as in the CPU kernel
     const acc_t gp = static_cast<acc_t>(static_cast<scalar_t>(s * ssp));
     const acc_t gn = static_cast<acc_t>(static_cast<scalar_t>(s * ssn));
-    const PairTerms<acc_t> t = pair_terms<acc_t>(gp, gn, e.loss.loss, e.loss.threshold, e.loss.symba_alpha, B);
+    const PairTerms<acc_t> t = pair_terms<acc_t>(gp, gn, e.loss.loss, e.loss.scalars, B);
     if (threadIdx.x == 0) {
       e.g_pos[i] = static_cast<scalar_t>(gp);
       e.g_neg[i] = static_cast<scalar_t>(gn);

@@ -66,9 +66,17 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
 
 
 def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, cfg: FFConfig) -> torch.Tensor:
-    """The FF loss of a batch from the goodness of its positive and negative rows."""
-    if cfg.loss == "hinton":
-        return (softplus(cfg.threshold - g_pos).sum() + softplus(g_neg - cfg.threshold).sum()) / (2 * g_pos.numel())
+    """The FF loss of a batch from the goodness of its positive and negative rows (each element of g_pos paired with
+    the same one of g_neg: a row, or a conv layer's image or location). hinton: softplus(θ − g⁺) + softplus(g⁻ − θ)
+    per pair; scff: softplus(θ₊ − g⁺) + softplus(g⁻ − θ₋) + λ|g⁺| (hinton's sums with θ₋, the penalty only where
+    λ ≠ 0); both over 2 · the number of pairs. symba: the mean of softplus(−α (g⁺ − g⁻))."""
+    if cfg.loss in ("hinton", "scff"):
+        scff = cfg.loss == "scff"
+        theta_neg = cfg.threshold_neg if scff else cfg.threshold
+        total = softplus(cfg.threshold - g_pos).sum() + softplus(g_neg - theta_neg).sum()
+        if scff and cfg.scff_lambda != 0.0:
+            total = total + cfg.scff_lambda * g_pos.abs().sum()
+        return total / (2 * g_pos.numel())
     return softplus(-cfg.symba_alpha * (g_pos - g_neg)).mean()
 
 
@@ -89,9 +97,9 @@ def ff_objective_peer(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean=None)
     """(FFStepOutput, r'): loss (L_ff + L_peer), activations and goodness of one FF layer, differentiable
     w.r.t. weight and bias only, and the new peer running mean r' (None when cfg.peer_norm == 0)."""
     if not cfg.is_linear:
-        raise ValueError(f"ffkernels: the linear FF step computes sample goodness of h**2 with the hinton or symba loss; "
-                         f"loss={cfg.loss!r}, goodness_over={cfg.goodness_over!r}, goodness_power={cfg.goodness_power} "
-                         "run on the conv step (reference_conv)")
+        raise ValueError(f"ffkernels: the linear FF step computes sample goodness of h**2 with the hinton, symba or "
+                         f"scff loss; loss={cfg.loss!r}, goodness_over={cfg.goodness_over!r}, "
+                         f"goodness_power={cfg.goodness_power} run on the conv step (reference_conv)")
     x_pos, x_neg = x_pos.detach(), x_neg.detach()  # inputs are constants: nothing flows into x
     if cfg.gemm_dtype == "param":
         z_pos = F.linear(normalize(x_pos, cfg.norm, cfg.norm_eps), weight, bias)

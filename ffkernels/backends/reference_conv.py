@@ -1,8 +1,8 @@
 """The oracle of the convolutional FF step (docs/design.md, "Convolutional FF"): autograd + torch.optim.
 
-Written as plainly as the linear oracle in ``reference.py``, whose normalization, softplus and optimizer it reuses:
+Written as plainly as the linear oracle in ``reference.py``, whose normalization, pair losses and optimizer it reuses:
 x (B, C, H, W) normalized per image, z = conv2d(x̂, W, b), h = relu(z), one goodness per image, per location or per
-class group, and the hinton, symba or competitive (cross-entropy over the class groups) loss.
+class group, and the hinton, symba, scff or competitive (cross-entropy over the class groups) loss.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .._types import FFGradOutput, FFStepOutput
 from ..config import FFConfig
-from .reference import normalize, optimizer_update, softplus
+from .reference import ff_loss, normalize, optimizer_update
 
 
 def normalize_images(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -52,13 +52,12 @@ def conv_goodness(h: torch.Tensor, cfg: FFConfig, num_classes: int = 0) -> torch
 
 
 def conv_loss(g_pos: torch.Tensor, g_neg, target, cfg: FFConfig) -> torch.Tensor:
-    """hinton and symba as the linear loss, over every goodness value (per image or per location) as a pair;
-    competitive: the mean over images of the cross-entropy of g / temperature with the target class."""
+    """hinton, symba and scff: the linear loss (``reference.ff_loss``), over every goodness value (per image or per
+    location) as a pair; competitive: the mean over images of the cross-entropy of g / temperature with the target
+    class."""
     if cfg.loss == "competitive":
         return F.cross_entropy(g_pos / cfg.temperature, target)
-    if cfg.loss == "hinton":
-        return (softplus(cfg.threshold - g_pos).sum() + softplus(g_neg - cfg.threshold).sum()) / (2 * g_pos.numel())
-    return softplus(-cfg.symba_alpha * (g_pos - g_neg)).mean()
+    return ff_loss(g_pos, g_neg, cfg)
 
 
 def conv_objective(x_pos, x_neg, target, weight, bias, geom, cfg: FFConfig, num_classes: int = 0) -> FFStepOutput:

@@ -18,7 +18,7 @@ import triton.language as tl
 # option codes: kernel constexprs chosen on the host by name ("none" optimizer: write the gradient instead)
 NORM_CODES = {"none": 0, "l2": 1, "rms": 2}
 GOODNESS_CODES = {"sum": 0, "mean": 1}
-LOSS_CODES = {"hinton": 0, "symba": 1}
+LOSS_CODES = {"hinton": 0, "symba": 1, "scff": 3}  # 2 is the conv ops' competitive loss (no Triton kernel)
 OPTIM_CODES = {"none": 0, "adam": 1, "sgd": 2}
 # the same codes as globals a kernel may read (Triton kernels can only read constexpr globals)
 NORM_NONE = tl.constexpr(NORM_CODES["none"])
@@ -26,6 +26,7 @@ NORM_L2 = tl.constexpr(NORM_CODES["l2"])
 NORM_RMS = tl.constexpr(NORM_CODES["rms"])
 GOODNESS_MEAN = tl.constexpr(GOODNESS_CODES["mean"])
 LOSS_SYMBA = tl.constexpr(LOSS_CODES["symba"])
+LOSS_SCFF = tl.constexpr(LOSS_CODES["scff"])
 OPTIM_NONE = tl.constexpr(OPTIM_CODES["none"])
 OPTIM_ADAM = tl.constexpr(OPTIM_CODES["adam"])
 
@@ -44,6 +45,12 @@ def log1p(u):
 def softplus(x):
     """log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|)."""
     return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) + log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def sign(x):
+    """torch.sign: -1, 0 or 1 (0 keeps its sign; NaN stays NaN)."""
+    return tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, x))
 
 
 @triton.jit
@@ -85,8 +92,9 @@ def goodness_scale(N, GOODNESS: tl.constexpr):
 
 
 @triton.jit
-def pair_terms(g_pos, g_neg, threshold, symba_alpha, B, LOSS: tl.constexpr):
-    """Contribution of pair i to L, and dL/dg_pos_i, dL/dg_neg_i (the batch reduction included)."""
+def pair_terms(g_pos, g_neg, threshold, threshold_neg, symba_alpha, scff_lambda, B, LOSS: tl.constexpr):
+    """Contribution of pair i to L, and dL/dg_pos_i, dL/dg_neg_i (the batch reduction included). Each loss reads its
+    own scalars (hinton: threshold; scff: threshold = theta+, threshold_neg = theta-, scff_lambda; symba: alpha)."""
     if LOSS == LOSS_SYMBA:
         # L = sum_i softplus(-alpha (g+ - g-)) / B
         inv_b = tl.div_rn(1.0, B * 1.0)
@@ -96,12 +104,24 @@ def pair_terms(g_pos, g_neg, threshold, symba_alpha, B, LOSS: tl.constexpr):
         dg_pos = -d
         dg_neg = d
     else:
-        # L = [sum_i softplus(theta - g+) + sum_i softplus(g- - theta)] / (2B)
+        # hinton: L = [sum_i softplus(theta - g+) + sum_i softplus(g- - theta)] / (2B)
+        # scff:   L = [sum_i softplus(theta+ - g+) + softplus(g- - theta-) + lambda |g+|] / (2B): hinton's expressions
+        #         with theta- on the negative side, and the penalty only where lambda != 0, so that theta- = theta+ and
+        #         lambda = 0 compute hinton's bits
         inv_2b = tl.div_rn(1.0, 2.0 * B)
         ap = threshold - g_pos
-        an = g_neg - threshold
-        loss = (softplus(ap) + softplus(an)) * inv_2b
-        dg_pos = -sigmoid(ap) * inv_2b
+        if LOSS == LOSS_SCFF:
+            an = g_neg - threshold_neg
+        else:
+            an = g_neg - threshold
+        terms = softplus(ap) + softplus(an)
+        dpos = -sigmoid(ap)
+        if LOSS == LOSS_SCFF:
+            if scff_lambda != 0.0:
+                terms += scff_lambda * tl.abs(g_pos)
+                dpos += scff_lambda * sign(g_pos)
+        loss = terms * inv_2b
+        dg_pos = dpos * inv_2b
         dg_neg = sigmoid(an) * inv_2b
     return loss, dg_pos, dg_neg
 

@@ -69,7 +69,7 @@ def _run(x, y_pos, y_neg, num_classes, label_value, weight, bias, cfg: FFConfig,
     h_pos, h_neg, ss_part, den, colsum_part = launch_forward_labeled(
         x, y_pos, y_neg, num_classes, label_value, weight, bias, cfg.norm, cfg.norm_eps, peer=peer)
     loss, g_pos, g_neg, coef, r_new, v = launch_loss(
-        ss_part, x.shape[0], weight.shape[0], weight.dtype, cfg.goodness, cfg.threshold, cfg.loss, cfg.symba_alpha,
+        ss_part, x.shape[0], weight.shape[0], weight.dtype, cfg,
         peer=(colsum_part, peer_mean, cfg.peer_norm, cfg.peer_momentum) if peer else None)
     if x.is_cuda:  # labels out of range (not read on the host, see _check_labeled): a NaN loss, so no update
         out = torch.logical_or((y_pos < 0) | (y_pos >= num_classes), (y_neg < 0) | (y_neg >= num_classes)).any()

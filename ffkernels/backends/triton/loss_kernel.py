@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...config import FFConfig
+
 from .ff_math import (
     GOODNESS_CODES,
     LOSS_CODES,
@@ -48,7 +50,7 @@ def ff_loss_kernel(
     colsum_part_ptr,  # with PEER: (num_m_tiles, N) fp32 from kernel 1, column sums of h_pos per M-tile
     r_ptr,  # with PEER: (N,) fp32, the running mean r (peer_mean), read only
     r_new_ptr, v_ptr,  # out with PEER: (N,) fp32, r' and the dL/dz term v of the positive rows
-    B, N, num_tiles, threshold, symba_alpha,
+    B, N, num_tiles, threshold, threshold_neg, symba_alpha, scff_lambda,
     num_m_tiles, peer_norm, mu, one_minus_mu, v_scale,  # used with PEER only
     GOODNESS: tl.constexpr, LOSS: tl.constexpr, PEER: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_UNITS: tl.constexpr,
@@ -68,8 +70,8 @@ def ff_loss_kernel(
         g_neg = (s * ss_neg).to(gn_ptr.dtype.element_ty)
         tl.store(gp_ptr + rows, g_pos, mask=ok)
         tl.store(gn_ptr + rows, g_neg, mask=ok)
-        loss, dg_pos, dg_neg = pair_terms(g_pos.to(tl.float32), g_neg.to(tl.float32), threshold, symba_alpha, B,
-                                          LOSS)
+        loss, dg_pos, dg_neg = pair_terms(g_pos.to(tl.float32), g_neg.to(tl.float32), threshold, threshold_neg,
+                                          symba_alpha, scff_lambda, B, LOSS)
         tl.store(coef_ptr + rows, coef_from_dg(dg_pos, s), mask=ok)
         tl.store(coef_ptr + B + rows, coef_from_dg(dg_neg, s), mask=ok)
         total += tl.where(ok, loss, 0.0)
@@ -101,10 +103,10 @@ def peer_scalars(B: int, N: int, peer_norm: float, peer_momentum: float) -> dict
             "v_scale": peer_norm * 2.0 * (1.0 - peer_momentum) / (N * B)}
 
 
-def launch_loss(ss_part, B: int, N: int, dtype: torch.dtype, goodness: str, threshold: float, loss: str,
-                symba_alpha: float, peer=None):
-    """Run kernel 2. Returns loss (0-d), g_pos, g_neg (B,) in ``dtype``, the row coefficients (2B,) fp32 and,
-    with ``peer`` = (colsum_part, r, peer_norm, peer_momentum), r' and v (N,) fp32 (else None, None)."""
+def launch_loss(ss_part, B: int, N: int, dtype: torch.dtype, cfg: FFConfig, peer=None):
+    """Run kernel 2 with the goodness and loss options of ``cfg``. Returns loss (0-d), g_pos, g_neg (B,) in ``dtype``,
+    the row coefficients (2B,) fp32 and, with ``peer`` = (colsum_part, r, peer_norm, peer_momentum), r' and v (N,)
+    fp32 (else None, None)."""
     g_pos = ss_part.new_empty((B,), dtype=dtype)
     g_neg = ss_part.new_empty((B,), dtype=dtype)
     coef = ss_part.new_empty((2 * B,))
@@ -118,8 +120,8 @@ def launch_loss(ss_part, B: int, N: int, dtype: torch.dtype, goodness: str, thre
         v = ss_part.new_empty((N,))
         scalars = peer_scalars(B, N, peer_norm, peer_momentum)
     launchable(ff_loss_kernel)[(1,)](
-        ss_part, g_pos, g_neg, coef, loss_out, colsum_part, r, r_new, v, B, N, ss_part.shape[0], threshold,
-        symba_alpha, colsum_part.shape[0] if peer is not None else 0, **scalars,
-        GOODNESS=GOODNESS_CODES[goodness], LOSS=LOSS_CODES[loss], PEER=peer is not None, BLOCK=block,
+        ss_part, g_pos, g_neg, coef, loss_out, colsum_part, r, r_new, v, B, N, ss_part.shape[0], cfg.threshold,
+        cfg.threshold_neg, cfg.symba_alpha, cfg.scff_lambda, colsum_part.shape[0] if peer is not None else 0, **scalars,
+        GOODNESS=GOODNESS_CODES[cfg.goodness], LOSS=LOSS_CODES[cfg.loss], PEER=peer is not None, BLOCK=block,
         BLOCK_UNITS=min(triton.next_power_of_2(N), 1024) if peer is not None else 16)  # unused without peer: fixed
     return loss_out, g_pos, g_neg, coef, r_new, v

@@ -80,8 +80,8 @@ def _forward(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean: Optional[Tens
     h_pos, h_neg, ss_part, den, colsum_part = launch_forward(x_pos, x_neg, weight, bias, cfg.norm, cfg.norm_eps,
                                                              peer=peer)
     loss, g_pos, g_neg, coef, r_new, v = launch_loss(
-        ss_part, x_pos.shape[0], weight.shape[0], weight.dtype, cfg.goodness, cfg.threshold, cfg.loss,
-        cfg.symba_alpha, peer=(colsum_part, peer_mean, cfg.peer_norm, cfg.peer_momentum) if peer else None)
+        ss_part, x_pos.shape[0], weight.shape[0], weight.dtype, cfg,
+        peer=(colsum_part, peer_mean, cfg.peer_norm, cfg.peer_momentum) if peer else None)
     return loss, h_pos, h_neg, g_pos, g_neg, coef, den, ((v, r_new, peer_mean) if peer else None)
 
 
