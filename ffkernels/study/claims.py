@@ -56,7 +56,7 @@ def claims_table(rows, baseline, dataset: str) -> str:
     """Every claim either side can speak to: the paper's reported transfer difference (MNIST) and ours, by each
     probe (last layer and best), and the pretext-accuracy difference where both sides solve the same task."""
     g = grouped(rows)
-    probes = [p for p in ("paper", "lbfgs") if any(p in r.get("probes", {}) for r in rows if r["dataset"] == dataset)]
+    probes = [p for p in ("paper", "lbfgs", "scff") if any(p in r.get("probes", {}) for r in rows if r["dataset"] == dataset)]
     measures = _measures(probes)
     header = ["claim", "A − B", reported_header(dataset, "transfer"), "pretext acc"] + [m for m, _ in measures] + ["seeds"]
     body = []
