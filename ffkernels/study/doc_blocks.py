@@ -16,6 +16,7 @@ import json
 import os
 import re
 
+from . import below_chance
 from .claims import claims_table
 from .report import baseline_lines, paper_settings_table, paper_table, timing_line, wall_table
 
@@ -23,7 +24,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 DOC = os.path.join(ROOT, "docs", "study.md")
 # block-name prefix -> (the kept run's results.json, its dataset)
 SOURCES = {"paper": (os.path.join(ROOT, "docs", "study-paper", "results.json"), "mnist5k"),
-           "fmnist": (os.path.join(ROOT, "docs", "study-fashion-mnist", "results.json"), "fashion-mnist")}
+           "fmnist": (os.path.join(ROOT, "docs", "study-fashion-mnist", "results.json"), "fashion-mnist"),
+           "below": (os.path.join(ROOT, "docs", "below-chance", "results.json"), None)}
 RESULTS = SOURCES["paper"][0]
 DATASET = SOURCES["paper"][1]
 
@@ -36,7 +38,8 @@ _TABLES = {  # block-name suffix -> generator(results, dataset)
 # block name -> (source prefix or None, generator(results))
 BLOCKS = {"paper-settings": (None, lambda res: paper_settings_table())}
 BLOCKS.update({f"{src}-{name}": (src, lambda res, fn=fn, ds=ds: fn(res, ds))
-               for src, (_, ds) in SOURCES.items() for name, fn in _TABLES.items()})
+               for src, (_, ds) in SOURCES.items() if ds for name, fn in _TABLES.items()})
+BLOCKS["below-chance"] = ("below", lambda res: below_chance.markdown(res).rstrip("\n"))
 _BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)(<!-- end generated: (?P=name) -->)",
                     re.S)
 
@@ -81,7 +84,7 @@ def main(argv=None) -> None:
     ap.add_argument("--fmnist-results", default=os.path.normpath(SOURCES["fmnist"][0]),
                     help="the Fashion-MNIST run (fmnist-* blocks)")
     args = ap.parse_args(argv)
-    results = load_sources({"paper": args.results, "fmnist": args.fmnist_results})
+    results = load_sources({"paper": args.results, "fmnist": args.fmnist_results, "below": SOURCES["below"][0]})
     with open(args.doc) as f:
         text = f.read()
     new = refresh(text, results)

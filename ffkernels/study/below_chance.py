@@ -12,8 +12,9 @@ layer, Adam 3e-3, batch 100) on mnist5k, one thread, seed 0. Three measurements:
 3. ``greedy``: the same data, layer 1 trained alone for two epochs and then frozen, layer 2 trained on it: how
    often layer 2 ranks the pair right (before each step).
 
-    python scripts/below_chance.py --out docs/below-chance
-writes results.json and results.md there (about 3 minutes on one core).
+    python -m ffkernels.study.below_chance --out docs/below-chance
+writes results.json and results.md there (about 3 minutes on one core); docs/study.md's ``below-chance`` block is
+``markdown(results)`` (study/doc_blocks.py).
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ import os
 
 import torch
 
-from ffkernels.data import load_dataset
-from ffkernels.labels import embed_label, wrong_labels
-from ffkernels.net import FFNet
+from ..data import load_dataset
+from ..labels import embed_label, wrong_labels
+from ..net import FFNet
 
 C = 10
 
@@ -120,11 +121,11 @@ def markdown(res) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ffkernels.study.below_chance", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="below-chance", help="output folder")
     p.add_argument("--epochs", type=int, default=2, help="training epochs of the joint and greedy runs")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     ds = load_dataset("mnist5k")
     steps, test = joint(ds, args.epochs)
