@@ -1,14 +1,14 @@
 """Conv kernel C1: the convolution as an implicit GEMM with the FF epilogue fused.
 
-Program (m, t, side) owns GEMM rows [m BM, (m + 1) BM) of one side (pos images, or neg images; a row is one output
-pixel of one image) and N-tile t: BN output channels of one conv group g. Its K loop walks the group's (C_in/groups)
-kH kW features in BK steps, gathering the x tile through ``im2col_tile`` (stride, padding, dilation as masks) and the
-weight tile (the weight's rows are contiguous), z += x W^T in fp32 (``tl.dot``, ``input_precision`` as the linear
-kernels). Epilogue: z / d (the image's divisor from kernel C0, ``div_rn``; x̂ is never written), + b, h = relu(z)
-(NaN passes) stored in NCHW, and the tile's partial goodness: per row, the sum of h^p (h as stored, p = 1 or 2) over
-the tile's channels -- for "group" goodness one sum per class group the tile touches (J slots). The partials go to an
-fp32 (T, J, sides B P) buffer, every (tile, slot, row) written by exactly one program; kernel C2 adds them in a fixed
-order (no atomics), so nothing depends on scheduling.
+Program (m, t, side) owns GEMM rows [m BM, (m + 1) BM) of one side (pos images, or neg images; a row is one output pixel
+of one image) and N-tile t: BN output channels of one conv group g. Its K loop walks the group's (C_in/groups) kH kW
+features in BK steps, gathering the x tile through ``im2col_tile`` (stride, padding, dilation as masks) and the weight
+tile (the weight's rows are contiguous), z += x W^T in fp32 (``tl.dot``, ``input_precision`` as the linear kernels).
+Epilogue: z / d (the image's divisor from kernel C0, ``div_rn``; x̂ is never written), + b, h = relu(z) (NaN passes)
+stored in NCHW, and the tile's partial goodness: per row, the sum of h^p (h as stored, p = 1 or 2) over the tile's
+channels -- for "group" goodness one sum per class group the tile touches (J slots), in fp64. The partials go to an fp64
+(T, J, sides B P) buffer, every (tile, slot, row) written by exactly one program; kernel C2 adds them in a fixed order
+(no atomics), so nothing depends on scheduling.
 """
 import torch
 import triton
@@ -25,7 +25,7 @@ from .launch import launchable
 def ff_conv_forward_kernel(
     xp_ptr, xn_ptr, w_ptr, b_ptr, den_ptr,  # x_pos, x_neg (B, C_in, H, W); weight (C_out, kg); bias or None; d or None
     hp_ptr, hn_ptr,  # out: h_pos, h_neg (B, C_out, Ho, Wo)
-    part_ptr,  # out: (T, J, sides B P) fp32 partial goodness
+    part_ptr,  # out: (T, J, sides B P) fp64 partial goodness
     B, C_in, H, W, C_out, Wo, P, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     cg_in, cg_out, kg, tiles_per_group, J, per_class, sides,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, POWER: tl.constexpr, GROUPED: tl.constexpr,
@@ -68,7 +68,9 @@ def ff_conv_forward_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     tl.store(h_ptr + h_offsets(img, p, cols, C_out, P), h, mask=ok)
 
-    hq = tl.where(ok, h.to(tl.float32), 0.0)  # the goodness from h as stored, like the reference
+    # the goodness from h as stored, like the reference, summed in fp64 as the CPU kernel does: one goodness value sums
+    # up to C_out H W terms (the linear kernels' rows sum N), and its rounding reaches dL/dz through the loss
+    hq = tl.where(ok, h.to(tl.float64), 0.0)
     if POWER == 2:
         term = hq * hq
     else:
@@ -91,7 +93,7 @@ def launch_conv_forward(x_pos, x_neg, weight, bias, den, pr: ConvProblem, norm: 
     per_group, tiles, J = pr.partial_layout(bn)
     h_pos = x_pos.new_empty((pr.B, pr.C_out, pr.Ho, pr.Wo))
     h_neg = x_pos.new_empty((pr.B, pr.C_out, pr.Ho, pr.Wo)) if pr.sides == 2 else None
-    part = x_pos.new_empty((tiles, J, pr.sides * pr.B * pr.P), dtype=torch.float32)
+    part = x_pos.new_empty((tiles, J, pr.sides * pr.B * pr.P), dtype=torch.float64)
     grid = (triton.cdiv(pr.B * pr.P, bm), tiles, pr.sides)
     # without negatives side 1 is not launched: the pos tensors stand in for its pointers (one type per pointer)
     launchable(ff_conv_forward_kernel)[grid](

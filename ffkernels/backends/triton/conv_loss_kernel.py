@@ -1,8 +1,9 @@
 """Conv kernels C2 and C2b: the goodness, the per-goodness dL/dz coefficients and the loss.
 
 C2: program i owns image i of each side (the pair pos i / neg i, or image i alone for the competitive loss). It adds
-kernel C1's partial goodness in a fixed order (N-tiles in order, then the pixels in blocks: an fp32 vector, one tree
-sum), scales by s (1 or 1 / the number of summed values), rounds g to the dtype (g as stored is what the loss sees,
+kernel C1's fp64 partial goodness in a fixed order (N-tiles in order, then the pixels in blocks: an fp64 vector, one
+tree sum), scales by s (1 or 1 / the number of summed values, fp32, the product in fp64, as the CPU kernel's
+``row_goodness``), rounds g to the dtype (g as stored is what the loss sees,
 like the reference) and stores it. Then, per goodness value, the loss terms and the coefficient k with
 dL/dz = k * (2h if p = 2, else 1) * 1[h > 0]: stored as c = (2s or s) dL/dg, per (image, goodness value):
   * hinton / symba ("sample": one value per image; "location": one per output pixel, in blocks): every value of the
@@ -12,6 +13,7 @@ dL/dz = k * (2h if p = 2, else 1) * 1[h > 0]: stored as c = (2s or s) dL/dg, per
 Each program stores its image's share of the loss; C2b (one program) adds the B shares in image order and stores the
 loss in the dtype. No atomics anywhere: the result does not depend on the launch.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -36,7 +38,7 @@ def _add_pixels(acc, base, P, BLOCK_P: tl.constexpr):
 def _image_sum(part_ptr, r, P, rp, tiles, BLOCK_P: tl.constexpr):
     """Sample goodness before scaling: image r's partials over every N-tile (J = 1) and pixel (tiles in order, the
     pixels in blocks, one vector of partial sums, then a tree sum)."""
-    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float64)
     for t in range(tiles):
         acc = _add_pixels(acc, part_ptr + tl.cast(t, tl.int64) * rp + r * P, P, BLOCK_P)
     return tl.sum(acc, axis=0)
@@ -50,7 +52,7 @@ def _class_sum(part_ptr, r, c, P, rp, per_class, cg_out, tiles_per_group, tile_n
     hi = lo + per_class - 1
     t_lo = (lo // cg_out) * tiles_per_group + (lo % cg_out) // tile_n
     t_hi = (hi // cg_out) * tiles_per_group + (hi % cg_out) // tile_n
-    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float64)
     for t in range(t_lo, t_hi + 1):
         g = t // tiles_per_group
         first_class = (g * cg_out + (t - g * tiles_per_group) * tile_n) // per_class
@@ -68,8 +70,8 @@ def _pair_block(part_ptr, gp_ptr, gn_ptr, coef_ptr, i, j0, B, P, ng, rp, tiles, 
         ss_pos = tl.where(jj == 0, _image_sum(part_ptr, i, P, rp, tiles, BLOCK_P), 0.0)
         ss_neg = tl.where(jj == 0, _image_sum(part_ptr, B + i, P, rp, tiles, BLOCK_P), 0.0)
     else:  # location: value j is pixel j
-        ss_pos = tl.zeros((BLOCK_G,), dtype=tl.float32)
-        ss_neg = tl.zeros((BLOCK_G,), dtype=tl.float32)
+        ss_pos = tl.zeros((BLOCK_G,), dtype=tl.float64)
+        ss_neg = tl.zeros((BLOCK_G,), dtype=tl.float64)
         for t in range(tiles):
             base = part_ptr + tl.cast(t, tl.int64) * rp
             ss_pos += tl.load(base + i * P + jj, mask=ok, other=0.0)
@@ -86,7 +88,7 @@ def _pair_block(part_ptr, gp_ptr, gn_ptr, coef_ptr, i, j0, B, P, ng, rp, tiles, 
 
 @triton.jit
 def ff_conv_loss_kernel(
-    part_ptr,  # (T, J, sides B P) fp32 partial goodness from kernel C1
+    part_ptr,  # (T, J, sides B P) fp64 partial goodness from kernel C1
     gp_ptr, gn_ptr,  # out: g_pos, g_neg (B, ng) (gn_ptr unused for competitive)
     coef_ptr,  # out: (sides B, ng) fp32, c of every goodness value, pos images then neg images
     target_ptr,  # competitive: (B,) int64 labels in [0, ng); else None
@@ -105,22 +107,22 @@ def ff_conv_loss_kernel(
     if COMPETITIVE:
         cs = tl.arange(0, BLOCK_G)
         ok = cs < ng
-        ss = tl.zeros((BLOCK_G,), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_G,), dtype=tl.float64)
         for c in range(ng):
             ss = tl.where(cs == c, _class_sum(part_ptr, i, c, P, rp, per_class, cg_out, tiles_per_group, tile_n, J,
                                        BLOCK_P),
                           ss)
         g = (s * ss).to(gp_ptr.dtype.element_ty)
         tl.store(gp_ptr + i * ng + cs, g, mask=ok)
-        # cross-entropy of g / tau with the target class y, mean over the B images
+        # cross-entropy of g / tau with the target class y, mean over the B images, as log_softmax computes it: the
+        # shifted logits z - max, ls = log sum exp(z - max), log p = z - max - ls (never max + ls, whose rounding at
+        # the logits' magnitude would reach p)
         zt = tl.where(ok, tl.div_rn(g.to(tl.float32), temperature), -float("inf"))
-        m = tl.max(zt, axis=0)
-        e = tl.where(ok, tl.exp(zt - m), 0.0)
-        lse = m + tl.log(tl.sum(e, axis=0))
+        sh = zt - tl.max(zt, axis=0)
+        ls = tl.log(tl.sum(tl.where(ok, tl.exp(sh), 0.0), axis=0))
         y = tl.load(target_ptr + i)
-        onehot = tl.where(cs == y, 1.0, 0.0)
-        loss = tl.div_rn(lse - tl.sum(tl.where(cs == y, zt, 0.0), axis=0), B * 1.0)
-        dg = tl.div_rn(tl.exp(zt - lse) - onehot, temperature * B)
+        loss = tl.div_rn(ls - tl.sum(tl.where(cs == y, sh, 0.0), axis=0), B * 1.0)
+        dg = tl.div_rn(tl.exp(sh - ls) - tl.where(cs == y, 1.0, 0.0), temperature * B)
         tl.store(coef_ptr + i * ng + cs, coef_scale * dg, mask=ok)
     else:
         total = tl.zeros((BLOCK_G,), dtype=tl.float32)
@@ -148,8 +150,8 @@ def launch_conv_loss(part, layout, pr: ConvProblem, dtype, cfg, target):
     B, ng = pr.B, pr.ng
     g_pos = part.new_empty(pr.g_shape, dtype=dtype)
     g_neg = part.new_empty(pr.g_shape, dtype=dtype) if pr.sides == 2 else None
-    coef = part.new_empty((pr.sides * B, ng))
-    loss_part = part.new_empty((B,))
+    coef = part.new_empty((pr.sides * B, ng), dtype=torch.float32)
+    loss_part = part.new_empty((B,), dtype=torch.float32)
     loss = part.new_empty((), dtype=dtype)
     competitive = cfg.loss == "competitive"
     block_g = max(16, triton.next_power_of_2(ng)) if competitive else (

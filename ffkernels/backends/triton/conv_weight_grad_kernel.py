@@ -70,7 +70,7 @@ def _reduce_side(acc, bacc, x_ptr, h_ptr, coef_ptr, den_ptr, first_image, r_lo, 
                 else:
                     dz = tl.where(hf <= 0.0, 0.0, k)
                 dz = tl.where(row_ok[:, None], dz, 0.0)
-                bacc += tl.sum(dz.to(h.dtype).to(tl.float32), axis=0)
+                bacc += tl.sum(dz.to(h.dtype).to(tl.float64), axis=0)
     return acc, bacc
 
 
@@ -104,7 +104,7 @@ def ff_conv_weight_grad_kernel(
     owns_bias = pid_k == 0
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    bacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    bacc = tl.zeros((BLOCK_N,), dtype=tl.float64)  # as the CPU kernel: its pos and neg halves cancel
     acc, bacc = _reduce_side(acc, bacc, xp_ptr, hp_ptr, coef_ptr, den_ptr, 0, r_lo, r_hi, C_in, H, W, C_out, Wo, P,
                              KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, cg_in, kg, ng, per_class, g, cols,
                              col_ok, ks, owns_bias, NORM, HAS_BIAS, POWER, OVER, INPUT_PRECISION, BLOCK_M)
@@ -121,7 +121,7 @@ def ff_conv_weight_grad_kernel(
         tl.store(gw_ptr + part * C_out * kg + w_offs, acc, mask=w_ok)
         if HAS_BIAS:
             if owns_bias:
-                tl.store(gb_ptr + part * C_out + cols, bacc, mask=col_ok)
+                tl.store(gb_ptr + part * C_out + cols, bacc.to(tl.float32), mask=col_ok)
     else:
         # the gradient as a materialized grad_weight would hold it (parameter dtype), then fp32 for the update
         gw = acc.to(w_ptr.dtype.element_ty)

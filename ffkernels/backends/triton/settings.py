@@ -195,25 +195,24 @@ def _conv_tiles(cfg: dict) -> dict:
 
 def conv_forward_config(dtype: torch.dtype, n: int, k: int, rows: int) -> dict:
     """The conv forward's tile: ``m`` output pixels x ``n`` channels of a conv group x ``k`` of its (C_in/groups) kH kW
-    features per step, and ``warps``:
-      fp32         64 x 64 x 32, 4 warps
-      fp16/bf16    64 x 64 x 64, 4 warps
-    (the N edge shrinks to the group's channels, at least 16)."""
+    features per step, and ``warps``: 64 x 64 x 16, 8 warps, every dtype (the N edge shrinks to the group's channels,
+    at least 16). The gathered x tile holds a 64-bit address per element and the epilogue an fp64 goodness tile: with
+    4 warps, or 32 features per step, the CNN recipe's layers spilled on sm_90 (up to 496 B in bf16)."""
     if interpreting():
         return _conv_tiles({"m": block(rows, 128), "n": block(n, 128), "k": block(k, 128), "warps": NUM_WARPS})
-    bk = 32 if dtype == torch.float32 else 64
-    return _conv_tiles({"m": block(rows, 64), "n": block(n, 64), "k": block(k, bk), "warps": NUM_WARPS})
+    return _conv_tiles({"m": block(rows, 64), "n": block(n, 64), "k": block(k, 16), "warps": 8})
 
 
 def conv_weight_grad_config(dtype: torch.dtype, n: int, k: int, rows: int) -> dict:
     """The conv weight gradient's W tile (``n`` channels x ``k`` features), the output pixels it reduces per step
-    (``rows``) and ``warps``, as kernel 3's (``weight_grad_config``, aligned):
-      fp32         32 x 32 tile, 32 rows per step, 4 warps
-      fp16/bf16    64 x 64 tile, 64 rows per step, 8 warps"""
+    (``rows``) and ``warps``, kernel 3's tiles (``weight_grad_config``) with more warps or fewer rows, for the gathers'
+    addresses (at kernel 3's own configs the CNN recipe's layers spilled on sm_90):
+      fp32         32 x 32 tile, 32 rows per step, 8 warps
+      fp16/bf16    64 x 64 tile, 32 rows per step, 8 warps"""
     if interpreting():
         return _conv_tiles({"n": block(n, 128), "k": block(k, 128), "rows": block(rows, 128), "warps": NUM_WARPS})
     if dtype == torch.float32:
-        n_, k_, rows_, warps = 32, 32, 32, 4
+        n_, k_, rows_, warps = 32, 32, 32, 8
     else:
-        n_, k_, rows_, warps = 64, 64, 64, 8
+        n_, k_, rows_, warps = 64, 64, 32, 8
     return _conv_tiles({"n": block(n, n_), "k": block(k, k_), "rows": block(rows, rows_), "warps": warps})
