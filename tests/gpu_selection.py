@@ -33,8 +33,7 @@ KEEP_TESTS = ("test_training_vs_oracle.py::test_many_steps_large_layer",)  # the
 # kind (the conv step's non-finite cases live in test_conv_gpu.py, beside its sweeps)
 OPTION_SWEEPS = ("test_training_vs_oracle.py::test_every_option", "test_labeled.py::test_options",
                  "test_peer_norm.py::test_steps_match_oracle", "test_conv_gpu.py::test_every_option",
-                 "test_conv_gpu.py::test_non_finite_loss_changes_nothing", "test_conv_triton.py::test_every_option",
-                 "test_conv_triton.py::test_non_finite_loss_changes_nothing")
+                 "test_conv_gpu.py::test_non_finite_loss_changes_nothing")
 COVER_FILES = ("test_non_finite.py", "test_host_syncs.py")
 _SHAPE = re.compile(r"\d+(x\d+)+")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
