@@ -25,7 +25,7 @@ def conv_backend_call(layer, x_pos, x_neg, target, geom, shape=None, update: boo
     fn = getattr(backend, "conv_step" if update else "conv_grad", None)
     if fn is None:
         raise BackendUnavailableError(f"ffkernels: backend {backend.name!r} has no conv FF kernels yet; use "
-                                      "backend='cpu' (CPU tensors), 'cuda' (CUDA tensors) or 'reference'")
+                                      "backend='cpu' (CPU tensors), 'cuda' or 'triton' (CUDA tensors) or 'reference'")
     cfg = layer._step_config(backend)
     w, b = layer._param_views()
     w4 = w if shape is None else w.view(shape)

@@ -62,6 +62,7 @@ class Backend:
         if self.namespace == "ffkernels_triton":
             importlib.import_module(f"{TRITON_PACKAGE}.ops")
             importlib.import_module(f"{TRITON_PACKAGE}.labeled")
+            importlib.import_module(f"{TRITON_PACKAGE}.conv_ops")
         return getattr(torch.ops, self.namespace)
 
     def op(self, name: str):

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from backends import CPU, DTYPE_IDS, FP32, FP64, state_dtype
+from backends import BY_NAME, CPU, DTYPE_IDS, FP32, FP64, state_dtype
 from ffkernels import FFConfig
 from ffkernels._types import BackendUnavailableError, ConvGeometry
 from ffkernels.backends import BACKENDS
@@ -145,13 +145,15 @@ def check_conv_outputs(prefix, ours, same, exact, target, cfg, rule, dtype) -> N
         check(f"{prefix}{field}", a, r, t, rule, conv_loss_scale(exact, target, cfg) if field == "loss" else None)
 
 
-def run_steps(dtype, case: Case, cfg: FFConfig, bias: bool, *, steps=3, seed=0, autocast=False, backend="cpu"):
-    """``steps`` fused conv steps of ``backend`` ("cpu", or "cuda" on CUDA tensors) against the oracle (in dtype, on
-    the backend's device, and in float64 on the CPU from the same rounded inputs and initial weights), loss, h, g,
+def run_steps(dtype, case: Case, cfg: FFConfig, bias: bool, *, steps=3, seed=0, autocast=False, backend="cpu",
+              rule=None):
+    """``steps`` fused conv steps of ``backend`` ("cpu"; "cuda" on CUDA tensors; "triton" on its device, backends.py)
+    against the oracle (in dtype, on the backend's device, and in float64 on the CPU from the same rounded inputs and
+    initial weights), loss, h, g,
     weight, bias and every state tensor checked after every step with tolerance.py's rule for the device. ``autocast``:
     the steps run inside torch.autocast(bfloat16) with the options autocast_config gives them, the oracles with
-    gemm_dtype=bfloat16 (float32 parameters)."""
-    device = "cuda" if backend == "cuda" else "cpu"
+    gemm_dtype=bfloat16 (float32 parameters). ``rule``: another tolerance.py rule than the device's."""
+    device = BY_NAME[backend].device
     gen = torch.Generator().manual_seed(seed)
     competitive = cfg.loss == "competitive"
     fan_in = case.c_in // case.groups * case.kernel[0] * case.kernel[1]
@@ -163,7 +165,7 @@ def run_steps(dtype, case: Case, cfg: FFConfig, bias: bool, *, steps=3, seed=0, 
                for bt in batches]
     cfg = _calibrated(cfg, case, batches[0], w0, b0)
     ref_cfg = cfg.replace(gemm_dtype="bfloat16") if autocast else cfg
-    rule = AUTOCAST if autocast else rule_for(dtype, gpu=device == "cuda")
+    rule = rule or (AUTOCAST if autocast else rule_for(dtype, gpu=device == "cuda"))
     ours, same, exact = (Params(w0, b0, cfg, dt, dev) for dt, dev in ((dtype, device), (dtype, device), (FP64, "cpu")))
     kernels = BACKENDS[backend]
     nc = case.classes if competitive else 0
@@ -348,20 +350,21 @@ def test_step_equals_grad_then_update(loss, over, opt, autocast):
     assert_step_is_grad_then_update(cfg, case, xp, xn, t, w, b, nc, "cpu")
 
 
-def assert_step_is_grad_then_update(cfg, case, xp, xn, t, w, b, nc, device) -> None:
+def assert_step_is_grad_then_update(cfg, case, xp, xn, t, w, b, nc, device, namespace="ffkernels") -> None:
     """Two steps of ff_conv_step against ff_conv_grad + the (linear) ff_update op with its loss on a copy of the
-    same parameters: every output, parameter and state tensor bitwise equal (test_conv_gpu.py runs it on CUDA)."""
+    same parameters: every output, parameter and state tensor bitwise equal (test_conv_gpu.py runs it on CUDA,
+    test_conv_triton.py on the ops of ``namespace`` ffkernels_triton)."""
+    ops = getattr(torch.ops, namespace)
     fused, split = Params(w, b, cfg, FP32, device), Params(w, b, cfg, FP32, device)
     for step in (1, 2):
-        out = torch.ops.ffkernels.ff_conv_step(xp, xn, t, fused.weight, fused.bias, *_state_slots(fused),
-                                               *_geom_args(case), nc, step, cfg.conv_op_options)
-        g = torch.ops.ffkernels.ff_conv_grad(xp, xn, t, split.weight, split.bias, *_geom_args(case), nc,
-                                             cfg.conv_op_options)
+        out = ops.ff_conv_step(xp, xn, t, fused.weight, fused.bias, *_state_slots(fused), *_geom_args(case), nc, step,
+                               cfg.conv_op_options)
+        g = ops.ff_conv_grad(xp, xn, t, split.weight, split.bias, *_geom_args(case), nc, cfg.conv_op_options)
         assert g[5].dtype == FP32  # widened from a bf16 convolution's output
         # the linear op takes 2-D weights: the same memory viewed (C_out, C_in/groups * kH * kW)
         flat = [None if v is None else v.view(v.shape[0], -1) for v in _state_slots(split)[:2]]
-        torch.ops.ffkernels.ff_update(split.weight.view(w.shape[0], -1), split.bias, g[5].view(w.shape[0], -1), g[6],
-                                      *flat, *_state_slots(split)[2:], g[0], step, _linear_options(cfg))
+        ops.ff_update(split.weight.view(w.shape[0], -1), split.bias, g[5].view(w.shape[0], -1), g[6], *flat,
+                      *_state_slots(split)[2:], g[0], step, _linear_options(cfg))
         for a, c in zip(out, g[:5]):
             assert torch.equal(a, c)
         for name, a in fused.tensors().items():
@@ -461,10 +464,10 @@ def test_schemas_follow_the_samples():
 
 
 def test_conv_ops_on_the_cpu_and_cuda_backends():
-    """cpu and cuda have the conv step (cuda's kernels registered for the CUDA key in a CUDA build), triton has not."""
-    for name in ("cpu", "cuda"):
+    """cpu and cuda have the conv step (cuda's kernels registered for the CUDA key in a CUDA build); so has triton (its
+    own ops, test_conv_triton.py)."""
+    for name in ("cpu", "cuda", "triton"):
         assert hasattr(BACKENDS[name], "conv_step") and hasattr(BACKENDS[name], "conv_grad"), name
-    assert not hasattr(BACKENDS["triton"], "conv_step")
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     for op in OPS:
         assert has(f"ffkernels::{op}", "CPU"), op
@@ -506,11 +509,13 @@ BAD = [
 ]
 
 
-def _bad_call_args(cfg):
+def _bad_call_args(cfg, device="cpu"):
+    """(cfg, case, params, the call's arguments by name) of a good call on ``device`` that a BAD change spoils."""
     competitive = cfg is not None and not isinstance(cfg, FFConfig)
     cfg = FFConfig(loss="competitive", goodness_over="group") if competitive else (cfg or FFConfig())
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg)
-    p = Params(w, b, cfg, FP32)
+    xp, xn, t = (None if v is None else v.to(device) for v in (xp, xn, t))
+    p = Params(w, b, cfg, FP32, device)
     p.st_w = tuple(s + 0.01 for s in p.st_w)
     a = dict(x_pos=xp, x_neg=xn, target=t, weight=p.weight, bias=p.bias, padding=case.padding, groups=case.groups,
              num_classes=nc)
@@ -552,10 +557,10 @@ def test_bad_state_changes_nothing():
 
 # ---- the options strings --------------------------------------------------------------------------------------------
 
-def _conv_call(options: str):
-    cfg, case, p, a = _bad_call_args(None)
-    return torch.ops.ffkernels.ff_conv_grad(a["x_pos"], a["x_neg"], None, p.weight, p.bias, *_geom_args(case), 0,
-                                            options)
+def _conv_call(options: str, namespace="ffkernels", device="cpu"):
+    cfg, case, p, a = _bad_call_args(None, device)
+    return getattr(torch.ops, namespace).ff_conv_grad(a["x_pos"], a["x_neg"], None, p.weight, p.bias,
+                                                      *_geom_args(case), 0, options)
 
 
 def _with(options: str, key: str, value: str) -> str:
@@ -565,7 +570,7 @@ def _with(options: str, key: str, value: str) -> str:
 GOOD = FFConfig().conv_op_options
 
 
-@pytest.mark.parametrize("options,match", [
+OPTION_ERRORS = [  # (options, the ValueError's message): also the Triton conv ops' (test_conv_triton.py)
     pytest.param(GOOD + ";colour=red", "unknown option 'colour'", id="unknown"),
     pytest.param(GOOD + ";temperature=2.0", "'temperature' is given twice", id="duplicate"),
     pytest.param(GOOD.rsplit(";", 1)[0], "lack temperature", id="missing"),
@@ -578,7 +583,10 @@ GOOD = FFConfig().conv_op_options
     pytest.param(_with(GOOD, "goodness_over", "group"), "goodness_over='group'", id="group-without-competitive"),
     pytest.param(_with(GOOD, "loss", "competitive"), "loss='competitive' goes with", id="competitive-per-sample"),
     pytest.param(_with(GOOD, "lr", "-1.0"), "lr must be", id="lr-negative"),
-])
+]
+
+
+@pytest.mark.parametrize("options,match", OPTION_ERRORS)
 def test_conv_options_are_checked(options, match):
     with pytest.raises(ValueError, match=match):
         _conv_call(options)

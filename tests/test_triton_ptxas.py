@@ -5,25 +5,19 @@ kernels of a step use no more than 255 registers and spill none, for fp32/fp16/b
 16 (N = K = 2048) and widths that are not (N = K = 1000); and the fused steps are triton_ops whose functionalized
 graphs launch their three kernels (what torch.compile/inductor sees), with peer normalization too (the three compiled
 with it, r written by the third)."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-import ffkernels
 from backends import INTERPRET, TRITON_PACKAGE
+from ptxas_compile import run_script
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
 
 SCRIPT = textwrap.dedent("""
-    import importlib, os, re, subprocess, tempfile
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
+    import importlib
+    import torch
     from torch._functorch.aot_autograd import aot_function
     from torch._subclasses.fake_tensor import FakeTensorMode
     from ffkernels.config import FFConfig
@@ -40,33 +34,7 @@ SCRIPT = textwrap.dedent("""
     settings = kernels["settings"]
     assert kernels["ops"].TRACEABLE and not settings.interpreting()
 
-    PTR = {{torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64"}}
-    def compile_for(kernel, arch, num_warps=4, **args):
-        # signature from example arguments: a dtype = a pointer to it. Like the JIT's specialization, pointers are
-        # 16-byte aligned and ints that are multiples of 16 are marked so (what vectorizes the loads)
-        sig, const, attrs = {{}}, {{}}, {{}}
-        for i, (p, name) in enumerate(zip(kernel.params, kernel.arg_names)):
-            v = args[name]
-            if p.is_constexpr or v is None:
-                sig[name], const[name] = "constexpr", v
-            else:
-                sig[name] = PTR.get(v) or {{bool: "i1", int: "i32", float: "fp32"}}[type(v)]
-                if v in PTR or (type(v) is int and v % 16 == 0):
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        return triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
-                              options={{"num_warps": num_warps}})
-
-    def resources(compiled, arch=90):
-        # registers and spill bytes of the kernel as ptxas reports them (-v) for the PTX Triton generated
-        with tempfile.TemporaryDirectory() as d:
-            src = os.path.join(d, "k.ptx")
-            with open(src, "w") as f:
-                f.write(compiled.asm["ptx"])
-            log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{{arch}}a", src, "-o", src + ".o"],
-                                 capture_output=True, text=True, check=True).stderr
-        regs = int(re.search(r"Used (\\d+) registers", log).group(1))
-        spills = re.search(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", log)
-        return regs, int(spills.group(1)), int(spills.group(2))
+    from ptxas_compile import compile_for, resources  # tests/ptxas_compile.py
 
     f32, f16, bf16, i64 = torch.float32, torch.float16, torch.bfloat16, torch.int64
     adam = FFConfig(optimizer="adam", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
@@ -187,10 +155,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(INTERPRET, reason="needs the kernels as real JIT functions: run without TRITON_INTERPRET")
 def test_gpu_path_compiles_without_spills_and_is_traceable():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(ffkernels.__file__)),
-                                         env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=1200)
+    r = run_script(SCRIPT)
     print("\n".join(line for line in r.stdout.splitlines() if line.startswith("resources")))  # shown with -s
     assert r.returncode == 0 and [ln for ln in r.stdout.split("\n") if ln and not ln.startswith("resources")] == [
         "compiled", "no spills", "traced"], (r.stdout[-6000:], r.stderr[-4000:])

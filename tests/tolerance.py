@@ -15,7 +15,15 @@ over. The second is the accuracy asked for where the problem is well conditioned
                                  GPU (cuda) too: its kernels divide and take square roots IEEE-rounded (no fast
                                  math), so only the order of the sums differs from the oracle's
     float32, CPU (C++ kernels    k = 4, rtol = 1e-5 (the sweeps need k up to 3.5 on the C++ kernels, 1.3 on the
-      and the Triton interpreter)  interpreter)
+      and the Triton interpreter)  interpreter; the conv sweeps 3.85 on the C++ kernels)
+    float32, the Triton conv     k = 6, rtol = 1e-5: test_conv_cpu.py's conv sweeps, shared with the C++ kernel,
+      step (interpreter)         have one chaotic case (hinton, sum goodness over 378 values, SGD lr 0.02 with
+                                 momentum and weight decay: every step multiplies the trajectories' differences by
+                                 ~10) where the C++ kernel needs k = 3.85 and the Triton kernels 5.38, at step 2; over
+                                 8 seeds of that case the two need the same k to +-0.5 (seed 0 is the worst for both;
+                                 the other 89 cases pass with k = 0, the rtol term alone). The Triton kernels' goodness,
+                                 divisor and bias sums are fp64 as the C++ kernel's, and fp64 loss terms change
+                                 nothing there: what differs is the order of the GEMMs' fp32 sums, amplified
     float32, GPU (cuda, triton)  k = 4, rtol = 1e-4. TF32 stays off (torch's default for GEMMs, and Triton's "ieee";
                                  cuDNN's convolutions default to TF32, so test_conv_gpu.py turns it off), every
                                  division and square root is IEEE (CUDA by default, Triton's div_rn/sqrt_rn). What is
@@ -73,6 +81,7 @@ class Rule:
 FP64 = Rule(0.0, 1e-11, "float64")
 FP32_CPU = Rule(4.0, 1e-5, "float32 (CPU)")
 FP32_GPU = Rule(4.0, 1e-4, "float32 (GPU)")
+FP32_TRITON_CONV = Rule(6.0, 1e-5, "float32 (the Triton conv step under the interpreter)")
 AUTOCAST = Rule(4.0, 2.0 ** -7, "autocast bf16 (float32)")
 AUTOCAST_PAIR = Rule(4.0, 2.0 ** -6, "autocast bf16, labeled step vs the pair (float32)")
 FORMULA = Rule(0.0, 1e-13, "float64, the formula by hand")

@@ -4,8 +4,9 @@
 
 A kernel check is a passed case parametrized over a kernel backend (its id starts with cpu, cuda or triton: the
 behaviour tests' kernel cases, most of them against the float64 oracle) or a case of a kernel-only file
-(test_cuda_gpu.py, test_triton_*.py, test_cpu_threads.py, test_conv_cpu.py, test_conv_gpu.py). Everything else checks the API and plumbing (the
-reference backend, whose steps are the oracle's, included), the oracle itself, the study, the CLI, the benchmark.
+(test_cuda_gpu.py, test_triton_*.py, test_cpu_threads.py, test_conv_cpu.py, test_conv_gpu.py, test_conv_triton.py).
+Everything else checks the API and plumbing (the reference backend, whose steps are the oracle's, included), the oracle
+itself, the study, the CLI, the benchmark.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 KERNEL_ID = re.compile(r"\[(cpu|cuda|triton)(-|\])")
-KERNEL_FILES = re.compile(r"test_cuda_gpu|test_triton_|test_cpu_threads|test_conv_cpu|test_conv_gpu")
+KERNEL_FILES = re.compile(r"test_cuda_gpu|test_triton_|test_cpu_threads|test_conv_cpu|test_conv_gpu|test_conv_triton")
 
 
 def counts(path: str) -> dict:

@@ -13,16 +13,17 @@ from . import settings
 
 
 class TritonBackend(OpBackend):
-    """grad / update / step / step_labeled of docs/design.md with the Triton kernels (see docs/triton.md)."""
+    """grad / update / step / step_labeled / conv_grad / conv_step of docs/design.md with the Triton kernels (see
+    docs/triton.md)."""
 
     def __init__(self):
-        super().__init__("triton", "ffkernels_triton", labeled=True)
+        super().__init__("triton", "ffkernels_triton", labeled=True, conv=True)
         self._registered = False
 
     @property
     def ops(self):
         if not self._registered:
-            from . import labeled, ops  # noqa: F401  (register torch.ops.ffkernels_triton)
+            from . import conv_ops, labeled, ops  # noqa: F401  (register torch.ops.ffkernels_triton)
 
             self._registered = True
         return super().ops

@@ -79,6 +79,20 @@ def row_denominator(sum_sq, K, eps, NORM: tl.constexpr):
     return d
 
 
+@triton.jit
+def row_denominator_f64(sum_sq, K, eps, NORM: tl.constexpr):
+    """``row_denominator`` in fp64 from an fp64 sum of squares, rounded once to fp32: row_divisor<double> of ff_math.h,
+    as the CPU kernels compute it (the conv step's images sum C H W squares). fp64 square roots and divisions are
+    IEEE-rounded on GPUs too (sqrt.rn.f64, div.rn.f64: PTX has no approximate fp64 forms)."""
+    if NORM == NORM_L2:
+        d = tl.sqrt(sum_sq) + eps
+    elif NORM == NORM_RMS:
+        d = tl.sqrt(sum_sq / K) + eps
+    else:
+        d = tl.full(sum_sq.shape, 1.0, tl.float64)
+    return d.to(tl.float32)
+
+
 # ---- goodness, loss terms, dL/dz coefficient ------------------------------------------------------------
 
 @triton.jit

@@ -164,3 +164,55 @@ def force_row_splits(splits: int):
         yield
     finally:
         _forced_splits = before
+
+
+# ---- the conv step's kernels (conv_forward_kernel.py, conv_weight_grad_kernel.py) --------------------------------
+# An implicit GEMM: M = images x output pixels, N = the output channels of one conv group, K = its input channels x kH
+# x kW. The rows of x are gathered (im2col on the fly), never contiguous, so there is no aligned variant; the weight
+# rows are. On GPUs every config compiles for sm_90 without spills (tests/test_triton_conv_ptxas.py).
+
+_forced_conv_tiles = None
+
+
+@contextlib.contextmanager
+def force_conv_tiles(edge: int):
+    """Within the block, every tile edge of the conv kernels (rows, channels, features) is at most ``edge`` (a power of
+    two >= 16) whatever the defaults say: for tests, which run the paths of several N-, K- and M-tiles (partials of one
+    class group in two tiles, the K loop) on small shapes under the interpreter."""
+    global _forced_conv_tiles
+    before, _forced_conv_tiles = _forced_conv_tiles, edge
+    try:
+        yield
+    finally:
+        _forced_conv_tiles = before
+
+
+def _conv_tiles(cfg: dict) -> dict:
+    if _forced_conv_tiles is None:
+        return cfg
+    return {key: min(v, _forced_conv_tiles) if key != "warps" else v for key, v in cfg.items()}
+
+
+def conv_forward_config(dtype: torch.dtype, n: int, k: int, rows: int) -> dict:
+    """The conv forward's tile: ``m`` output pixels x ``n`` channels of a conv group x ``k`` of its (C_in/groups) kH kW
+    features per step, and ``warps``: 64 x 64 x 16, 8 warps, every dtype (the N edge shrinks to the group's channels,
+    at least 16). The gathered x tile holds a 64-bit address per element and the epilogue an fp64 goodness tile: with
+    4 warps, or 32 features per step, the CNN recipe's layers spilled on sm_90 (up to 496 B in bf16)."""
+    if interpreting():
+        return _conv_tiles({"m": block(rows, 128), "n": block(n, 128), "k": block(k, 128), "warps": NUM_WARPS})
+    return _conv_tiles({"m": block(rows, 64), "n": block(n, 64), "k": block(k, 16), "warps": 8})
+
+
+def conv_weight_grad_config(dtype: torch.dtype, n: int, k: int, rows: int) -> dict:
+    """The conv weight gradient's W tile (``n`` channels x ``k`` features), the output pixels it reduces per step
+    (``rows``) and ``warps``, kernel 3's tiles (``weight_grad_config``) with more warps or fewer rows, for the gathers'
+    addresses (at kernel 3's own configs the CNN recipe's layers spilled on sm_90):
+      fp32         32 x 32 tile, 32 rows per step, 8 warps
+      fp16/bf16    64 x 64 tile, 32 rows per step, 8 warps"""
+    if interpreting():
+        return _conv_tiles({"n": block(n, 128), "k": block(k, 128), "rows": block(rows, 128), "warps": NUM_WARPS})
+    if dtype == torch.float32:
+        n_, k_, rows_, warps = 32, 32, 32, 8
+    else:
+        n_, k_, rows_, warps = 64, 64, 32, 8
+    return _conv_tiles({"n": block(n, n_), "k": block(k, k_), "rows": block(rows, rows_), "warps": warps})
