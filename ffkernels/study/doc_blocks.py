@@ -18,13 +18,14 @@ import re
 
 from . import below_chance
 from .claims import claims_table
-from .report import baseline_lines, paper_settings_table, paper_table, timing_line, wall_table
+from .report import baseline_lines, layer_table, paper_settings_table, paper_table, timing_line, wall_table
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 DOC = os.path.join(ROOT, "docs", "study.md")
 # block-name prefix -> (the kept run's results.json, its dataset)
 SOURCES = {"paper": (os.path.join(ROOT, "docs", "study-paper", "results.json"), "mnist5k"),
            "fmnist": (os.path.join(ROOT, "docs", "study-fashion-mnist", "results.json"), "fashion-mnist"),
+           "scff5k": (os.path.join(ROOT, "docs", "scff-mnist5k", "results.json"), "mnist5k"),
            "below": (os.path.join(ROOT, "docs", "below-chance", "results.json"), None)}
 RESULTS = SOURCES["paper"][0]
 DATASET = SOURCES["paper"][1]
@@ -34,11 +35,15 @@ _TABLES = {  # block-name suffix -> generator(results, dataset)
     "references": lambda res, ds: baseline_lines(res["baselines"].get(ds)),
     "claims": lambda res, ds: claims_table(res["rows"], res["baselines"].get(ds), ds),
     "walltimes": lambda res, ds: wall_table(res["rows"], ds) + "\n\n" + timing_line(res["rows"], ds),
+    "layers": lambda res, ds: layer_table(res["rows"], ds),
 }
 # block name -> (source prefix or None, generator(results))
 BLOCKS = {"paper-settings": (None, lambda res: paper_settings_table())}
+_KINDS = {"scff5k": ("layers", "references")}  # the blocks a source has
+_DEFAULT_KINDS = ("table", "references", "claims", "walltimes")
 BLOCKS.update({f"{src}-{name}": (src, lambda res, fn=fn, ds=ds: fn(res, ds))
-               for src, (_, ds) in SOURCES.items() if ds for name, fn in _TABLES.items()})
+               for src, (_, ds) in SOURCES.items() if ds for name, fn in _TABLES.items()
+               if name in _KINDS.get(src, _DEFAULT_KINDS)})
 BLOCKS["below-chance"] = ("below", lambda res: below_chance.markdown(res).rstrip("\n"))
 _BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)(<!-- end generated: (?P=name) -->)",
                     re.S)
@@ -84,7 +89,8 @@ def main(argv=None) -> None:
     ap.add_argument("--fmnist-results", default=os.path.normpath(SOURCES["fmnist"][0]),
                     help="the Fashion-MNIST run (fmnist-* blocks)")
     args = ap.parse_args(argv)
-    results = load_sources({"paper": args.results, "fmnist": args.fmnist_results, "below": SOURCES["below"][0]})
+    results = load_sources({**{k: path for k, (path, _) in SOURCES.items()}, "paper": args.results,
+                            "fmnist": args.fmnist_results})
     with open(args.doc) as f:
         text = f.read()
     new = refresh(text, results)
