@@ -371,6 +371,21 @@ def assert_step_is_grad_then_update(cfg, case, xp, xn, t, w, b, nc, device, name
             assert torch.equal(a, split.tensors()[name]), name
 
 
+def assert_two_runs_equal(backend, cfg, case, xp, xn, t, w, b, nc, dtype, device) -> None:
+    """Two runs of two conv steps of ``backend`` from the same start give the same bits: outputs, weights and state
+    (test_conv_gpu.py runs it on cuda, test_conv_triton.py on triton)."""
+    runs = []
+    for _ in range(2):
+        p = Params(w, b, cfg, dtype, device)
+        outs = [BACKENDS[backend].conv_step(xp, xn, t, p.weight, p.bias, p.st_w, p.st_b, step, case.geom, nc, cfg)
+                for step in (1, 2)]
+        runs.append(([v for o in outs for v in o if v is not None], p.tensors()))
+    for a, c in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(a, c)
+    for name, a in runs[0][1].items():
+        assert torch.equal(a, runs[1][1][name]), name
+
+
 @pytest.mark.parametrize("loss,over", LOSS_OVER)
 @pytest.mark.parametrize("how", ["nan-input", "inf-input"])
 def test_non_finite_loss_changes_nothing(loss, over, how):

@@ -24,7 +24,7 @@ from ffkernels.backends import BACKENDS, resolve_backend
 from ffkernels.backends import reference_conv as oracle
 from options import OPTIMIZERS
 from test_conv_cpu import (GEOMETRIES, LOSS_OVER, SHAPE_CONFIGS, Params, _fixed_problem, _geom_args,
-                           assert_step_is_grad_then_update,
+                           assert_step_is_grad_then_update, assert_two_runs_equal,
                            _op_samples, _option_cases, _state_slots, check_conv_outputs, on_cpu, run_steps)
 from test_host_syncs import syncs_of
 from tolerance import FP64 as FP64_RULE
@@ -136,16 +136,7 @@ def test_two_runs_are_bitwise_equal(dtype, opts, geom, batch):
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg, case)
     xp, xn, t, w, b = [v if v is None or not v.is_floating_point() else v.to(dtype)
                        for v in _on_gpu(xp, xn, t, w, b)]
-    runs = []
-    for _ in range(2):
-        p = Params(w, b, cfg, dtype, "cuda")
-        outs = [BACKENDS["cuda"].conv_step(xp, xn, t, p.weight, p.bias, p.st_w, p.st_b, step, case.geom, nc, cfg)
-                for step in (1, 2)]
-        runs.append(([v for o in outs for v in o if v is not None], p.tensors()))
-    for a, c in zip(runs[0][0], runs[1][0]):
-        assert torch.equal(a, c)
-    for name, a in runs[0][1].items():
-        assert torch.equal(a, runs[1][1][name]), name
+    assert_two_runs_equal("cuda", cfg, case, xp, xn, t, w, b, nc, dtype, "cuda")
 
 
 @pytest.mark.parametrize("loss,over", LOSS_OVER)

@@ -27,7 +27,7 @@ from ffkernels.backends import reference_conv as oracle
 from options import OPTIMIZERS
 from test_conv_cpu import (BAD, GEOMETRIES, LOSS_OVER, OPTION_ERRORS, SHAPE_CONFIGS, Case, Params, _bad_call_args,
                            _conv_call, _fixed_problem, _geom_args, _op_samples, _option_cases, _state_slots,
-                           assert_step_is_grad_then_update, run_steps)
+                           assert_step_is_grad_then_update, assert_two_runs_equal, run_steps)
 from test_host_syncs import syncs_of
 from tolerance import FP32_TRITON_CONV, lowp
 
@@ -174,16 +174,7 @@ def test_two_runs_are_bitwise_equal(opts, geom):
     cfg = FFConfig(**opts)
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg, GEOMETRIES[geom])
     xp, xn, t, w, b = _on(xp, xn, t, w, b)
-    runs = []
-    for _ in range(2):
-        p = Params(w, b, cfg, FP32, DEVICE)
-        outs = [BACKENDS["triton"].conv_step(xp, xn, t, p.weight, p.bias, p.st_w, p.st_b, step, case.geom, nc, cfg)
-                for step in (1, 2)]
-        runs.append(([v for o in outs for v in o if v is not None], p.tensors()))
-    for a, c in zip(runs[0][0], runs[1][0]):
-        assert torch.equal(a, c)
-    for name, a in runs[0][1].items():
-        assert torch.equal(a, runs[1][1][name]), name
+    assert_two_runs_equal("triton", cfg, case, xp, xn, t, w, b, nc, FP32, DEVICE)
 
 
 @pytest.mark.parametrize("loss,over", LOSS_OVER)

@@ -26,7 +26,7 @@ from ..labels import embed_label, embed_neutral, wrong_labels
 from ..net import FFNet
 from ..training import EpochStats, accuracy, bp_accuracy, run_batches, train_bp_epoch, train_ff_epoch
 from .config import StudyConfig
-from .features import bp_features, ff_features
+from .features import bp_features, ff_features, pair_wins
 from .pretext import PretextTask
 from .scff import SCFFTrainer
 
@@ -90,12 +90,7 @@ class FFTrainer:
         predict layers) is above that of their hybrid."""
         if not self.contrast:
             return accuracy(self.net, data[0], data[1], self.num_labels)
-        p = self._param()
-        wins = 0
-        for xp, xn in zip(data[0].split(EVAL_BATCH), data[1].split(EVAL_BATCH)):
-            g = [self.net.goodness(t.to(p.device, p.dtype))[:, self.net.predict_layers].sum(-1) for t in (xp, xn)]
-            wins += int((g[0] > g[1]).sum())
-        return wins / max(1, len(data[0]))
+        return pair_wins(self.net, data[0], data[1], EVAL_BATCH)
 
     def features(self, x) -> list:
         return ff_features(self.net, x, None if self.contrast else self.num_labels)

@@ -36,3 +36,15 @@ def bp_features(model: BPMLP, x: torch.Tensor, batch_size: int = FEATURE_BATCH) 
     device, dtype = _device_dtype(model)
     chunks = [model.features(xb.to(device, dtype)) for xb in x.split(batch_size)]
     return [torch.cat(layer) for layer in zip(*chunks)]
+
+
+@torch.no_grad()
+def pair_wins(net: FFNet, x_pos: torch.Tensor, x_neg: torch.Tensor, batch_size: int = FEATURE_BATCH) -> float:
+    """The fraction of pairs whose positive has more goodness (summed over ``net.predict_layers``) than its negative:
+    the pretext accuracy of the label-free tasks (hybrid, scff)."""
+    device, dtype = _device_dtype(net)
+    wins = 0
+    for xp, xn in zip(x_pos.split(batch_size), x_neg.split(batch_size)):
+        g = [net.goodness(t.to(device, dtype))[:, net.predict_layers].sum(-1) for t in (xp, xn)]
+        wins += int((g[0] > g[1]).sum())
+    return wins / max(1, len(x_pos))

@@ -20,7 +20,7 @@ from ..linear import FFLinear
 from ..net import FFNet
 from ..training import EpochStats, run_batches
 from .config import StudyConfig
-from .features import ff_features
+from .features import ff_features, pair_wins
 from .pretext import PretextTask, scff_pairs, standardize
 
 EVAL_BATCH = 1000
@@ -70,12 +70,7 @@ class SCFFTrainer:
     def pretext_accuracy(self, data) -> float:
         """The fraction of test pairs whose positive has more goodness (summed over the predict layers) than its
         negative."""
-        p = self._param()
-        wins = 0
-        for xp, xn in zip(data[0].split(EVAL_BATCH), data[1].split(EVAL_BATCH)):
-            g = [self.net.goodness(t.to(p.device, p.dtype))[:, self.net.predict_layers].sum(-1) for t in (xp, xn)]
-            wins += int((g[0] > g[1]).sum())
-        return wins / max(1, len(data[0]))
+        return pair_wins(self.net, data[0], data[1], EVAL_BATCH)
 
     def features(self, x) -> list:
         return ff_features(self.net, 2 * standardize(x), None)
