@@ -391,3 +391,60 @@ def test_the_verdict_reads_what_results_json_says():
         gap[k] = mean(100 * (r["probes"]["lbfgs"]["layers"][-1] - r["probes"]["paper"]["layers"][-1]) for r in rs)
     worst = max(gap, key=gap.get)
     assert worst[2] == "bp-goodness-all" or (worst[2] == "bp" and worst[1] in ssl), (worst, gap[worst])
+
+
+def test_the_fashion_mnist_verdict_reads_what_results_json_says():
+    """Each statement of docs/study.md's Fashion-MNIST verdict (one seed, no numbers in the words) against the kept
+    run docs/study-fashion-mnist/results.json: differences in points at the best and the last layer, by both probes."""
+    import os
+
+    from ffkernels.study.claims import UNTRAINED, _pairs
+    from ffkernels.study.tables import grouped
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "docs", "study-fashion-mnist", "results.json")) as f:
+        res = json.load(f)
+    ds = "fashion-mnist"
+    g = grouped(res["rows"])
+    untrained = res["baselines"][ds]["untrained"]
+    probes = ("paper", "lbfgs")
+
+    def diff(a, b, what):  # A - B in points, seed 0
+        pairs = _pairs(g[(ds, *a)], untrained if b == UNTRAINED else g[(ds, *b)])
+        assert len(pairs) == 1, (a, b)
+        return 100 * (what(pairs[0][0]) - what(pairs[0][1]))
+
+    def best(p):
+        return lambda r: r["probes"][p]["best"]
+
+    def last(p):
+        return lambda r: r["probes"][p]["layers"][-1]
+
+    def pretext(r):
+        return r["pretext_accuracy"]
+
+    # pretext parity: FF's rotation accuracy close to the paper's FF (91.5), BP's above the paper's BP (93.5); FF
+    # behind by several points on rotation and far behind on the supervised task
+    assert abs(100 * g[(ds, "rotation", "ff")][0]["pretext_accuracy"] - 91.5) <= 2
+    assert 100 * g[(ds, "rotation", "bp")][0]["pretext_accuracy"] > 93.5
+    assert diff(("rotation", "ff"), ("rotation", "bp"), pretext) < -3
+    assert diff(("supervised", "ff"), ("supervised", "bp"), pretext) < -10
+    # transfer gap after rotation: within a point at the best layer (opposite signs), level or ahead at the last
+    gaps = [diff(("rotation", "ff"), ("rotation", "bp"), best(p)) for p in probes]
+    assert all(abs(x) <= 1.5 for x in gaps) and min(gaps) < 0 < max(gaps), gaps
+    assert all(diff(("rotation", "ff"), ("rotation", "bp"), last(p)) >= -0.5 for p in probes)
+    assert all(diff(("supervised", "ff"), ("supervised", "bp"), best(p)) < -1 for p in probes)
+    # pretraining helps: only supervised BP, by a couple of points; the others within about a point of it
+    assert all(diff(("supervised", "bp"), UNTRAINED, best(p)) > 1.5 for p in probes)
+    for a in (("rotation", "ff"), ("rotation", "bp"), ("supervised", "ff"), ("scff", "ff")):
+        assert all(abs(diff(a, UNTRAINED, best(p))) <= 1.0 for p in probes), a
+    fr = [diff(("rotation", "ff"), UNTRAINED, best(p)) for p in ("lbfgs", "paper")]
+    assert fr[0] > 0 > fr[1], fr
+    # ablation: BP-G last ~ BP after rotation; BP-G all did not run
+    assert all(abs(diff(("rotation", "bp-goodness-last"), ("rotation", "bp"), best(p))) <= 1.0 for p in probes)
+    assert (ds, "rotation", "bp-goodness-all") not in g
+    # good negatives: SCFF's best layer level with FF rotation/supervised and BP rotation; its last layer far below
+    for b in (("rotation", "ff"), ("supervised", "ff"), ("rotation", "bp")):
+        assert all(abs(diff(("scff", "ff"), b, best(p))) <= 1.0 for p in probes), b
+    assert all(diff(("scff", "ff"), UNTRAINED, last(p)) < -10 for p in probes)
+    assert g[(ds, "scff", "ff")][0]["best_transfer_layer"] == 1
