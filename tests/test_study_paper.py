@@ -448,3 +448,7 @@ def test_the_fashion_mnist_verdict_reads_what_results_json_says():
         assert all(abs(diff(("scff", "ff"), b, best(p))) <= 1.0 for p in probes), b
     assert all(diff(("scff", "ff"), UNTRAINED, last(p)) < -10 for p in probes)
     assert g[(ds, "scff", "ff")][0]["best_transfer_layer"] == 1
+    # hybrid negatives: level with the untrained network, FF supervised/rotation and SCFF; its pretext solved well
+    for b in (UNTRAINED, ("supervised", "ff"), ("rotation", "ff"), ("scff", "ff")):
+        assert all(abs(diff(("hybrid", "ff"), b, best(p))) <= 1.0 for p in probes), b
+    assert g[(ds, "hybrid", "ff")][0]["pretext_accuracy"] > 0.9
