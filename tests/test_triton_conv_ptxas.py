@@ -79,7 +79,8 @@ SCRIPT = textwrap.dedent("""
         return compile_for(m["conv_loss_kernel"].ff_conv_loss_kernel, arch, part_ptr=f32, gp_ptr=dt, gn_ptr=dt,
                            coef_ptr=f32, target_ptr=i64 if competitive else None, loss_part_ptr=f32, B=pr.B, P=pr.P,
                            ng=pr.ng, rp=pr.sides * pr.B * pr.P, tiles=3, summed=pr.summed, threshold=1.0,
-                           symba_alpha=4.0, temperature=0.5, per_class=pr.per_class, cg_out=pr.cg_out,
+                           threshold_neg=1.5, symba_alpha=4.0, scff_lambda=0.1, temperature=0.5,
+                           per_class=pr.per_class, cg_out=pr.cg_out,
                            tiles_per_group=3, tile_n=16, J=2, OVER=OVER[pr.over], GOODNESS=1, LOSS=1, POWER=2,
                            COMPETITIVE=competitive, BLOCK_G=16 if pr.over != "location" else 256, BLOCK_P=256)
 
