@@ -297,6 +297,20 @@ def _doc_and_results():
         return doc, json.load(f)
 
 
+def best(p):
+    """A run's best-layer transfer by probe ``p`` (a fraction)."""
+    return lambda r: r["probes"][p]["best"]
+
+
+def last(p):
+    """A run's last-layer transfer by probe ``p``."""
+    return lambda r: r["probes"][p]["layers"][-1]
+
+
+def pretext(r):
+    return r["pretext_accuracy"]
+
+
 def test_study_doc_types_no_measured_number():
     """Outside the generated blocks (and code blocks) docs/study.md quotes no measurement: no percentage or
     accuracy with decimals, no mean ± std, no table cell holding a decimal number. (The demo and small-setting
@@ -332,15 +346,6 @@ def test_the_verdict_reads_what_results_json_says():
         pairs = _pairs(runs(*a), untrained if b == UNTRAINED else runs(*b))
         assert len(pairs) == 2, (a, b)
         return [100 * (what(x) - what(y)) for x, y in pairs]
-
-    def best(p):
-        return lambda r: r["probes"][p]["best"]
-
-    def last(p):
-        return lambda r: r["probes"][p]["layers"][-1]
-
-    def pretext(r):
-        return r["pretext_accuracy"]
 
     # pretext parity: level on flip (within the seeds' spread), FF behind on rotation, supervised, jigsaw
     d = diffs(("flip", "ff"), ("flip", "bp"), pretext)
@@ -413,15 +418,6 @@ def test_the_fashion_mnist_verdict_reads_what_results_json_says():
         pairs = _pairs(g[(ds, *a)], untrained if b == UNTRAINED else g[(ds, *b)])
         assert len(pairs) == 1, (a, b)
         return 100 * (what(pairs[0][0]) - what(pairs[0][1]))
-
-    def best(p):
-        return lambda r: r["probes"][p]["best"]
-
-    def last(p):
-        return lambda r: r["probes"][p]["layers"][-1]
-
-    def pretext(r):
-        return r["pretext_accuracy"]
 
     # pretext parity: FF's rotation accuracy close to the paper's FF (91.5), BP's above the paper's BP (93.5); FF
     # behind by several points on rotation and far behind on the supervised task
