@@ -371,6 +371,26 @@ def assert_step_is_grad_then_update(cfg, case, xp, xn, t, w, b, nc, device, name
             assert torch.equal(a, split.tensors()[name]), name
 
 
+def assert_non_finite_step_changes_nothing(backend, how, cfg, case, xp, xn, t, w, b, nc, device, what=None) -> None:
+    """After a finite first step of ``backend``'s conv_step, a NaN or inf in the input ("nan-input", "inf-input") or
+    an inf weight ("inf-weight") gives a non-finite loss and leaves weight, bias and every state tensor bit for bit;
+    conv_grad returns the non-finite loss (test_conv_gpu.py runs it on cuda, test_conv_triton.py on triton)."""
+    be = BACKENDS[backend]
+    p = Params(w, b, cfg, FP32, device)
+    be.conv_step(xp, xn, t, p.weight, p.bias, p.st_w, p.st_b, 1, case.geom, nc, cfg)
+    bad = xp.clone()
+    if how == "inf-weight":
+        p.weight[0, 0, 0, 0] = float("inf")
+    else:
+        bad[1, 0, 2, 3] = float("nan") if how == "nan-input" else float("inf")
+    before = {k: v.clone() for k, v in p.tensors().items()}
+    out = be.conv_step(bad, xn, t, p.weight, p.bias, p.st_w, p.st_b, 2, case.geom, nc, cfg)
+    assert not torch.isfinite(out.loss).item()
+    for k, v in p.tensors().items():
+        assert torch.equal(v, before[k]), (what, k)
+    assert not torch.isfinite(be.conv_grad(bad, xn, t, p.weight, p.bias, case.geom, nc, cfg).loss).item()
+
+
 def assert_two_runs_equal(backend, cfg, case, xp, xn, t, w, b, nc, dtype, device) -> None:
     """Two runs of two conv steps of ``backend`` from the same start give the same bits: outputs, weights and state
     (test_conv_gpu.py runs it on cuda, test_conv_triton.py on triton)."""

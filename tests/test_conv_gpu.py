@@ -24,7 +24,8 @@ from ffkernels.backends import BACKENDS, resolve_backend
 from ffkernels.backends import reference_conv as oracle
 from options import OPTIMIZERS
 from test_conv_cpu import (GEOMETRIES, LOSS_OVER, SHAPE_CONFIGS, Params, _fixed_problem, _geom_args,
-                           assert_step_is_grad_then_update, assert_two_runs_equal,
+                           assert_non_finite_step_changes_nothing, assert_step_is_grad_then_update,
+                           assert_two_runs_equal,
                            _op_samples, _option_cases, _state_slots, check_conv_outputs, on_cpu, run_steps)
 from test_host_syncs import syncs_of
 from tolerance import FP64 as FP64_RULE
@@ -148,20 +149,7 @@ def test_non_finite_loss_changes_nothing(loss, over, how):
     cfg = FFConfig(loss=loss, goodness_over=over, optimizer="sgd", momentum=0.9, lr=0.1)
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg)
     xp, xn, t, w, b = _on_gpu(xp, xn, t, w, b)
-    p = Params(w, b, cfg, FP32, "cuda")
-    cuda = BACKENDS["cuda"]
-    cuda.conv_step(xp, xn, t, p.weight, p.bias, p.st_w, p.st_b, 1, case.geom, nc, cfg)
-    bad = xp.clone()
-    if how == "inf-weight":
-        p.weight[0, 0, 0, 0] = float("inf")
-    else:
-        bad[1, 0, 2, 3] = float("nan") if how == "nan-input" else float("inf")
-    before = {k: v.clone() for k, v in p.tensors().items()}
-    out = cuda.conv_step(bad, xn, t, p.weight, p.bias, p.st_w, p.st_b, 2, case.geom, nc, cfg)
-    assert not torch.isfinite(out.loss).item()
-    for k, v in p.tensors().items():
-        assert torch.equal(v, before[k]), k
-    assert not torch.isfinite(cuda.conv_grad(bad, xn, t, p.weight, p.bias, case.geom, nc, cfg).loss).item()
+    assert_non_finite_step_changes_nothing("cuda", how, cfg, case, xp, xn, t, w, b, nc, "cuda")
 
 
 def test_out_of_range_labels_give_a_nan_loss_without_a_host_sync():

@@ -27,7 +27,8 @@ from ffkernels.backends import reference_conv as oracle
 from options import OPTIMIZERS
 from test_conv_cpu import (BAD, GEOMETRIES, LOSS_OVER, OPTION_ERRORS, SHAPE_CONFIGS, Case, Params, _bad_call_args,
                            _conv_call, _fixed_problem, _geom_args, _op_samples, _option_cases, _state_slots,
-                           assert_step_is_grad_then_update, assert_two_runs_equal, run_steps)
+                           assert_non_finite_step_changes_nothing, assert_step_is_grad_then_update,
+                           assert_two_runs_equal, run_steps)
 from test_host_syncs import syncs_of
 from tolerance import FP32_TRITON_CONV, lowp
 
@@ -188,22 +189,9 @@ def test_non_finite_loss_changes_nothing(loss, over, how):
     cfg = FFConfig(loss=loss, goodness_over=over, optimizer="sgd", momentum=0.9, lr=0.1)
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg)
     xp, xn, t, w, b = _on(xp, xn, t, w, b)
-    tb = BACKENDS["triton"]
     for splits in (1, 2):
         with settings.force_row_splits(splits):
-            p = Params(w, b, cfg, FP32, DEVICE)
-            tb.conv_step(xp, xn, t, p.weight, p.bias, p.st_w, p.st_b, 1, case.geom, nc, cfg)
-            bad = xp.clone()
-            if how == "inf-weight":
-                p.weight[0, 0, 0, 0] = float("inf")
-            else:
-                bad[1, 0, 2, 3] = float("nan") if how == "nan-input" else float("inf")
-            before = {k: v.clone() for k, v in p.tensors().items()}
-            out = tb.conv_step(bad, xn, t, p.weight, p.bias, p.st_w, p.st_b, 2, case.geom, nc, cfg)
-            assert not torch.isfinite(out.loss).item()
-            for k, v in p.tensors().items():
-                assert torch.equal(v, before[k]), (splits, k)
-            assert not torch.isfinite(tb.conv_grad(bad, xn, t, p.weight, p.bias, case.geom, nc, cfg).loss).item()
+            assert_non_finite_step_changes_nothing("triton", how, cfg, case, xp, xn, t, w, b, nc, DEVICE, splits)
 
 
 def _competitive_op_call(label):
