@@ -23,9 +23,6 @@ from .config import StudyConfig
 from .features import ff_features, pair_wins
 from .pretext import PretextTask, scff_pairs, standardize
 
-EVAL_BATCH = 1000
-
-
 def scff_thresholds(cfg: StudyConfig, layers: int) -> list:
     """(theta+, theta-) of each of ``layers`` layers: the configured pairs, the last one repeated."""
     pairs = list(cfg.scff_thresholds)
@@ -70,7 +67,7 @@ class SCFFTrainer:
     def pretext_accuracy(self, data) -> float:
         """The fraction of test pairs whose positive has more goodness (summed over the predict layers) than its
         negative."""
-        return pair_wins(self.net, data[0], data[1], EVAL_BATCH)
+        return pair_wins(self.net, data[0], data[1])
 
     def features(self, x) -> list:
         return ff_features(self.net, 2 * standardize(x), None)
