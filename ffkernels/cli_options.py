@@ -66,14 +66,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def add_ff_loss_options(p: argparse.ArgumentParser, norm_help: str = "normalization of each layer's input") -> None:
-    """--goodness, --threshold, --loss, --norm: what an FF layer computes its local loss from."""
+def add_ff_loss_options(p: argparse.ArgumentParser, norm_help: str = "normalization of each layer's input",
+                        losses=LOSSES, loss_help: str = "FF loss") -> None:
+    """--goodness, --threshold, --loss (one of ``losses``), --norm: what an FF layer computes its local loss from."""
     d = FF_DEFAULTS
     p.add_argument("--goodness", default=d.goodness, choices=GOODNESS,
                    help="FF goodness: sum or mean of the squared activations")
     p.add_argument("--threshold", type=float, default=None,
                    help="goodness threshold (default: the layer width for sum goodness, 1 for mean)")
-    p.add_argument("--loss", default=d.loss, choices=LOSSES, help="FF loss")
+    p.add_argument("--loss", default=d.loss, choices=losses, help=loss_help)
     p.add_argument("--norm", default=d.norm, choices=NORMS, help=norm_help)
 
 

@@ -45,7 +45,7 @@ def train_bp(args, ds, progress: bool) -> tuple:
                                         f"epoch {epoch}/{args.epochs}"),
         lambda: bp_accuracy(model, ds.x_test, ds.y_test, shape=shape), ds.eval_split)
     return {"algo": "bp", "dataset": ds.name, "eval_split": ds.eval_split, **model_dict(args),
-            "epochs": args.epochs, "backend": "autograd", "device": str(args.device),
+            "backend": "autograd", "device": str(args.device),
             "threads": torch.get_num_threads(), "bp_lr": args.bp_lr, "batch_size": args.batch_size,
             "seed": args.seed, "recipe": {k: getattr(args, k) for k in BP_RECIPE},
             "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,

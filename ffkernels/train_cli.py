@@ -227,7 +227,7 @@ def run(args) -> dict:
                                  ds.eval_split)
     result = {"algo": "ff", "dataset": ds.name, "eval_split": ds.eval_split, **model_dict(args),
               "optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-              "epochs": args.epochs, "backend": net.backend, "device": str(args.device),
+              "backend": net.backend, "device": str(args.device),
               "threads": torch.get_num_threads(), "recipe": recipe_dict(args),
               "precision": getattr(args, "precision", "fp32"),
               "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,

@@ -102,7 +102,8 @@ def load_checkpoint(net, path: str, device) -> None:
     try:
         state = torch.load(path, map_location=device)
     except Exception as e:  # missing, unreadable, truncated or not a torch file
-        raise SystemExit(f"ffkernels train: cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
+        raise SystemExit(f"ffkernels train: cannot read checkpoint {path!r}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())}") from None  # one line: torch's unpickler errors span several
     try:
         net.load_state_dict(state)
     except Exception as e:  # another net's checkpoint: missing or unexpected keys, other shapes

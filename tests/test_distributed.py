@@ -437,3 +437,27 @@ def test_communication_per_step_from_shapes():
     assert pipe["per_rank"] == 2 * 100 * 2000 * 4 + 3 * 8 and pipe["total"] == 2 * pipe["per_rank"]
     with pytest.raises(ValueError, match="mode must be"):
         communication_per_step(dims, 100, "model", 2)
+
+
+def _cli_resume_from(rank, world, ports, checkpoint):
+    from ffkernels import train_cli
+
+    train_cli.main(CLI_COMMON + ["--distributed", "data", "--resume", checkpoint])  # the 300 s default timeout
+
+
+@pytest.mark.parametrize("content", [b"not a torch file", None])
+def test_train_command_distributed_bad_checkpoint_stops_every_rank_with_one_line(tmp_path, content):
+    """A checkpoint rank 0 cannot read (garbage; another net's state_dict) stops both ranks at once with rank 0's
+    one-line reason (not rank 1 left waiting for the 300 s process-group timeout: launch calls that a hang)."""
+    path = tmp_path / "bad.pt"
+    if content is None:
+        from ffkernels import FFNet
+        torch.save(FFNet([64, 7]).state_dict(), path)  # digits has 64 features, but not these layers
+    else:
+        path.write_bytes(content)
+    results = launch(_cli_resume_from, 2, tmp_path, str(path), init=False)
+    for res in results:
+        assert not res["ok"] and res["error"] == "SystemExit", res
+        assert "checkpoint" in res["message"] and str(path) in res["message"] and "\n" not in res["message"], res
+    want = "cannot read" if content is not None else "does not fit"
+    assert want in results[0]["message"] and results[1]["message"] == results[0]["message"]

@@ -5,8 +5,9 @@
 
 Every rank draws the same batches as single-process ``ffkernels train`` with the same seed (same
 permutation, same wrong labels), so both modes train on exactly the single-process data stream. Only rank 0
-prints, reads ``--resume`` (the wrappers copy its state to every rank) and writes ``--save``: a plain
-FFNet state_dict, the same format as single-process training, so either kind of run resumes the other.
+prints, reads ``--resume`` (the wrappers copy its state to every rank; a file rank 0 cannot load stops every rank
+with its one line) and writes ``--save``: a plain FFNet state_dict, the same format as single-process training, so
+either kind of run resumes the other.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from ..cli_options import show_progress
 from ..data import load_dataset
 from ..labels import ff_pair
-from ..train_common import build_net, describe, finish, resolve_recipe, run_epochs
+from ..train_common import build_net, describe, finish, load_checkpoint, resolve_recipe, run_epochs
 from ..training import EpochStats, accuracy, progress_iter, train_ff_epoch
 from .data_parallel import DataParallelFF, shard
 from .pipeline import PipelineFF
@@ -131,14 +132,29 @@ def run(args) -> dict:
         dist.destroy_process_group()
 
 
+def _resume_on_rank0(net, path: str, ctx) -> None:
+    """Rank 0 loads the checkpoint (only it needs the file); then every rank learns whether that worked, so a bad
+    file stops them all at once with rank 0's one-line reason instead of leaving the others to time out."""
+    reason = ""
+    if ctx.rank == 0:
+        try:
+            load_checkpoint(net, path, ctx.device)
+        except SystemExit as e:
+            reason = str(e)
+    shared = [reason]
+    dist.broadcast_object_list(shared, src=0, device=ctx.device if ctx.device.type == "cuda" else None)
+    if shared[0]:
+        raise SystemExit(shared[0])
+
+
 def _train(args, ctx) -> dict:
     main = ctx.rank == 0
     torch.manual_seed(args.seed)  # the same initial net on every rank (the wrappers also copy rank 0's)
     ds = load_dataset(args.dataset, data_root=args.data_root)
     args.device = str(ctx.device)
     net = build_net(args, ds.in_features)
-    if args.resume and main:
-        net.load_state_dict(torch.load(args.resume, map_location=ctx.device))
+    if args.resume:
+        _resume_on_rank0(net, args.resume, ctx)
     trainer = TRAINERS[args.distributed](net, ctx, args)
     if main:
         extra = f" x {ctx.world_size} processes ({args.distributed}-parallel over {ctx.backend})"
@@ -157,7 +173,7 @@ def _train(args, ctx) -> dict:
                                           f"epoch {epoch}/{args.epochs}"),
         lambda: trainer.accuracy(ds), verbose=main)
     state = trainer.state_dict() if args.save else None
-    result = {"dataset": ds.name, "hidden": args.hidden, "epochs": args.epochs, "backend": net.backend,
+    result = {"dataset": ds.name, "hidden": args.hidden, "backend": net.backend,
               "device": str(ctx.device), "threads": torch.get_num_threads(), "distributed": args.distributed,
               "world_size": ctx.world_size, "micro_batches": args.micro_batches if args.distributed == "pipeline"
               else None, "test_accuracy": hist.epochs[-1].test_accuracy if hist.epochs else None,
