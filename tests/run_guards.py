@@ -21,17 +21,22 @@ import sys
 import pytest
 
 _ran = {"triton": 0}
+_selected = {"triton": 0}
 
 
 def triton_run_expected(config) -> bool:
-    """Whether this session is an interpreter run of the Triton tests: TRITON_INTERPRET=1 and ``-m`` selects a test
-    marked ``triton``."""
+    """Whether this session is an interpreter run of the Triton tests: TRITON_INTERPRET=1, a ``-m`` expression, and
+    at least one test marked ``triton`` left selected by it (counted after collection and deselection, so no private
+    pytest API evaluates the expression here)."""
     markexpr = config.option.markexpr or ""
     if os.environ.get("TRITON_INTERPRET") != "1" or not markexpr or config.option.collectonly:
         return False
-    from _pytest.mark.expression import Expression
+    return _selected["triton"] > 0
 
-    return bool(Expression.compile(markexpr).evaluate(lambda name, **kw: name == "triton"))
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    _selected["triton"] = sum(1 for item in session.items if item.get_closest_marker("triton") is not None)
 
 
 def pytest_runtest_logreport(report):

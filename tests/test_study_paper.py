@@ -7,7 +7,6 @@ import torch
 
 from ffkernels.backends import reference as ref
 from ffkernels.cli import main
-from ffkernels.data import load_dataset
 from ffkernels.labels import embed_label
 from ffkernels.study import cli as study_cli
 from ffkernels.study.algos import ALGO_GROUPS, ALGOS, make_trainer, runs_on
