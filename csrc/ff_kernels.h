@@ -64,8 +64,9 @@ void ff_update_cuda(const ParamState& p, const at::Tensor& loss, const OptimOpti
 GradResult ff_grad_labeled_cuda(const at::Tensor& x, const at::Tensor& label_pos, const at::Tensor& label_neg,
                                 int64_t C, double value, const at::Tensor& weight, const at::Tensor& bias,
                                 const at::Tensor& peer_mean, const LossOptions& opt);
-// ff_conv_cuda.cu: ff_conv_grad_cpu's contract on CUDA tensors (float32, float64, float16, bfloat16; no lower-precision
-// convolutions); target already clamped into [0, num_classes) by the binding.
+// ff_conv_cuda.cu: ff_conv_grad_cpu's contract on CUDA tensors (float32, float64, float16, bfloat16; bf16 or fp16
+// convolutions for float32 weights under autocast, grad_weight then in that dtype); target already clamped into
+// [0, num_classes) by the binding.
 GradResult ff_conv_grad_cuda(const at::Tensor& x_pos, const at::Tensor& x_neg, const at::Tensor& target,
                              const at::Tensor& weight, const at::Tensor& bias, const ConvGeom& geom,
                              int64_t num_classes, const LossOptions& opt);

@@ -176,14 +176,20 @@ void check_weight_dtype(const DeviceKernels& k, const Tensor& weight) {
                    k.half_precision ? ", float16, bfloat16)" : ")");
 }
 
-// Lower-precision GEMMs (gemm_dtype, set from torch.autocast): bf16 on devices whose kernels have them, for float32
-// (master) weights only; float16 nowhere yet. A device that cannot run them refuses, rather than computing in fp32.
+// Lower-precision GEMMs (gemm_dtype, set from torch.autocast): bf16 (CPU, CUDA) and fp16 (CUDA) on devices whose
+// kernels have them, for float32 (master) weights only. A device that cannot run them refuses, rather than computing
+// in fp32.
 void check_gemm_dtype(const DeviceKernels& k, const LossOptions& o, const Tensor& weight) {
   if (o.gemm == GemmDtype::Param) return;
   const char* name = kGemmDtypeNames[static_cast<int>(o.gemm)];
-  TORCH_CHECK(o.gemm == GemmDtype::BFloat16 && k.bf16_gemm, "ffkernels: the ", k.device, " kernels have no ", name,
-              " GEMMs (gemm_dtype=", name, ", i.e. torch.autocast with dtype=torch.", name,
-              "); run outside autocast, or use backend='reference'", k.bf16_gemm ? " (bfloat16 is supported)" : "");
+  const bool runs = (o.gemm == GemmDtype::BFloat16 && k.bf16_gemm) || (o.gemm == GemmDtype::Float16 && k.fp16_gemm);
+  const char* hint = k.bf16_gemm && k.fp16_gemm ? " (bfloat16 and float16 are supported)"
+                     : k.bf16_gemm              ? " (bfloat16 is supported)"
+                     : k.fp16_gemm              ? " (float16 is supported)"
+                                                : "";
+  TORCH_CHECK(runs, "ffkernels: the ", k.device, " kernels have no ", name, " GEMMs (gemm_dtype=", name,
+              ", i.e. torch.autocast with dtype=torch.", name, "); run outside autocast, or use backend='reference'",
+              hint);
   TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat, "ffkernels: gemm_dtype=", name,
                    " (autocast) needs float32 weights (fp32 master weights), got ", weight.scalar_type());
 }
@@ -304,8 +310,8 @@ Tensor bias_grad_or_empty(const GradResult& r, const Tensor& like) {
   return r.grad_bias.defined() ? r.grad_bias : at::empty({0}, like.options());
 }
 
-// grad_weight in the weight's dtype: under autocast the kernels leave it as their bf16 GEMM wrote it (the fused step's
-// update reads that directly); the ff_grad ops return it widened.
+// grad_weight in the weight's dtype: under autocast the kernels leave it as their bf16/fp16 GEMM wrote it (the fused
+// step's update reads that directly); the ff_grad ops return it widened.
 GradTuple grad_tuple(const GradResult& r, const Tensor& weight) {
   return {r.loss, r.h_pos, r.h_neg, r.g_pos, r.g_neg, r.grad_weight.to(weight.scalar_type()),
           bias_grad_or_empty(r, weight)};

@@ -30,6 +30,7 @@ struct DeviceKernels {
   GradResult (*conv_grad)(const Tensor& x_pos, const Tensor& x_neg, const Tensor& target, const Tensor& weight,
                           const Tensor& bias, const ConvGeom& geom, int64_t num_classes,
                           const LossOptions& opt) = nullptr;
+  bool fp16_gemm = false;  // runs gemm_dtype=float16 likewise (fp16 GEMM operands, float32 parameters)
 };
 
 using GradTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;

@@ -11,18 +11,21 @@
 # Phases, in order, with their time budgets in seconds (BOUNDS below; tests/test_bench.py checks that they
 # add up to at most 540, so the whole run fits one 10-minute command with a minute to spare):
 #   preflight         25  the GPU, whether ffkernels._C must be rebuilt, versions (env.txt); no GPU: exit 2
-#   build            205  `setup.py build_ext --inplace` for this GPU's arch only (MAX_JOBS = cores), when _C
+#   build            198  `setup.py build_ext --inplace` for this GPU's arch only (MAX_JOBS = cores), when _C
 #                         is missing, was built without CUDA, or its archs (cuda_archs()) lack this GPU's
-#                         compute capability (a guess: ~2 min with ninja on 16 cores, serial without ninja)
+#                         compute capability (a guess: ~2 min with ninja on 16 cores, serial without ninja; 7 s
+#                         went to tests-gpu-cuda for the cuda backend's autocast cases)
 #   tests-cuda        62  the build tests (FFKERNELS_EXPECT_CUDA=1) and tests/test_cuda_gpu.py (7 s from the build's
 #                         budget for the scff loss's low-precision cases)
 #   tests-triton      35  tests/test_triton_gpu.py (each case a Triton compile)
-#   bench             95  ffkernels bench --device cuda --dtype bfloat16,float32, 5 repeats (bench.json
-#                         rewritten after every shape and network depth; bf16 first: both targets)
-#   tests-gpu-cuda    45  the behaviour tests' cuda cases (gpu and not triton), the representative selection
+#   bench             95  ffkernels bench --device cuda --dtype bfloat16,float32 --precision bf16, 5 repeats
+#                         (bench.json rewritten after every shape and network depth; bf16 first: both targets; the
+#                         float32 layer steps also under autocast: fused-cuda-bf16, labeled-cuda-bf16, floor-bf16)
+#   tests-gpu-cuda    52  the behaviour tests' cuda cases (gpu and not triton), the representative selection
 #                         `--gpu-smoke` (tests/gpu_selection.py: every op, dtype and option family at one or two
 #                         shapes, the non-finite and host-sync case kinds, the argument checks, the long training;
-#                         the conv step's cases, tests/test_conv_gpu.py, whose ~4 s came from the build's budget)
+#                         the conv step's cases, tests/test_conv_gpu.py, whose ~4 s came from the build's budget;
+#                         the autocast cases of tests/test_autocast.py and test_conv_gpu.py, 7 s from the build's)
 #   tests-gpu-triton  63  the behaviour tests' triton cases (gpu and triton), the same selection (JIT compiles);
 #                         not the Triton conv step's (tests/test_conv_triton.py: --full only, no budget left)
 # The number of cases of each test phase is not typed here: --plan counts them (pytest --collect-only with the
@@ -42,7 +45,7 @@
 # or the script is not in an ffkernels checkout. Installs nothing.
 set -uo pipefail
 
-BOUNDS="preflight=25 build=205 tests-cuda=62 tests-triton=35 bench=95 tests-gpu-cuda=45 tests-gpu-triton=63 report=10"
+BOUNDS="preflight=25 build=198 tests-cuda=62 tests-triton=35 bench=95 tests-gpu-cuda=52 tests-gpu-triton=63 report=10"
 TOTAL_LIMIT=540   # the sum of BOUNDS may not exceed this (checked by tests/test_bench.py)
 GRACE=5           # seconds between SIGINT and SIGKILL at the end of a phase (inside its bound; a quarter of
                   # the bound at most)
@@ -282,7 +285,8 @@ main() {
 
   pytest_phase tests-cuda FFKERNELS_EXPECT_CUDA=1 "${TESTS_CUDA_ARGS[@]}"
   pytest_phase tests-triton "${TESTS_TRITON_ARGS[@]}"
-  run_phase bench "$PYTHON" -c "$PY_INT" ffkernels bench --device cuda --dtype bfloat16,float32 --no-progress \
+  run_phase bench "$PYTHON" -c "$PY_INT" ffkernels bench --device cuda --dtype bfloat16,float32 --precision bf16 \
+    --no-progress \
     --repeats 5 --warmup 3 --min-time 0.03 --json "$OUT/bench.json" --markdown "$OUT/bench.md"
   pytest_phase tests-gpu-cuda "${TESTS_GPU_CUDA_ARGS[@]}"
   pytest_phase tests-gpu-triton "${TESTS_GPU_TRITON_ARGS[@]}"

@@ -27,7 +27,7 @@ from ffkernels.backends.contract import autocast_config
 from ffkernels.config import OP_OPTION_KEYS
 from options import OPTIMIZERS
 from samples import ARGS, MUTATED
-from tolerance import AUTOCAST, check, rule_for
+from tolerance import AUTOCAST, AUTOCAST_FP16, check, rule_for
 
 pytestmark = [*CPU.marks, pytest.mark.usefixtures("one_thread")]
 OPS = ("ff_conv_grad", "ff_conv_step")
@@ -152,8 +152,10 @@ def run_steps(dtype, case: Case, cfg: FFConfig, bias: bool, *, steps=3, seed=0, 
     initial weights), loss, h, g,
     weight, bias and every state tensor checked after every step with tolerance.py's rule for the device. ``autocast``:
     the steps run inside torch.autocast(bfloat16) with the options autocast_config gives them, the oracles with
-    gemm_dtype=bfloat16 (float32 parameters). ``rule``: another tolerance.py rule than the device's."""
+    gemm_dtype=bfloat16 (float32 parameters); "float16" (or "bfloat16"): autocast with that dtype. ``rule``: another
+    tolerance.py rule than the device's."""
     device = BY_NAME[backend].device
+    gemm = ("bfloat16" if autocast is True else autocast) if autocast else None
     gen = torch.Generator().manual_seed(seed)
     competitive = cfg.loss == "competitive"
     fan_in = case.c_in // case.groups * case.kernel[0] * case.kernel[1]
@@ -164,18 +166,19 @@ def run_steps(dtype, case: Case, cfg: FFConfig, bias: bool, *, steps=3, seed=0, 
     batches = [tuple(None if t is None else t.to(dtype).to(t.dtype) if t.is_floating_point() else t for t in bt)
                for bt in batches]
     cfg = _calibrated(cfg, case, batches[0], w0, b0)
-    ref_cfg = cfg.replace(gemm_dtype="bfloat16") if autocast else cfg
-    rule = rule or (AUTOCAST if autocast else rule_for(dtype, gpu=device == "cuda"))
+    ref_cfg = cfg.replace(gemm_dtype=gemm) if gemm else cfg
+    if rule is None:
+        rule = {"bfloat16": AUTOCAST, "float16": AUTOCAST_FP16}[gemm] if gemm else rule_for(dtype, gpu=device == "cuda")
     ours, same, exact = (Params(w0, b0, cfg, dt, dev) for dt, dev in ((dtype, device), (dtype, device), (FP64, "cpu")))
     kernels = BACKENDS[backend]
     nc = case.classes if competitive else 0
     for step, (xp, xn, t) in enumerate(batches, start=1):
         low = [None if v is None else v.to(device=device, dtype=dtype) for v in (xp, xn)]
         t_dev = None if t is None else t.to(device)
-        if autocast:
-            with torch.autocast(device, dtype=torch.bfloat16):
+        if gemm:
+            with torch.autocast(device, dtype=getattr(torch, gemm)):
                 run_cfg = autocast_config(cfg, ours.weight)
-                assert run_cfg.gemm_dtype == "bfloat16"
+                assert run_cfg.gemm_dtype == gemm
                 out = kernels.conv_step(*low, t_dev, ours.weight, ours.bias, ours.st_w, ours.st_b, step, case.geom, nc,
                                         run_cfg)
         else:

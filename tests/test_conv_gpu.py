@@ -4,7 +4,9 @@ options, geometries and three steps), with tolerance.py's GPU rules (float64 1e-
 float16/bfloat16 k = 2, rtol = eps against the same-precision oracle on the GPU). Also: ff_conv_step == ff_conv_grad +
 ff_update bit for bit, two runs bitwise equal, the non-finite rule, out-of-range labels (a NaN loss and nothing
 changed at the op, without a host sync; ValueError from the layer), one host sync per FFNet competitive step, opcheck,
-"auto" picking cuda, autocast refused. Skipped without a GPU and a CUDA build.
+"auto" picking cuda; under torch.autocast (bf16 and fp16 convolutions on float32 parameters) test_conv_cpu.py's
+autocast cases against the oracle with that gemm_dtype, step == grad + update, the convolutions really in bf16/fp16,
+float64 left alone. Skipped without a GPU and a CUDA build.
 
 cuDNN runs the convolutions with torch's settings, like nn.Conv2d: TF32 for float32 and a weight gradient that need not
 be deterministic, unless torch says otherwise. The tests say otherwise (the ``exact_cudnn`` fixture:
@@ -19,11 +21,11 @@ from torch import nn
 
 from backends import CUDA_BACKEND, DTYPE_IDS, FP32, FP64
 from ffkernels import FFConfig, FFConv2d, FFLinear, FFNet, NonFiniteLossError
-from ffkernels._types import BackendUnavailableError
 from ffkernels.backends import BACKENDS, resolve_backend
 from ffkernels.backends import reference_conv as oracle
 from options import OPTIMIZERS
-from test_conv_cpu import (GEOMETRIES, LOSS_OVER, SHAPE_CONFIGS, Params, _fixed_problem, _geom_args,
+from ffkernels.backends.contract import autocast_config
+from test_conv_cpu import (AUTOCAST_CASES, GEOMETRIES, LOSS_OVER, SHAPE_CONFIGS, Params, _fixed_problem, _geom_args,
                            assert_non_finite_step_changes_nothing, assert_step_is_grad_then_update,
                            assert_two_runs_equal,
                            _op_samples, _option_cases, _state_slots, check_conv_outputs, on_cpu, run_steps)
@@ -109,11 +111,13 @@ def test_lowp_grad(dtype, loss, over, power):
 
 # ---- the op's own guarantees --------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("gemm", ["param", "bfloat16", "float16"], ids=["fp32", "autocast-bf16", "autocast-fp16"])
 @pytest.mark.parametrize("loss,over,opt", [("hinton", "sample", "adam-wd"), ("symba", "location", "sgd-momentum"),
                                            ("competitive", "group", "adam")])
-def test_step_equals_grad_then_update(loss, over, opt):
-    """ff_conv_step == ff_conv_grad, then the (linear) ff_update op with its loss, bit for bit, over two steps."""
-    cfg = FFConfig(loss=loss, goodness_over=over, **OPTIMIZERS[opt])
+def test_step_equals_grad_then_update(loss, over, opt, gemm):
+    """ff_conv_step == ff_conv_grad, then the (linear) ff_update op with its loss, bit for bit, over two steps (under
+    autocast too: the update reads the same bf16/fp16 dW, which ff_conv_grad returns widened)."""
+    cfg = FFConfig(loss=loss, goodness_over=over, gemm_dtype=gemm, **OPTIMIZERS[opt])
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg)
     xp, xn, t, w, b = _on_gpu(xp, xn, t, w, b)
     assert_step_is_grad_then_update(cfg, case, xp, xn, t, w, b, nc, "cuda")
@@ -266,9 +270,8 @@ def test_fflinear_competitive_is_the_1x1_convolution():
 # ---- the ops: opcheck, the fakes, choosing the backend, autocast ----------------------------------------------------
 
 def _cuda_op_samples():
-    """test_conv_cpu.py's op samples (CPU tensors: moved to the GPU by the test), but for bf16 convolutions (autocast:
-    refused by the CUDA kernels)."""
-    return [pytest.param(op, args, id=f"cuda-{op}-{sid}") for sid, op, args in _op_samples() if "bf16" not in sid]
+    """test_conv_cpu.py's op samples (CPU tensors: moved to the GPU by the test), bf16 convolutions included."""
+    return [pytest.param(op, args, id=f"cuda-{op}-{sid}") for sid, op, args in _op_samples()]
 
 
 def _cuda_args(args) -> list:
@@ -298,23 +301,78 @@ def test_auto_picks_cuda_for_the_conv_step():
     assert FFLinear(6, 8, loss="competitive", num_classes=4, device="cuda").backend == "cuda"
 
 
-def test_autocast_is_refused():
-    """The CUDA kernels have no lower-precision convolutions for float32 weights yet: a step under autocast raises
-    (the backend's check, and the op's), rather than running in fp32; outside autocast nothing changes."""
-    layer = FFConv2d(3, 4, 3, backend="cuda", device="cuda")
-    x = torch.rand(2, 3, 7, 7, device="cuda")
-    before = _snapshot(layer)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        with pytest.raises(BackendUnavailableError, match="bfloat16"):
-            layer.ff_step(x, x.flip(0))
-    _unchanged(layer, before)
-    cfg = FFConfig(gemm_dtype="bfloat16")
+# ---- torch.autocast: bf16 and fp16 convolutions on float32 parameters --------------------------------------------
+
+@pytest.mark.parametrize("opts,bias,geom", [pytest.param(*a, id=f"cuda-autocast-bf16-{cid}")
+                                            for cid, *a in AUTOCAST_CASES])
+def test_autocast_bf16(opts, bias, geom):
+    """test_conv_cpu.py's autocast cases on cuda: bf16 convolutions (cuDNN), everything else float32, as the oracle with
+    gemm_dtype=bfloat16 on the GPU; parameters and state stay float32."""
+    ours = run_steps(FP32, GEOMETRIES[geom], FFConfig(**opts), bias, autocast="bfloat16", backend="cuda")
+    assert all(t.dtype == FP32 for t in ours.tensors().values())
+
+
+@pytest.mark.parametrize("opts,bias,geom", [pytest.param(*a, id=f"cuda-autocast-fp16-{cid}")
+                                            for cid, *a in AUTOCAST_CASES[::2]])
+def test_autocast_fp16(opts, bias, geom):
+    """The same under autocast(dtype=float16): fp16 convolutions, against the oracle with gemm_dtype=float16."""
+    ours = run_steps(FP32, GEOMETRIES[geom], FFConfig(**opts), bias, autocast="float16", backend="cuda")
+    assert all(t.dtype == FP32 for t in ours.tensors().values())
+
+
+@pytest.mark.parametrize("gemm", ["bfloat16", "float16"], ids=["bf16", "fp16"])
+def test_low_precision_is_what_runs(gemm):
+    """Under autocast the convolutions really are bf16 (fp16): h differs from the float32 step's and equals the oracle's
+    with that gemm_dtype (cuDNN's convolution of the same operands) to half a rounding of the dtype."""
+    low_dtype = getattr(torch, gemm)
+    cfg = FFConfig()
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg)
     xp, xn, t, w, b = _on_gpu(xp, xn, t, w, b)
-    with pytest.raises(RuntimeError, match="no bfloat16 GEMMs"):
-        torch.ops.ffkernels.ff_conv_grad(xp, xn, t, w, b, *_geom_args(case), nc, cfg.conv_op_options)
-    layer.ff_step(x, x.flip(0))
-    assert layer.step_count == 1
+    cuda = BACKENDS["cuda"]
+    with torch.autocast("cuda", dtype=low_dtype):
+        run_cfg = autocast_config(cfg, w)
+        assert run_cfg.gemm_dtype == gemm
+        low = cuda.conv_grad(xp, xn, t, w, b, case.geom, nc, run_cfg)
+    full = cuda.conv_grad(xp, xn, t, w, b, case.geom, nc, cfg)
+    ref = oracle.conv_grad(xp, xn, t, w, b, case.geom, cfg.replace(gemm_dtype=gemm), nc)
+    eps = torch.finfo(low_dtype).eps
+    scale = full.h_pos.abs().max().item()
+    assert (low.h_pos - full.h_pos).abs().max().item() > eps / 64 * scale
+    assert (low.h_pos - ref.h_pos).abs().max().item() <= eps / 2 * scale
+    assert all(v.dtype == FP32 for v in low if v is not None)
+
+
+def test_outside_autocast_and_float64_nothing_changes():
+    """Options with gemm_dtype=param compute the same bits inside an autocast region (the ops exclude its keys);
+    float64 parameters are left alone by autocast; the op refuses bf16 convolutions for float64 weights."""
+    cfg = FFConfig(loss="symba", goodness_over="location")
+    for dtype in (FP32, FP64):
+        case, xp, xn, t, w, b, nc = _fixed_problem(cfg, dtype=dtype)
+        xp, xn, t, w, b = _on_gpu(xp, xn, t, w, b)
+        assert autocast_config(cfg, w) is cfg
+        cuda = BACKENDS["cuda"]
+        plain = cuda.conv_grad(xp, xn, t, w, b, case.geom, nc, cfg)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert autocast_config(cfg, w).gemm_dtype == ("bfloat16" if dtype == FP32 else "param")
+            inside = cuda.conv_grad(xp, xn, t, w, b, case.geom, nc, cfg)
+        for field, a, c in zip(plain._fields, plain, inside):
+            assert (a is None and c is None) or torch.equal(a, c), field
+    case, xp, xn, t, w, b, nc = _fixed_problem(cfg, dtype=FP64)
+    xp, xn, t, w, b = _on_gpu(xp, xn, t, w, b)
+    with pytest.raises(TypeError, match="float32 weights"):
+        torch.ops.ffkernels.ff_conv_grad(xp, xn, t, w, b, *_geom_args(case), nc,
+                                         cfg.replace(gemm_dtype="bfloat16").conv_op_options)
+
+
+def test_a_layer_steps_under_autocast():
+    """FFConv2d.ff_step under autocast on cuda: runs (bf16 convolutions), parameters and state stay float32."""
+    layer = FFConv2d(3, 4, 3, backend="cuda", device="cuda")
+    x = torch.rand(2, 3, 7, 7, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer.ff_step(x, x.flip(0))
+    assert layer.step_count == 1 and torch.isfinite(out.loss) and out.loss.dtype == FP32
+    assert all(t.dtype == FP32 for t in layer.state_dict().values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def test_grad_matches_the_oracle_once_with_float64():

@@ -44,6 +44,7 @@ over. The second is the accuracy asked for where the problem is well conditioned
                                  (x̂, W after an update, dL/dz) lands on the other side of a bf16 rounding boundary
                                  than the float64 one, that element moves by a bf16 ulp of itself, e.g. one z, hence
                                  one h. The test that the GEMMs are bf16 at all is separate (test_autocast.py)
+    autocast fp16 (cuda)         the same with gemm_dtype=float16: k = 4, rtol = 2^-10 (fp16's eps)
     autocast, labeled vs pair    the fused labeled step rounds otherwise than the pair by design (the label term added
                                  after the bf16 GEMM's rounding; dL/dz+ + dL/dz- rounded once, the pair rounds each
                                  half): R64 is the exact math (float64, no bf16 rounding) and R the bf16 oracle on the
@@ -83,6 +84,7 @@ FP32_CPU = Rule(4.0, 1e-5, "float32 (CPU)")
 FP32_GPU = Rule(4.0, 1e-4, "float32 (GPU)")
 FP32_TRITON_CONV = Rule(6.0, 1e-5, "float32 (the Triton conv step under the interpreter)")
 AUTOCAST = Rule(4.0, 2.0 ** -7, "autocast bf16 (float32)")
+AUTOCAST_FP16 = Rule(4.0, 2.0 ** -10, "autocast fp16 (float32)")
 AUTOCAST_PAIR = Rule(4.0, 2.0 ** -6, "autocast bf16, labeled step vs the pair (float32)")
 FORMULA = Rule(0.0, 1e-13, "float64, the formula by hand")
 CENTRAL_DIFFERENCES = Rule(0.0, 1e-7, "central differences (float64, step 1e-6)")

@@ -20,31 +20,89 @@
 //   is finite. No atomics: the column reductions have a fixed order too.
 // The kernels are ff_rows.cuh's (shared with the labeled first layer, ff_grad_labeled_cuda.cu); the per-element
 // and per-row math is ff_math.h's; results are bitwise reproducible run to run.
+// Mixed precision (opt.gemm == BFloat16 or Float16, float weights; docs/design.md, "Mixed precision"), as
+// ff_grad_cpu.cpp: grad_impl<scalar_t, z_t> with z_t = bf16/fp16: 1 writes xhat in z_t, W is cast to z_t once, both
+// GEMMs in z_t (cuBLAS, fp32 accumulation, z_t outputs, as torch.autocast's mm); 2a and 3 read the z_t z and compute
+// in fp32; 3 writes dL/dz in z_t over z for 6 and sums the fp32 dL/dz for the bias gradient (no fp32 copy of dL/dz).
+// grad_weight is left in z_t (the fused update reads it; the ff_grad op widens it).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <type_traits>
+
 #include "../ff_kernels.h"
 #include "ff_rows.cuh"
 
 namespace ffk {
+namespace {
+
+// The buffers of one step (allocated by the caller in the parameters' dtype).
+struct GradBuffers {
+  at::Tensor h_pos, h_neg, g_pos, g_neg, pair_loss, loss;
+};
+
+// The step for parameters of scalar_t with GEMM operands of z_t (scalar_t, or bf16/fp16 under autocast).
+template <typename scalar_t, typename z_t>
+void grad_impl(GradResult& res, const GradBuffers& buf, const at::Tensor& x_pos, const at::Tensor& x_neg,
+               const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& peer_mean, const LossOptions& opt,
+               cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool low = !std::is_same_v<z_t, scalar_t>;
+  const int64_t B = x_pos.size(0), K = x_pos.size(1), N = weight.size(0);
+  const bool has_bias = bias.defined(), peer = opt.peer_norm > 0.0;
+  const auto opts = x_pos.options();
+  const auto gemm_dtype = c10::CppTypeToScalarType<z_t>::value;
+  at::Tensor xhat = at::empty({2 * B, K}, opts.dtype(gemm_dtype));
+  cuda::normalize_kernel<scalar_t, z_t><<<static_cast<unsigned>(2 * B), cuda::threads_for_row(K), 0, stream>>>(
+      x_pos.const_data_ptr<scalar_t>(), x_neg.const_data_ptr<scalar_t>(), xhat.data_ptr<z_t>(), B, K, opt.norm,
+      static_cast<acc_t>(opt.norm_eps));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  at::Tensor z = at::mm(xhat, (low ? weight.to(gemm_dtype) : weight).t());
+  const scalar_t* b = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
+  c10::optional<cuda::PeerBuffers<acc_t>> pb;
+  if (peer) {
+    pb.emplace(peer_mean, B, N, opts);
+    pb->template launch<scalar_t, z_t>(z, b, cuda::LabelRows<scalar_t, z_t>{}, B, N, opt, stream);
+    res.peer_mean = pb->r_new;  // r' (not yet committed): the binding commits it
+  }
+
+  cuda::EpilogueArgs<scalar_t, z_t> e{};
+  e.z = z.data_ptr<z_t>();
+  e.b = b;
+  e.h_pos = buf.h_pos.data_ptr<scalar_t>();
+  e.h_neg = buf.h_neg.data_ptr<scalar_t>();
+  e.g_pos = buf.g_pos.data_ptr<scalar_t>();
+  e.g_neg = buf.g_neg.data_ptr<scalar_t>();
+  e.pair_loss = buf.pair_loss.data_ptr<double>();
+  e.peer_v = peer ? pb->v.template const_data_ptr<acc_t>() : nullptr;
+  e.B = B;
+  e.N = N;
+  e.loss = cuda::LossArgs<acc_t>{goodness_scale<acc_t>(N, opt.goodness), opt.scalars<acc_t>(), opt.loss};
+  res.grad_bias = cuda::launch_epilogue<scalar_t, z_t>(e, peer ? pb->loss.template const_data_ptr<double>() : nullptr,
+                                                       buf.loss.data_ptr<scalar_t>(), opts, stream);
+  // z now holds dL/dz
+  res.grad_weight = at::mm(z.t(), xhat);
+}
+
+}  // namespace
 
 GradResult ff_grad_cuda(const at::Tensor& x_pos, const at::Tensor& x_neg, const at::Tensor& weight,
                         const at::Tensor& bias, const at::Tensor& peer_mean, const LossOptions& opt) {
-  const int64_t B = x_pos.size(0), K = x_pos.size(1), N = weight.size(0);
+  const int64_t B = x_pos.size(0), N = weight.size(0);
   TORCH_CHECK(2 * B <= INT32_MAX, "ffkernels: batch too large for the CUDA kernels (2B = ", 2 * B,
               " rows, at most ", INT32_MAX, ")");
-  const bool has_bias = bias.defined();
   const auto opts = x_pos.options();
-  auto xhat = at::empty({2 * B, K}, opts);
-  auto h_pos = at::empty({B, N}, opts);
-  auto h_neg = at::empty({B, N}, opts);
-  auto g_pos = at::empty({B}, opts);
-  auto g_neg = at::empty({B}, opts);
-  auto pair_loss = at::empty({B}, opts.dtype(at::kDouble));
-  auto loss = at::empty({}, opts);
+  GradBuffers buf;
+  buf.h_pos = at::empty({B, N}, opts);
+  buf.h_neg = at::empty({B, N}, opts);
+  buf.g_pos = at::empty({B}, opts);
+  buf.g_neg = at::empty({B}, opts);
+  buf.pair_loss = at::empty({B}, opts.dtype(at::kDouble));
+  buf.loss = at::empty({}, opts);
   const bool peer = opt.peer_norm > 0.0;
   TORCH_CHECK(!peer || peer_mean.defined(), "ffkernels: peer_norm > 0 needs peer_mean");
   TORCH_CHECK(!peer || peer_mean.scalar_type() == (x_pos.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
@@ -53,40 +111,13 @@ GradResult ff_grad_cuda(const at::Tensor& x_pos, const at::Tensor& x_neg, const 
 
   GradResult res;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_pos.scalar_type(), "ff_grad_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    cuda::normalize_kernel<scalar_t><<<static_cast<unsigned>(2 * B), cuda::threads_for_row(K), 0, stream>>>(
-        x_pos.const_data_ptr<scalar_t>(), x_neg.const_data_ptr<scalar_t>(), xhat.data_ptr<scalar_t>(), B, K,
-        opt.norm, static_cast<acc_t>(opt.norm_eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-    auto z = at::mm(xhat, weight.t());
-    const scalar_t* b = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
-    c10::optional<cuda::PeerBuffers<acc_t>> pb;
-    if (peer) {
-      pb.emplace(peer_mean, B, N, opts);
-      pb->template launch<scalar_t>(z, b, cuda::LabelRows<scalar_t>{}, B, N, opt, stream);
-      res.peer_mean = pb->r_new;  // r' (not yet committed): the binding commits it
-    }
-
-    cuda::EpilogueArgs<scalar_t> e{};
-    e.z = z.data_ptr<scalar_t>();
-    e.b = b;
-    e.h_pos = h_pos.data_ptr<scalar_t>();
-    e.h_neg = h_neg.data_ptr<scalar_t>();
-    e.g_pos = g_pos.data_ptr<scalar_t>();
-    e.g_neg = g_neg.data_ptr<scalar_t>();
-    e.pair_loss = pair_loss.data_ptr<double>();
-    e.peer_v = peer ? pb->v.template const_data_ptr<acc_t>() : nullptr;
-    e.B = B;
-    e.N = N;
-    e.loss = cuda::LossArgs<acc_t>{goodness_scale<acc_t>(N, opt.goodness), opt.scalars<acc_t>(), opt.loss};
-    res.grad_bias = cuda::launch_epilogue<scalar_t>(e, peer ? pb->loss.template const_data_ptr<double>() : nullptr,
-                                                    loss.data_ptr<scalar_t>(), opts, stream);
-    // z now holds dL/dz
-    res.grad_weight = at::mm(z.t(), xhat);
+    cuda::with_gemm_type<scalar_t>(opt.gemm, [&](auto tag) {
+      using z_t = typename decltype(tag)::type;
+      grad_impl<scalar_t, z_t>(res, buf, x_pos, x_neg, weight, bias, peer_mean, opt, stream);
+    });
   });
-  res.loss = loss;
-  std::tie(res.h_pos, res.h_neg, res.g_pos, res.g_neg) = std::tie(h_pos, h_neg, g_pos, g_neg);
+  res.loss = buf.loss;
+  std::tie(res.h_pos, res.h_neg, res.g_pos, res.g_neg) = std::tie(buf.h_pos, buf.h_neg, buf.g_pos, buf.g_neg);
   return res;
 }
 

@@ -5,9 +5,11 @@
 namespace ffk {
 namespace {
 
-// no lower-precision GEMMs for float32 weights (autocast is refused), the conv step registered (ff_conv_cuda.cu)
+// bf16 and fp16 GEMMs and convolutions for float32 weights (torch.autocast: cuBLAS/cuDNN with fp32 accumulation), the
+// conv step registered (ff_conv_cuda.cu)
 constexpr DeviceKernels kCudaKernels{"CUDA", /*half_precision=*/true, &ff_grad_cuda, &ff_update_cuda,
-                                     &ff_grad_labeled_cuda, /*bf16_gemm=*/false, &ff_conv_grad_cuda};
+                                     &ff_grad_labeled_cuda, /*bf16_gemm=*/true, &ff_conv_grad_cuda,
+                                     /*fp16_gemm=*/true};
 
 }  // namespace
 }  // namespace ffk

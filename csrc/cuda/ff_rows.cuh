@@ -6,6 +6,12 @@
 // The labeled variants take a LabelRows: the positive and the negative row of pair i share the pre-activation
 // row z_i = x~_i W^T (x~: x / d with the label features zeroed) and differ by lv_i * W[:, y_i] (lv_i = value / d_i),
 // so h+_ij = relu(z_ij + lv_i wl[y+_i, j] + b_j), h-_ij = relu(z_ij + lv_i wl[y-_i, j] + b_j) with wl = W[:, :C]^T.
+//
+// Mixed precision (docs/design.md, "Mixed precision"): the kernels take the GEMM operand type z_t besides the
+// parameters' scalar_t (z_t = scalar_t, the default, outside autocast: the same code as without it; bf16 or fp16 for
+// float parameters under autocast). x_hat (and lv) are rounded to z_t; z, the label columns wl and the dL/dz written
+// over z are z_t; h, g, b and the bias gradient stay scalar_t and everything is computed in acc_t, as the CPU kernels
+// (ff_cpu_rows.h: normalize_rows, relu_row, store_dz).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +19,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../ff_options.h"
 #include "block_reduce.cuh"
@@ -20,21 +27,50 @@
 namespace ffk {
 namespace cuda {
 
+// ---- the GEMM operand type ---------------------------------------------------------------------------------
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<z_t>{}) with z_t the GEMM operand type that `gemm` (LossOptions::gemm) asks of parameters of
+// scalar_t: scalar_t itself (GemmDtype::Param), else c10::BFloat16 or c10::Half for float parameters (torch.autocast;
+// the binding admits lower-precision GEMMs for float32 weights only). The kernels' <scalar_t, scalar_t> instances are
+// the code without mixed precision.
+template <typename scalar_t, typename F>
+void with_gemm_type(GemmDtype gemm, F&& f) {
+  if (gemm == GemmDtype::Param) {
+    f(TypeTag<scalar_t>{});
+    return;
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (gemm == GemmDtype::BFloat16) {
+      f(TypeTag<c10::BFloat16>{});
+    } else {
+      f(TypeTag<c10::Half>{});
+    }
+  } else {
+    TORCH_CHECK(false, "ffkernels: lower-precision GEMMs (autocast) need float32 weights");
+  }
+}
+
 // ---- normalization --------------------------------------------------------------------------------------
 
 // Block per row of pos||neg: the row's sum of squares by block reduction, d = row_divisor (ff_math.h, the oracle's
-// formula), x_hat = x / d into the (2B, K) buffer.
-template <typename scalar_t>
+// formula), x_hat = x / d into the (2B, K) buffer, in the GEMM dtype z_t (the quotient rounded to scalar_t, then to
+// z_t: once, for float parameters).
+template <typename scalar_t, typename z_t = scalar_t>
 __global__ void normalize_kernel(const scalar_t* __restrict__ x_pos, const scalar_t* __restrict__ x_neg,
-                                 scalar_t* __restrict__ xhat, int64_t B, int64_t K, Norm norm,
+                                 z_t* __restrict__ xhat, int64_t B, int64_t K, Norm norm,
                                  at::opmath_type<scalar_t> eps) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[kWarpSize];
   const int64_t row = blockIdx.x;
   const scalar_t* x = row < B ? x_pos + row * K : x_neg + (row - B) * K;
-  scalar_t* out = xhat + row * K;
+  z_t* out = xhat + row * K;
   if (norm == Norm::None) {
-    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) out[k] = x[k];
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) out[k] = static_cast<z_t>(x[k]);
     return;
   }
   acc_t ss = 0;
@@ -44,21 +80,23 @@ __global__ void normalize_kernel(const scalar_t* __restrict__ x_pos, const scala
   }
   ss = block_sum(ss, scratch);
   const acc_t d = row_divisor<acc_t>(ss, K, norm, eps);
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) out[k] = static_cast<scalar_t>(static_cast<acc_t>(x[k]) / d);
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
+    out[k] = static_cast<z_t>(static_cast<scalar_t>(static_cast<acc_t>(x[k]) / d));
 }
 
 // Block per row of x (labeled first layer): the sum of squares of x with the label one-hot written in,
 // value^2 + sum_{k >= C} x_k^2 (the same whatever the label), d = row_divisor; x~ = x / d with features [0, C)
-// zeroed into xhat (B, K); lv_i = value / d as x_hat would store the label feature (rounded to the dtype).
-template <typename scalar_t>
-__global__ void normalize_labeled_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ xhat,
+// zeroed into xhat (B, K); lv_i = value / d as x_hat would store the label feature (rounded to the dtype, then to
+// the GEMM dtype z_t).
+template <typename scalar_t, typename z_t = scalar_t>
+__global__ void normalize_labeled_kernel(const scalar_t* __restrict__ x, z_t* __restrict__ xhat,
                                          at::opmath_type<scalar_t>* __restrict__ lv, int64_t K, int64_t C,
                                          at::opmath_type<scalar_t> value, Norm norm, at::opmath_type<scalar_t> eps) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[kWarpSize];
   const int64_t row = blockIdx.x;
   const scalar_t* xr = x + row * K;
-  scalar_t* out = xhat + row * K;
+  z_t* out = xhat + row * K;
   acc_t ss = 0;
   for (int64_t k = C + threadIdx.x; k < K; k += blockDim.x) {
     const acc_t v = static_cast<acc_t>(xr[k]);
@@ -67,25 +105,26 @@ __global__ void normalize_labeled_kernel(const scalar_t* __restrict__ x, scalar_
   ss = block_sum(ss, scratch) + value * value;  // the one-hot adds value^2
   const acc_t d = row_divisor<acc_t>(ss, K, norm, eps);
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
-    out[k] = k < C ? scalar_t(0) : static_cast<scalar_t>(static_cast<acc_t>(xr[k]) / d);
-  if (threadIdx.x == 0) lv[row] = static_cast<acc_t>(static_cast<scalar_t>(value / d));
+    out[k] = k < C ? z_t(0) : static_cast<z_t>(static_cast<scalar_t>(static_cast<acc_t>(xr[k]) / d));
+  if (threadIdx.x == 0) lv[row] = static_cast<acc_t>(static_cast<z_t>(static_cast<scalar_t>(value / d)));
 }
 
 // ---- the rows of a pair ------------------------------------------------------------------------------------
 
 // The labeled first layer's label term of a row (wl == nullptr: the plain step, no label term).
-template <typename scalar_t>
+template <typename scalar_t, typename z_t = scalar_t>
 struct LabelRows {
-  const scalar_t* wl = nullptr;                // (C, N): label column c of W as row c
+  const z_t* wl = nullptr;                     // (C, N): label column c of W (its GEMM-dtype copy) as row c
   const int64_t* y_pos = nullptr;              // (B) labels of the positive rows
   const int64_t* y_neg = nullptr;              // (B) labels of the negative rows
   const at::opmath_type<scalar_t>* lv = nullptr;  // (B) value / d_i
 };
 
 // h_j = relu(z_j + a col_j + b_j) as stored (rounded to the dtype); col (the row's label column of W, scaled by
-// a = lv_i) and b may be null. The order of the additions is the CPU kernels' (ff_cpu_rows.h relu_row).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ scalar_t relu_of(const scalar_t* __restrict__ z, const scalar_t* __restrict__ col, acc_t a,
+// a = lv_i) and b may be null; z and col in the GEMM dtype z_t, read exactly into acc_t. The order of the additions
+// is the CPU kernels' (ff_cpu_rows.h relu_row).
+template <typename scalar_t, typename acc_t, typename z_t = scalar_t>
+__device__ __forceinline__ scalar_t relu_of(const z_t* __restrict__ z, const z_t* __restrict__ col, acc_t a,
                                             const scalar_t* __restrict__ b, int64_t j) {
   acc_t v = static_cast<acc_t>(z[j]);
   if (col) v += a * static_cast<acc_t>(col[j]);
@@ -94,12 +133,12 @@ __device__ __forceinline__ scalar_t relu_of(const scalar_t* __restrict__ z, cons
 }
 
 // h = relu(z + a col + b) into h; returns this thread's part of sum h^2 (of h as stored, like the CPU kernel)
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t relu_row_part(const scalar_t* __restrict__ z, const scalar_t* __restrict__ col, acc_t a,
+template <typename scalar_t, typename acc_t, typename z_t = scalar_t>
+__device__ __forceinline__ acc_t relu_row_part(const z_t* __restrict__ z, const z_t* __restrict__ col, acc_t a,
                                                const scalar_t* __restrict__ b, scalar_t* __restrict__ h, int64_t N) {
   acc_t ss = 0;
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-    const scalar_t hv = relu_of<scalar_t, acc_t>(z, col, a, b, j);
+    const scalar_t hv = relu_of<scalar_t, acc_t, z_t>(z, col, a, b, j);
     h[j] = hv;
     ss += static_cast<acc_t>(hv) * static_cast<acc_t>(hv);
   }
@@ -115,10 +154,10 @@ constexpr int64_t kMaxChunks = 65535;  // gridDim.y limit
 // Block (u, c): thread t sums h+_ij = relu(z+_ij (+ lv_i wl[y+_i, j]) + b_j) over the `rows` rows of chunk c, in row
 // order, for unit j = u * kColThreads + t (consecutive threads read consecutive units: coalesced), into
 // part[c * N + j]. z+ row i is z + i * N (the positive rows come first; the labeled layer's rows are shared).
-template <typename scalar_t>
-__global__ void peer_colsum_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ b,
-                                   LabelRows<scalar_t> label, at::opmath_type<scalar_t>* __restrict__ part, int64_t B,
-                                   int64_t N, int64_t rows) {
+template <typename scalar_t, typename z_t = scalar_t>
+__global__ void peer_colsum_kernel(const z_t* __restrict__ z, const scalar_t* __restrict__ b,
+                                   LabelRows<scalar_t, z_t> label, at::opmath_type<scalar_t>* __restrict__ part,
+                                   int64_t B, int64_t N, int64_t rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= N) return;
@@ -126,9 +165,9 @@ __global__ void peer_colsum_kernel(const scalar_t* __restrict__ z, const scalar_
   const int64_t end = (c + 1) * rows < B ? (c + 1) * rows : B;
   acc_t s = 0;
   for (int64_t i = c * rows; i < end; ++i) {
-    const scalar_t* col = label.wl ? label.wl + label.y_pos[i] * N : nullptr;
+    const z_t* col = label.wl ? label.wl + label.y_pos[i] * N : nullptr;
     const acc_t a = label.wl ? label.lv[i] : acc_t(0);
-    s += static_cast<acc_t>(relu_of<scalar_t, acc_t>(z + i * N, col, a, b, j));
+    s += static_cast<acc_t>(relu_of<scalar_t, acc_t, z_t>(z + i * N, col, a, b, j));
   }
   part[c * N + j] = s;
 }
@@ -182,12 +221,12 @@ struct PeerBuffers {
     loss = at::empty({}, opts.dtype(at::kDouble));
   }
 
-  template <typename scalar_t>
-  void launch(const at::Tensor& z, const scalar_t* b, LabelRows<scalar_t> label, int64_t B, int64_t N,
+  template <typename scalar_t, typename z_t = scalar_t>
+  void launch(const at::Tensor& z, const scalar_t* b, LabelRows<scalar_t, z_t> label, int64_t B, int64_t N,
               const LossOptions& opt, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>((N + kColThreads - 1) / kColThreads), static_cast<unsigned>(chunks));
-    peer_colsum_kernel<scalar_t><<<grid, kColThreads, 0, stream>>>(z.const_data_ptr<scalar_t>(), b, label,
-                                                                    part.data_ptr<acc_t>(), B, N, chunk_rows);
+    peer_colsum_kernel<scalar_t, z_t><<<grid, kColThreads, 0, stream>>>(z.const_data_ptr<z_t>(), b, label,
+                                                                         part.data_ptr<acc_t>(), B, N, chunk_rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const PeerArgs<acc_t> pargs{static_cast<acc_t>(opt.peer_norm), static_cast<acc_t>(opt.peer_momentum)};
     peer_kernel<acc_t><<<1, threads_for_row(N), 0, stream>>>(part.const_data_ptr<acc_t>(), chunks,
@@ -215,13 +254,13 @@ struct LossArgs {
   Loss loss;
 };
 
-template <typename scalar_t>
+template <typename scalar_t, typename z_t = scalar_t>
 struct EpilogueArgs {
   using acc_t = at::opmath_type<scalar_t>;
-  scalar_t* z;                  // in: z without the bias, (2B, N) pos rows then neg rows, or (B, N) shared rows
-                                // (labeled); out: dL/dz, (2B, N), or dL/dz+ + dL/dz- (B, N) (labeled)
+  z_t* z;                       // in: z without the bias, (2B, N) pos rows then neg rows, or (B, N) shared rows
+                                // (labeled); out: dL/dz, (2B, N), or dL/dz+ + dL/dz- (B, N) (labeled); GEMM dtype
   const scalar_t* b;            // (N) or null
-  LabelRows<scalar_t> label;    // label.wl null: the plain step
+  LabelRows<scalar_t, z_t> label;  // label.wl null: the plain step
   scalar_t *h_pos, *h_neg, *g_pos, *g_neg;  // out: (B, N), (B, N), (B), (B)
   double* pair_loss;            // out: (B), each pair's loss terms
   acc_t* coef;                  // out, or null: (2B) c_i of the pos rows then the neg rows (dL/dz_i = c_i h_i)
@@ -236,8 +275,10 @@ struct EpilogueArgs {
 // unit (each thread over the units whose h it wrote itself, so no synchronization beyond the c in shared memory):
 // dL/dz = c h (+ v_j for the positive row) rounded to the dtype, written over z, and the block's column sum of the
 // stored dL/dz (pair order; pos then neg) into db_part: the bias gradient needs no pass of its own over dL/dz.
-template <typename scalar_t>
-__global__ void epilogue_kernel(EpilogueArgs<scalar_t> e) {
+// Under autocast (z_t lower than scalar_t) the dL/dz rounded to scalar_t is rounded once more to z_t for the dW GEMM,
+// and db sums the scalar_t values (the fp32 dL/dz, as the CPU kernel's dz_full).
+template <typename scalar_t, typename z_t = scalar_t>
+__global__ void epilogue_kernel(EpilogueArgs<scalar_t, z_t> e) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[kWarpSize];
   __shared__ acc_t coefs[2 * kMaxPairsPerBlock];
@@ -247,13 +288,13 @@ __global__ void epilogue_kernel(EpilogueArgs<scalar_t> e) {
   const int64_t last = first + e.pairs < B ? first + e.pairs : B;
   const acc_t s = e.loss.goodness_scale;
   for (int64_t i = first; i < last; ++i) {
-    const scalar_t* zp = e.z + i * N;
-    const scalar_t* zn = labeled ? zp : e.z + (B + i) * N;
-    const scalar_t* colp = labeled ? e.label.wl + e.label.y_pos[i] * N : nullptr;
-    const scalar_t* coln = labeled ? e.label.wl + e.label.y_neg[i] * N : nullptr;
+    const z_t* zp = e.z + i * N;
+    const z_t* zn = labeled ? zp : e.z + (B + i) * N;
+    const z_t* colp = labeled ? e.label.wl + e.label.y_pos[i] * N : nullptr;
+    const z_t* coln = labeled ? e.label.wl + e.label.y_neg[i] * N : nullptr;
     const acc_t a = labeled ? e.label.lv[i] : acc_t(0);
-    const acc_t ssp = block_sum(relu_row_part<scalar_t, acc_t>(zp, colp, a, e.b, e.h_pos + i * N, N), scratch);
-    const acc_t ssn = block_sum(relu_row_part<scalar_t, acc_t>(zn, coln, a, e.b, e.h_neg + i * N, N), scratch);
+    const acc_t ssp = block_sum(relu_row_part<scalar_t, acc_t, z_t>(zp, colp, a, e.b, e.h_pos + i * N, N), scratch);
+    const acc_t ssn = block_sum(relu_row_part<scalar_t, acc_t, z_t>(zn, coln, a, e.b, e.h_neg + i * N, N), scratch);
     // g is rounded to the output dtype before it enters the loss, as in the CPU kernel
     const acc_t gp = static_cast<acc_t>(static_cast<scalar_t>(s * ssp));
     const acc_t gn = static_cast<acc_t>(static_cast<scalar_t>(s * ssn));
@@ -282,12 +323,12 @@ __global__ void epilogue_kernel(EpilogueArgs<scalar_t> e) {
       const acc_t dzn = cn * static_cast<acc_t>(e.h_neg[i * N + j]);
       if (labeled) {  // the shared row sees both: dL/dz+ + dL/dz-, one rounding
         const scalar_t d = static_cast<scalar_t>(dzp + dzn);
-        e.z[i * N + j] = d;
+        e.z[i * N + j] = static_cast<z_t>(d);
         db += static_cast<acc_t>(d);
       } else {
         const scalar_t dp = static_cast<scalar_t>(dzp), dn = static_cast<scalar_t>(dzn);
-        e.z[i * N + j] = dp;
-        e.z[(B + i) * N + j] = dn;
+        e.z[i * N + j] = static_cast<z_t>(dp);
+        e.z[(B + i) * N + j] = static_cast<z_t>(dn);
         db += static_cast<acc_t>(dp);
         db += static_cast<acc_t>(dn);
       }
@@ -325,8 +366,8 @@ __global__ void sum_pairs_kernel(const double* __restrict__ pair_loss, int64_t B
 // The pair epilogue (h, g, the loss terms, dL/dz over z, the bias gradient's block partials), the loss sum and the
 // bias gradient: one step's kernels after the forward GEMM. `e` has every pointer but db_part set; returns
 // grad_bias (undefined without a bias).
-template <typename scalar_t>
-at::Tensor launch_epilogue(EpilogueArgs<scalar_t> e, const double* peer_loss, scalar_t* loss,
+template <typename scalar_t, typename z_t = scalar_t>
+at::Tensor launch_epilogue(EpilogueArgs<scalar_t, z_t> e, const double* peer_loss, scalar_t* loss,
                            const at::TensorOptions& opts, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   e.pairs = pairs_per_block(e.B);
@@ -337,7 +378,7 @@ at::Tensor launch_epilogue(EpilogueArgs<scalar_t> e, const double* peer_loss, sc
     grad_bias = at::empty({e.N}, opts);
     e.db_part = db_part.data_ptr<acc_t>();
   }
-  epilogue_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads_for_row(e.N), 0, stream>>>(e);
+  epilogue_kernel<scalar_t, z_t><<<static_cast<unsigned>(blocks), threads_for_row(e.N), 0, stream>>>(e);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sum_pairs_kernel<scalar_t><<<1, kSumThreads, 0, stream>>>(e.pair_loss, e.B, peer_loss, loss);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,6 +1,7 @@
 // Fused optimizer update on a CUDA GPU: one grid-stride pass over a parameter, its gradient and its
 // optimizer state (fp32; fp64 for fp64 parameters). The per-element math is ffk::adam_update /
-// ffk::sgd_update (ff_math.h), as in ff_update_cpu.cpp.
+// ffk::sgd_update (ff_math.h), as in ff_update_cpu.cpp. The gradient is in the parameter's dtype, or bf16/fp16 for
+// float parameters (the fused step under autocast hands its dW GEMM output over as is; it is read exactly into fp32).
 //
 // The non-finite-loss guard runs on the device: every thread reads the loss and returns when it is
 // NaN or infinite, so a bad step touches nothing and the host never waits for the GPU.
@@ -48,8 +49,8 @@ at::Tensor device_readable_loss(const at::Tensor& loss) {
   return direct ? loss : loss.to(at::kDouble);
 }
 
-template <typename scalar_t, typename state_t>
-__global__ void adam_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ m,
+template <typename scalar_t, typename state_t, typename grad_t = scalar_t>
+__global__ void adam_kernel(scalar_t* __restrict__ p, const grad_t* __restrict__ g, state_t* __restrict__ m,
                             state_t* __restrict__ v, int64_t n, AdamConsts<state_t> c, LossRef loss) {
   if (!loss.finite()) return;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -60,8 +61,8 @@ __global__ void adam_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict
   }
 }
 
-template <typename scalar_t, typename state_t>
-__global__ void sgd_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ buf,
+template <typename scalar_t, typename state_t, typename grad_t = scalar_t>
+__global__ void sgd_kernel(scalar_t* __restrict__ p, const grad_t* __restrict__ g, state_t* __restrict__ buf,
                            int64_t n, SGDConsts<state_t> c, LossRef loss) {
   if (!loss.finite()) return;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -70,6 +71,25 @@ __global__ void sgd_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict_
     sgd_update<state_t>(pi, static_cast<state_t>(g[i]), buf ? buf + i : nullptr, c);
     p[i] = static_cast<scalar_t>(pi);
   }
+}
+
+// One pass over a parameter of scalar_t with a gradient of grad_t.
+template <typename scalar_t, typename grad_t>
+void launch_update(const ParamState& ps, const OptimOptions& opt, LossRef lref, int64_t n, int64_t blocks,
+                   cudaStream_t stream) {
+  using state_t = state_type<scalar_t>;
+  scalar_t* p = ps.param.data_ptr<scalar_t>();
+  const grad_t* g = ps.grad.const_data_ptr<grad_t>();
+  if (opt.optimizer == Optim::Adam) {
+    adam_kernel<scalar_t, state_t, grad_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        p, g, ps.state1.data_ptr<state_t>(), ps.state2.data_ptr<state_t>(), n, make_adam_consts<state_t>(opt), lref);
+  } else {
+    const SGDConsts<state_t> c = make_sgd_consts<state_t>(opt);
+    state_t* buf = c.momentum != state_t(0) ? ps.state1.data_ptr<state_t>() : nullptr;
+    sgd_kernel<scalar_t, state_t, grad_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, g, buf, n, c,
+                                                                                                   lref);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -81,19 +101,18 @@ void ff_update_cuda(const ParamState& ps, const at::Tensor& loss, const OptimOpt
   const LossRef lref{l.defined() ? l.const_data_ptr() : nullptr, l.defined() ? l.scalar_type() : at::kFloat};
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ps.param.scalar_type(), "ff_update_cuda", [&] {
-    using state_t = state_type<scalar_t>;
-    scalar_t* p = ps.param.data_ptr<scalar_t>();
-    const scalar_t* g = ps.grad.const_data_ptr<scalar_t>();
-    if (opt.optimizer == Optim::Adam) {
-      adam_kernel<scalar_t, state_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          p, g, ps.state1.data_ptr<state_t>(), ps.state2.data_ptr<state_t>(), n, make_adam_consts<state_t>(opt), lref);
+  const auto gt = ps.grad.scalar_type();
+  const bool low_grad = ps.param.scalar_type() == at::kFloat && (gt == at::kBFloat16 || gt == at::kHalf);
+  if (low_grad) {  // the fused step under autocast: float parameters, the bf16/fp16 dW of its GEMM
+    if (gt == at::kBFloat16) {
+      launch_update<float, c10::BFloat16>(ps, opt, lref, n, blocks, stream);
     } else {
-      const SGDConsts<state_t> c = make_sgd_consts<state_t>(opt);
-      state_t* buf = c.momentum != state_t(0) ? ps.state1.data_ptr<state_t>() : nullptr;
-      sgd_kernel<scalar_t, state_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, g, buf, n, c, lref);
+      launch_update<float, c10::Half>(ps, opt, lref, n, blocks, stream);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ps.param.scalar_type(), "ff_update_cuda", [&] {
+    launch_update<scalar_t, scalar_t>(ps, opt, lref, n, blocks, stream);
   });
 }
 

@@ -119,6 +119,7 @@ def cpu_backend() -> CompiledBackend:
 
 def cuda_backend() -> CompiledBackend:
     """The CUDA kernels, with the supervised first-layer step and the convolutional step (conv_grad, conv_step: cuDNN's
-    convolutions and CUDA epilogue kernels) too; no autocast yet (refused with a clear error)."""
+    convolutions and CUDA epilogue kernels) too, and bf16 or fp16 GEMMs and convolutions under torch.autocast (cuBLAS's
+    and cuDNN's, fp32 accumulation; float32 master weights)."""
     return CompiledBackend("cuda", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16), labeled=True,
-                           conv=True)
+                           gemm_dtypes=("param", "bfloat16", "float16"), conv=True)
