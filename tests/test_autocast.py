@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import oracle
-from backends import ALL, CPU, REFERENCE, TRITON, backend_params
+from backends import ALL, CPU, REFERENCE, TRITON, TRITON_PACKAGE, backend_params
 from ffkernels import FFConfig, FFLinear, FFNet, NonFiniteLossError, embed_label, wrong_labels
 from ffkernels.backends import BACKENDS
 from ffkernels.backends.contract import autocast_config, check_gemm_dtype
@@ -24,6 +24,7 @@ BF16 = torch.bfloat16
 # the backends with bf16 GEMMs under autocast, as the tests run them (backends.py): float32 layers on their device
 AUTOCAST_BACKENDS = tuple(b for b in ALL if "bfloat16" in BACKENDS[b.name].gemm_dtypes)
 REFUSING = tuple(b for b in ALL if b not in AUTOCAST_BACKENDS)
+AUTOCAST_OPS = tuple(b for b in AUTOCAST_BACKENDS if b.namespace)  # those with registered ops: cpu, triton
 
 
 def autocast(device="cpu"):
@@ -243,21 +244,21 @@ def test_float64_under_autocast_is_unchanged(backend):
             assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("backend", backend_params([CPU]))
+@pytest.mark.parametrize("backend", backend_params(AUTOCAST_OPS))
 def test_ops_ignore_an_enclosing_autocast(backend):
     """The ops compute what their options say: gemm_dtype=param under an enclosing autocast gives the fp32 result
     bit for bit (the kernels' own at::mm is not recast), and the split path equals the fused step."""
-    s = sample_inputs("ff_grad")[0]
+    s = sample_inputs("ff_grad", backend.device)[0]
     op = backend.op("ff_grad")
     plain = op(*s.args("ff_grad"))
-    with autocast():
+    with autocast(backend.device):
         inside = op(*s.args("ff_grad"))
     for a, b in zip(plain, inside):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend,op,i", [pytest.param(CPU, op, i, id=f"cpu-{op}-{sid}", marks=CPU.marks)
-                                          for op in CPU.op_names if op != "ff_update"
+@pytest.mark.parametrize("backend,op,i", [pytest.param(b, op, i, id=f"{b.name}-{op}-{sid}", marks=b.marks)
+                                          for b in AUTOCAST_OPS for op in b.op_names if op != "ff_update"
                                           for i, sid in enumerate(sample_ids(op))])
 def test_opcheck_bf16(backend, op, i):
     """torch.library.opcheck with gemm_dtype=bfloat16 in the options: schemas, fakes, dispatch unchanged."""
@@ -266,14 +267,14 @@ def test_opcheck_bf16(backend, op, i):
     torch.library.opcheck(backend.op(op), s.args(op))
 
 
-@pytest.mark.parametrize("backend", backend_params([CPU]))
+@pytest.mark.parametrize("backend", backend_params(AUTOCAST_OPS))
 def test_step_equals_grad_then_update(backend):
     """Under autocast too, ff_step == ff_grad then ff_update (the update reads the same dW, rounded to bf16 by its
     GEMM, then widened)."""
     import ffkernels
-    s = sample_inputs("ff_step")[0]
+    s = sample_inputs("ff_step", backend.device)[0]
     cfg = s.cfg
-    with autocast():
+    with autocast(backend.device):
         a = s.clone()
         out = ffkernels.ff_step(a["x_pos"], a["x_neg"], a["weight"], a["bias"], a.states("weight"), a.states("bias"),
                                 a.step, cfg, peer_mean=a["peer_mean"], backend=backend.name)
@@ -289,6 +290,41 @@ def test_step_equals_grad_then_update(backend):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.parametrize("backend", backend_params([TRITON]))
+@pytest.mark.parametrize("labeled", [False, True], ids=["pair", "labeled"])
+def test_triton_row_split(backend, labeled):
+    """Triton's kernel 3 split over the rows (B = 300 per side, three splits of 128 under the interpreter; kernel 3b
+    adds the fp32 partials, then rounds dW to bf16 once): steps against the bf16 oracle, and ff_step == ff_grad +
+    ff_update with the split, the gradient a widened bf16 tensor."""
+    import importlib
+    settings = importlib.import_module(f"{TRITON_PACKAGE}.settings")
+    with settings.force_row_splits(3):
+        if labeled:
+            run_autocast(backend, 300, 40, 24, steps=2, labeled_classes=10, rule=AUTOCAST_PAIR, exact=True,
+                         optimizer="sgd", momentum=0.9, peer_norm=0.3)
+            return
+        run_autocast(backend, 300, 40, 24, steps=2, peer_norm=0.3, weight_decay=0.01)
+        gen = torch.Generator().manual_seed(6)
+        dev = backend.device
+        xp, xn = (x.to(dev, torch.float32) for x in batch(gen, 300, 40))
+        cfg = FFConfig(threshold=24.0, peer_norm=0.3, gemm_dtype="bfloat16")
+        w = (torch.randn(24, 40, generator=gen) / 40 ** 0.5).to(dev)
+        b = (torch.randn(24, generator=gen) / 40 ** 0.5).to(dev)
+        r = torch.rand(24, generator=gen).to(dev)
+        tri = BACKENDS["triton"]
+        w1, b1, r1 = w.clone(), b.clone(), r.clone()
+        sw1, sb1 = (torch.zeros_like(w), torch.zeros_like(w)), (torch.zeros_like(b), torch.zeros_like(b))
+        out = tri.step(xp, xn, w1, b1, sw1, sb1, 1, cfg, peer_mean=r1)
+        g = tri.grad(xp, xn, w, b, cfg, peer_mean=r)
+        assert torch.equal(out.loss, g.loss) and torch.equal(out.h_neg, g.h_neg)
+        assert torch.equal(g.grad_weight, g.grad_weight.to(BF16).float())
+        w2, b2 = w.clone(), b.clone()
+        sw2, sb2 = (torch.zeros_like(w), torch.zeros_like(w)), (torch.zeros_like(b), torch.zeros_like(b))
+        tri.update(w2, b2, g.grad_weight, g.grad_bias, sw2, sb2, 1, cfg, loss=g.loss)
+        for x, y in ((w1, w2), (b1, b2), *zip(sw1, sw2), *zip(sb1, sb2)):
+            assert torch.equal(x, y)
+
+
 # ---- refusals ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [b.name for b in REFUSING])
@@ -300,17 +336,25 @@ def test_backends_without_bf16_gemms_refuse(name):
 
 
 @pytest.mark.parametrize("backend", backend_params([TRITON]))
-def test_triton_refuses_under_autocast(backend):
+def test_triton_refuses_what_it_cannot_run(backend):
+    """triton runs bf16 GEMMs under autocast, not fp16 ones: a step under a float16 autocast raises, naming why, and
+    changes nothing; the ops refuse gemm_dtype=float16, and bfloat16 for weights other than float32."""
     layer = FFLinear(12, 5, backend="triton", device=backend.device)
     x = torch.rand(3, 12, device=backend.device)
     w0 = layer.weight.detach().clone()
-    with autocast(backend.device), pytest.raises(BackendUnavailableError, match="triton.*no bfloat16 GEMMs"):
+    with torch.autocast(torch.device(backend.device).type, dtype=torch.float16), \
+            pytest.raises(BackendUnavailableError, match="triton.*no float16 GEMMs"):
         layer.ff_step(x, x)
     assert torch.equal(layer.weight, w0) and layer.step_count == 0
     s = sample_inputs("ff_grad", backend.device)[0]
-    s.cfg = s.cfg.replace(gemm_dtype="bfloat16")
-    with pytest.raises(NotImplementedError, match="no bfloat16 GEMMs"):
+    s.cfg = s.cfg.replace(gemm_dtype="float16")
+    with pytest.raises(NotImplementedError, match="no float16 GEMMs"):
         backend.op("ff_grad")(*s.args("ff_grad"))
+    s.cfg = s.cfg.replace(gemm_dtype="bfloat16")
+    args = s.args("ff_grad")
+    with pytest.raises(TypeError, match="need float32 weights"):
+        backend.op("ff_grad")(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                for a in args])
 
 
 @pytest.mark.parametrize("backend", backend_params([CPU]))

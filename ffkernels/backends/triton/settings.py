@@ -40,6 +40,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     return _fp32_precision if dtype == torch.float32 else "ieee"
 
 
+GEMM_DTYPES = ("param", "bfloat16")  # the FFConfig.gemm_dtype values the kernels run (docs/design.md, "Mixed precision")
+
+
+def gemm_code(gemm_dtype: str) -> int:
+    """The kernels' ``GEMM`` constexpr for ``FFConfig.gemm_dtype`` (ff_math.py's GEMM_* codes): 0 for "param" (the
+    kernels exactly as before autocast existed); for "bfloat16" 1 on GPUs (bf16 tl.dot operands), 2 under the
+    interpreter (bf16 values in an fp32 "ieee" dot: the interpreter's own bf16 dot and fp32 -> bf16 cast are wrong).
+    The ops refuse the other values before this is asked (float16: not implemented)."""
+    if gemm_dtype == "param":
+        return 0
+    if gemm_dtype != "bfloat16":
+        raise ValueError(f"ffkernels: the Triton kernels have no {gemm_dtype} GEMMs")
+    return 2 if interpreting() else 1
+
+
 def supported_dtypes() -> tuple:
     """fp32 under the interpreter (numpy has no bf16 and the tests are fp32); fp32/fp16/bf16 on GPUs."""
     if interpreting():
