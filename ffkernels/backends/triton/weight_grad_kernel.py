@@ -319,7 +319,7 @@ def launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight, bias
     N = weight.shape[0]
     aligned = settings.is_aligned(x_pos, x_neg, h_pos, h_neg, weight, sizes=(N, K))
     cfg = settings.weight_grad_config(torch.bfloat16 if gemm else weight.dtype, N, K, B, aligned,
-                                      labeled=labels is not None)
+                                      labeled=labels is not None, autocast=bool(gemm))
     bn, bk, bb = cfg["n"], cfg["k"], cfg["rows"]
     grid_nk = (triton.cdiv(N, bn), triton.cdiv(K, bk))
     splits, split_rows = settings.row_splits(grid_nk[0] * grid_nk[1], B, bb, weight.device)
