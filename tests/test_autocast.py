@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import oracle
-from backends import ALL, CPU, CUDA_BACKEND, backend_params
+from backends import ALL, CPU, CUDA_BACKEND, TRITON, TRITON_PACKAGE, backend_params
 from ffkernels import FFConfig, FFLinear, FFNet, NonFiniteLossError, embed_label, wrong_labels
 from ffkernels.backends import BACKENDS
 from ffkernels.backends.contract import autocast_config, check_gemm_dtype
@@ -29,7 +29,9 @@ LOW_GEMMS = ("bfloat16", "float16")
 AUTOCAST_BACKENDS = tuple(b for b in ALL if "bfloat16" in BACKENDS[b.name].gemm_dtypes)
 # the kernels (not the reference, whose math is the oracle's) with fp16 GEMMs under autocast
 FP16_BACKENDS = tuple(b for b in ALL if b.namespace and "float16" in BACKENDS[b.name].gemm_dtypes)
-# the compiled (C++/CUDA) backends with bf16 GEMMs: the tests of their ops' own behaviour under autocast
+# the backends with registered ops (cpu, cuda, triton) and bf16 GEMMs: the tests of their ops under autocast
+AUTOCAST_OPS = tuple(b for b in AUTOCAST_BACKENDS if b.namespace)
+# the compiled (C++/CUDA) ones among them
 COMPILED_AUTOCAST = tuple(b for b in (CPU, CUDA_BACKEND) if b in AUTOCAST_BACKENDS)
 # (backend, GEMM dtype) pairs a backend does not run: refused, whichever backends those are
 REFUSED = tuple((b, g) for b in ALL for g in LOW_GEMMS if g not in BACKENDS[b.name].gemm_dtypes)
@@ -298,7 +300,7 @@ def test_float64_under_autocast_is_unchanged(backend):
             assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("backend", backend_params(COMPILED_AUTOCAST))
+@pytest.mark.parametrize("backend", backend_params(AUTOCAST_OPS))
 def test_ops_ignore_an_enclosing_autocast(backend):
     """The ops compute what their options say: gemm_dtype=param under an enclosing autocast gives the fp32 result
     bit for bit (the kernels' own at::mm is not recast), and the split path equals the fused step."""
@@ -312,7 +314,7 @@ def test_ops_ignore_an_enclosing_autocast(backend):
 
 
 @pytest.mark.parametrize("backend,gemm,op,i", [pytest.param(b, g, op, i, id=f"{b.name}-{g}-{op}-{sid}", marks=b.marks)
-                                               for b in COMPILED_AUTOCAST for g in LOW_GEMMS
+                                               for b in AUTOCAST_OPS for g in LOW_GEMMS
                                                if g in BACKENDS[b.name].gemm_dtypes
                                                for op in b.op_names if op != "ff_update"
                                                for i, sid in enumerate(sample_ids(op))])
@@ -323,7 +325,7 @@ def test_opcheck_low_precision(backend, gemm, op, i):
     torch.library.opcheck(backend.op(op), s.args(op))
 
 
-@pytest.mark.parametrize("backend,gemm", _gemm_params(COMPILED_AUTOCAST))
+@pytest.mark.parametrize("backend,gemm", _gemm_params(AUTOCAST_OPS))
 def test_step_equals_grad_then_update(backend, gemm):
     """Under autocast too, ff_step == ff_grad then ff_update (the update reads the same dW, rounded to bf16 (fp16) by
     its GEMM, then widened)."""
@@ -344,6 +346,41 @@ def test_step_equals_grad_then_update(backend, gemm):
                         loss=g.loss, backend=backend.name)
     for name in ("weight", "bias", "state1_weight", "state2_weight"):
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("backend", backend_params([TRITON]))
+@pytest.mark.parametrize("labeled", [False, True], ids=["pair", "labeled"])
+def test_triton_row_split(backend, labeled):
+    """Triton's kernel 3 split over the rows (B = 300 per side, three splits of 128 under the interpreter; kernel 3b
+    adds the fp32 partials, then rounds dW to bf16 once): steps against the bf16 oracle, and ff_step == ff_grad +
+    ff_update with the split, the gradient a widened bf16 tensor."""
+    import importlib
+    settings = importlib.import_module(f"{TRITON_PACKAGE}.settings")
+    with settings.force_row_splits(3):
+        if labeled:
+            run_autocast(backend, 300, 40, 24, steps=2, labeled_classes=10, rule=AUTOCAST_PAIR, exact=True,
+                         optimizer="sgd", momentum=0.9, peer_norm=0.3)
+            return
+        run_autocast(backend, 300, 40, 24, steps=2, peer_norm=0.3, weight_decay=0.01)
+        gen = torch.Generator().manual_seed(6)
+        dev = backend.device
+        xp, xn = (x.to(dev, torch.float32) for x in batch(gen, 300, 40))
+        cfg = FFConfig(threshold=24.0, peer_norm=0.3, gemm_dtype="bfloat16")
+        w = (torch.randn(24, 40, generator=gen) / 40 ** 0.5).to(dev)
+        b = (torch.randn(24, generator=gen) / 40 ** 0.5).to(dev)
+        r = torch.rand(24, generator=gen).to(dev)
+        tri = BACKENDS["triton"]
+        w1, b1, r1 = w.clone(), b.clone(), r.clone()
+        sw1, sb1 = (torch.zeros_like(w), torch.zeros_like(w)), (torch.zeros_like(b), torch.zeros_like(b))
+        out = tri.step(xp, xn, w1, b1, sw1, sb1, 1, cfg, peer_mean=r1)
+        g = tri.grad(xp, xn, w, b, cfg, peer_mean=r)
+        assert torch.equal(out.loss, g.loss) and torch.equal(out.h_neg, g.h_neg)
+        assert torch.equal(g.grad_weight, g.grad_weight.to(BF16).float())
+        w2, b2 = w.clone(), b.clone()
+        sw2, sb2 = (torch.zeros_like(w), torch.zeros_like(w)), (torch.zeros_like(b), torch.zeros_like(b))
+        tri.update(w2, b2, g.grad_weight, g.grad_bias, sw2, sb2, 1, cfg, loss=g.loss)
+        for x, y in ((w1, w2), (b1, b2), *zip(sw1, sw2), *zip(sb1, sb2)):
+            assert torch.equal(x, y)
 
 
 # ---- refusals ------------------------------------------------------------------------------------------
@@ -376,12 +413,13 @@ def test_refused_under_autocast(backend, gemm):
         backend.op("ff_grad")(*s.args("ff_grad"))
 
 
-@pytest.mark.parametrize("backend,gemm", _gemm_params(COMPILED_AUTOCAST))
-def test_compiled_ops_need_float32_weights(backend, gemm):
-    """Lower-precision GEMMs are for fp32 master weights: the compiled ops refuse them for float64 weights."""
+@pytest.mark.parametrize("backend,gemm", _gemm_params(AUTOCAST_OPS))
+def test_ops_need_float32_weights(backend, gemm):
+    """Lower-precision GEMMs are for fp32 master weights: the ops (C++ binding, Triton) refuse them for float64
+    weights."""
     s64 = sample_inputs("ff_grad", backend.device, dtype=torch.float64)[0]
     s64.cfg = s64.cfg.replace(gemm_dtype=gemm)
-    with pytest.raises(TypeError, match="needs float32 weights"):
+    with pytest.raises(TypeError, match="needs? float32 weights"):
         backend.op("ff_grad")(*s64.args("ff_grad"))
 
 

@@ -9,7 +9,10 @@ Also: several N-, K- and M-tiles (``settings.force_conv_tiles``: a class group's
 conv groups with a class group across them, the K loop), the split over the rows (``force_row_splits``),
 ff_conv_step == ff_conv_grad + ff_update bit for bit, two runs bitwise equal, the non-finite rule, labels out of range
 (ValueError for CPU tensors; on a GPU a NaN loss without a host sync), the argument and option checks of the compiled
-ops, opcheck and the fakes, the layers on backend="triton", autocast refused, and (GPU) one host sync per FFNet step.
+ops, opcheck and the fakes, the layers on backend="triton", and (GPU) one host sync per FFNet step. Under
+torch.autocast(bfloat16) (bf16 convolutions, float32 parameters): test_conv_cpu.py's autocast cases against the bf16
+oracle (tolerance.AUTOCAST), with several tiles and the row split too, step == grad + update, the bf16 op samples'
+opcheck; float16 refused.
 
 Under the interpreter: ``TRITON_INTERPRET=1 python -m pytest -q -m triton tests/test_conv_triton.py``.
 """
@@ -24,8 +27,10 @@ from ffkernels import FFConfig, FFConv2d, FFLinear, FFNet
 from ffkernels._types import BackendUnavailableError
 from ffkernels.backends import BACKENDS, resolve_backend
 from ffkernels.backends import reference_conv as oracle
+from ffkernels.backends.contract import autocast_config
 from options import OPTIMIZERS
-from test_conv_cpu import (BAD, GEOMETRIES, LOSS_OVER, OPTION_ERRORS, SHAPE_CONFIGS, Case, Params, _bad_call_args,
+from test_conv_cpu import (AUTOCAST_CASES, BAD, GEOMETRIES, LOSS_OVER, OPTION_ERRORS, SHAPE_CONFIGS, Case, Params,
+                           _bad_call_args,
                            _conv_call, _fixed_problem, _geom_args, _op_samples, _option_cases, _state_slots,
                            assert_non_finite_step_changes_nothing, assert_step_is_grad_then_update,
                            assert_two_runs_equal, run_steps)
@@ -127,6 +132,46 @@ def test_several_tiles(dtype, name, splits):
         _steps(dtype, case, FFConfig(**opts), bias)
 
 
+# ---- mixed precision: torch.autocast(bfloat16) on float32 parameters ------------------------------------------------
+
+@pytest.mark.parametrize("opts,bias,geom", [pytest.param(*a, id=cid) for cid, *a in AUTOCAST_CASES])
+def test_autocast_bf16(opts, bias, geom):
+    """test_conv_cpu.py's autocast cases: bf16 convolutions (kernel C0b's x̂, W cast once, z and dW rounded to bf16),
+    everything else float32, against the oracle with gemm_dtype=bfloat16 (tolerance.AUTOCAST); parameters and state
+    stay float32."""
+    ours = run_steps(FP32, GEOMETRIES[geom], FFConfig(**opts), bias, autocast=True, backend="triton")
+    assert all(t.dtype == FP32 for t in ours.tensors().values())
+
+
+@pytest.mark.parametrize("name", ["competitive-c42-groups2-p1-p1", "hinton-location-cin5-c20-s2-p1",
+                                  "symba-sample-groups3-d2-p1"])
+def test_autocast_several_tiles_and_split(name):
+    """Under autocast with 16-wide tiles everywhere and kernel C3 split in three over the rows (kernel 3b rounds the
+    sum of the fp32 partials to bf16 once)."""
+    from ffkernels.backends.triton import settings
+
+    case, opts, bias = TILED[name]
+    with settings.force_conv_tiles(16), settings.force_row_splits(3):
+        run_steps(FP32, case, FFConfig(**opts), bias, autocast=True, backend="triton")
+
+
+def test_autocast_bf16_is_what_runs():
+    """Under autocast the convolutions really are bf16: h differs from the float32 step's and equals the bf16
+    oracle's to a bf16 rounding; every output float32."""
+    cfg = FFConfig()
+    case, xp, xn, t, w, b, nc = _fixed_problem(cfg)
+    tri = BACKENDS["triton"]
+    with torch.autocast(TRITON.device, dtype=torch.bfloat16):
+        low = tri.conv_grad(*_on(xp, xn), t, *_on(w, b), case.geom, nc, autocast_config(cfg, w))
+    full = tri.conv_grad(*_on(xp, xn), t, *_on(w, b), case.geom, nc, cfg)
+    ref = oracle.conv_grad(xp, xn, t, w, b, case.geom, cfg.replace(gemm_dtype="bfloat16"), nc)
+    scale = full.h_pos.abs().max().item()
+    assert (low.h_pos - full.h_pos).abs().max().item() > 1e-4 * scale
+    assert (low.h_pos.cpu() - ref.h_pos).abs().max().item() <= 2 ** -8 * scale
+    assert all(v.dtype == FP32 for v in low if v is not None)
+    assert torch.equal(low.grad_weight, low.grad_weight.to(torch.bfloat16).float())
+
+
 # float16/bfloat16 (GPU only): SGD, whose update is linear in the gradient, as test_conv_gpu.py's LOWP_CASES
 LOWP_CASES = [(f"{loss}-{over}-p{p}-{opt}-{'bias' if bias else 'nobias'}-{geom}",
                dict(loss=loss, goodness_over=over, goodness_power=p, goodness=good, **OPTIMIZERS[opt]), bias, geom)
@@ -148,17 +193,20 @@ def test_lowp_steps(dtype, opts, bias, geom):
 
 # ---- the op's own guarantees ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
 @pytest.mark.parametrize("splits", [1, 2], ids=["nosplit", "split2"])
 @pytest.mark.parametrize("loss,over,opt", [("hinton", "sample", "adam-wd"), ("symba", "location", "sgd-momentum"),
                                            ("competitive", "group", "adam")])
-def test_step_equals_grad_then_update(loss, over, opt, splits):
+def test_step_equals_grad_then_update(loss, over, opt, splits, autocast):
     """ff_conv_step == ff_conv_grad, then the (linear) Triton ff_update op with its loss, bit for bit, over two
-    steps: kernel C3 rounds the gradient to the dtype and applies the update kernel's optimizer code (and 3b the same
-    with a split)."""
+    steps: kernel C3 rounds the gradient to the dtype (under autocast to bf16, widened) and applies the update
+    kernel's optimizer code (and 3b the same with a split)."""
     from ffkernels.backends.triton import settings
 
     _ops()
     cfg = FFConfig(loss=loss, goodness_over=over, **OPTIMIZERS[opt])
+    if autocast:
+        cfg = cfg.replace(gemm_dtype="bfloat16")
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg)
     with settings.force_row_splits(splits):  # 5 images x 63 pixels: three 128-row blocks
         assert_step_is_grad_then_update(cfg, case, *_on(xp, xn, t, w, b), nc, DEVICE, namespace=NS)
@@ -323,30 +371,34 @@ def test_fflinear_competitive_is_the_1x1_convolution():
         assert torch.equal(lin.weight, conv.weight.view(8, 6)) and torch.equal(lin.bias, conv.bias)
 
 
-def test_autocast_is_refused():
-    """No lower-precision convolutions for float32 weights yet: a step under autocast raises (the backend's check,
-    and the op's), rather than running in fp32; outside autocast nothing changes."""
+def test_float16_autocast_is_refused():
+    """No float16 convolutions for float32 weights: a step under a float16 autocast raises (the backend's check, and
+    the op's), rather than running in fp32; nothing changes; bf16 ones need float32 weights; a bfloat16 autocast
+    runs."""
     layer = FFConv2d(3, 4, 3, backend="triton", device=DEVICE)
     x = torch.rand(2, 3, 7, 7, device=DEVICE)
     before = _snapshot(layer)
-    with torch.autocast(TRITON.device, dtype=torch.bfloat16):
-        with pytest.raises(BackendUnavailableError, match="bfloat16"):
+    with torch.autocast(TRITON.device, dtype=torch.float16):
+        with pytest.raises(BackendUnavailableError, match="float16"):
             layer.ff_step(x, x.flip(0))
     _unchanged(layer, before)
-    cfg = FFConfig(gemm_dtype="bfloat16")
+    cfg = FFConfig(gemm_dtype="float16")
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg)
-    with pytest.raises(NotImplementedError, match="no bfloat16 GEMMs"):
+    with pytest.raises(NotImplementedError, match="no float16 GEMMs"):
         _ops().ff_conv_grad(*_on(xp, xn), t, *_on(w, b), *_geom_args(case), nc, cfg.conv_op_options)
-    layer.ff_step(x, x.flip(0))
-    assert layer.step_count == 1
+    with pytest.raises(TypeError, match="float32 weights"):
+        _ops().ff_conv_grad(*_on(xp.double(), xn.double()), t, *_on(w.double(), b.double()), *_geom_args(case), nc,
+                            FFConfig(gemm_dtype="bfloat16").conv_op_options)
+    with torch.autocast(TRITON.device, dtype=torch.bfloat16):
+        layer.ff_step(x, x.flip(0))
+    assert layer.step_count == 1 and layer.weight.dtype == FP32
 
 
 # ---- the ops: opcheck, the fakes, argument and option checks --------------------------------------------------------
 
 def _triton_op_samples():
-    """test_conv_cpu.py's op samples (CPU tensors, moved to the backend's device), but for bf16 convolutions
-    (autocast: refused by the Triton ops)."""
-    return [pytest.param(op, args, id=f"triton-{op}-{sid}") for sid, op, args in _op_samples() if "bf16" not in sid]
+    """test_conv_cpu.py's op samples (CPU tensors, moved to the backend's device), bf16 convolutions included."""
+    return [pytest.param(op, args, id=f"triton-{op}-{sid}") for sid, op, args in _op_samples()]
 
 
 def _device_args(args) -> list:
@@ -452,10 +504,10 @@ def test_conv_options_are_checked(options, match):
         _conv_call(options, NS, DEVICE)
 
 
-def test_the_backend_refuses_autocast_before_the_op():
-    cfg = FFConfig(gemm_dtype="bfloat16")
+def test_the_backend_refuses_float16_autocast_before_the_op():
+    cfg = FFConfig(gemm_dtype="float16")
     case, xp, xn, t, w, b, nc = _fixed_problem(cfg)
-    with pytest.raises(BackendUnavailableError, match="bfloat16"):
+    with pytest.raises(BackendUnavailableError, match="float16"):
         BACKENDS["triton"].conv_grad(*_on(xp, xn), t, *_on(w, b), case.geom, nc, cfg)
 
 

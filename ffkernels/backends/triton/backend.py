@@ -17,7 +17,7 @@ class TritonBackend(OpBackend):
     docs/triton.md)."""
 
     def __init__(self):
-        super().__init__("triton", "ffkernels_triton", labeled=True, conv=True)
+        super().__init__("triton", "ffkernels_triton", labeled=True, gemm_dtypes=settings.GEMM_DTYPES, conv=True)
         self._registered = False
 
     @property

@@ -9,6 +9,9 @@ stored in NCHW, and the tile's partial goodness: per row, the sum of h^p (h as s
 channels -- for "group" goodness one sum per class group the tile touches (J slots), in fp64. The partials go to an fp64
 (T, J, sides B P) buffer, every (tile, slot, row) written by exactly one program; kernel C2 adds them in a fixed order
 (no atomics), so nothing depends on scheduling.
+
+Under torch.autocast (GEMM, a constexpr: with GEMM_PARAM none of this is compiled) x is kernel C0b's bf16 x̂, W its
+bf16 copy and NORM "none": z = conv(x̂, W) is rounded to bf16 before the fp32 epilogue (autocast's conv2d output).
 """
 import torch
 import triton
@@ -17,7 +20,7 @@ import triton.language as tl
 from . import settings
 from .conv_im2col import h_offsets, im2col_tile, output_pixels
 from .conv_problem import ConvProblem
-from .ff_math import NORM_CODES, NORM_NONE
+from .ff_math import GEMM_PARAM, NORM_CODES, NORM_NONE, dot_operand, round_gemm
 from .launch import launchable
 
 
@@ -30,6 +33,7 @@ def ff_conv_forward_kernel(
     cg_in, cg_out, kg, tiles_per_group, J, per_class, sides,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, POWER: tl.constexpr, GROUPED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GEMM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     t = tl.program_id(1)
@@ -55,13 +59,18 @@ def ff_conv_forward_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         x = im2col_tile(x_ptr, img, iy0, ix0, row_ok, ks, kg, g * cg_in, C_in, H, W, KH, KW, dil_h, dil_w)
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < kg)[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        if GEMM == GEMM_PARAM:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(dot_operand(x, GEMM), tl.trans(dot_operand(w, GEMM)), acc, input_precision=INPUT_PRECISION)
 
     if NORM != NORM_NONE:
         d = tl.load(den_ptr + side * B + img, mask=row_ok, other=1.0)
         z = tl.div_rn(acc, d[:, None])
     else:
         z = acc
+    if GEMM != GEMM_PARAM:
+        z = round_gemm(z, GEMM)  # the bf16 convolution's output
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     h = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL).to(h_ptr.dtype.element_ty)  # relu(NaN) = NaN
@@ -85,14 +94,16 @@ def ff_conv_forward_kernel(
         tl.store(out, tl.sum(term, axis=1), mask=row_ok)
 
 
-def launch_conv_forward(x_pos, x_neg, weight, bias, den, pr: ConvProblem, norm: str, power: int):
+def launch_conv_forward(x_pos, x_neg, weight, bias, den, pr: ConvProblem, norm: str, power: int, gemm: int = 0):
     """Run kernel C1. Returns h_pos, h_neg (None without negatives), the partial goodness (T, J, sides B P) and the
-    layout (tiles per conv group, T, J, tile N) kernel C2 reads it with."""
+    layout (tiles per conv group, T, J, tile N) kernel C2 reads it with. ``gemm`` (settings.gemm_code, under
+    autocast): x_pos, x_neg are kernel C0b's bf16 x̂, weight the bf16 W, ``norm`` "none"; h is float32."""
     cfg = settings.conv_forward_config(weight.dtype, pr.cg_out, pr.kg, pr.B * pr.P)
     bm, bn, bk = cfg["m"], cfg["n"], cfg["k"]
     per_group, tiles, J = pr.partial_layout(bn)
-    h_pos = x_pos.new_empty((pr.B, pr.C_out, pr.Ho, pr.Wo))
-    h_neg = x_pos.new_empty((pr.B, pr.C_out, pr.Ho, pr.Wo)) if pr.sides == 2 else None
+    h_dtype = torch.float32 if gemm else x_pos.dtype
+    h_pos = x_pos.new_empty((pr.B, pr.C_out, pr.Ho, pr.Wo), dtype=h_dtype)
+    h_neg = x_pos.new_empty((pr.B, pr.C_out, pr.Ho, pr.Wo), dtype=h_dtype) if pr.sides == 2 else None
     part = x_pos.new_empty((tiles, J, pr.sides * pr.B * pr.P), dtype=torch.float64)
     grid = (triton.cdiv(pr.B * pr.P, bm), tiles, pr.sides)
     # without negatives side 1 is not launched: the pos tensors stand in for its pointers (one type per pointer)
@@ -101,6 +112,6 @@ def launch_conv_forward(x_pos, x_neg, weight, bias, den, pr: ConvProblem, norm: 
         pr.B, **pr.geometry_args(), cg_in=pr.cg_in, cg_out=pr.cg_out, kg=pr.kg, tiles_per_group=per_group, J=J,
         per_class=pr.per_class, sides=pr.sides,
         NORM=NORM_CODES[norm], HAS_BIAS=bias is not None, POWER=power, GROUPED=pr.over == "group",
-        INPUT_PRECISION=settings.dot_precision(weight.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        INPUT_PRECISION=settings.dot_precision(weight.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GEMM=gemm,
         num_warps=cfg["warps"])
     return h_pos, h_neg, part, (per_group, tiles, J, bn)

@@ -11,8 +11,10 @@ ops", "Convolutional FF"), registered as ops.py registers the linear ones (``tri
 
 The competitive loss's labels: for CPU tensors (the interpreter) their range is read on the host, a ValueError as the
 CPU op; on a GPU they are not read (a host sync per step): they are clamped and the loss made NaN when one was out of
-range, so nothing is updated (as the compiled CUDA op, ``poison_loss``). Under torch.autocast (gemm_dtype other than
-"param") the ops refuse, as the linear Triton ops do.
+range, so nothing is updated (as the compiled CUDA op, ``poison_loss``). Under torch.autocast (gemm_dtype=bfloat16,
+docs/design.md "Mixed precision") kernel C0b (gemm_operands.py) writes x̂ = x / d rounded to bf16 (C0 first, as
+ever), the weight is cast to bf16 once, and C1 and C3 run their GEMM variants on them with norm "none"; float16 is
+refused, as by the linear Triton ops.
 """
 from __future__ import annotations
 
@@ -25,11 +27,13 @@ from ..._types import ConvGeometry
 from ...config import CONV_OPTION_KEYS, FFConfig
 from .. import contract
 from ..contract_conv import check_conv_inputs, conv_outputs_like
+from . import settings
 from .conv_forward_kernel import launch_conv_forward
 from .conv_loss_kernel import launch_conv_loss
 from .conv_norm_kernel import launch_conv_norm
 from .conv_problem import conv_problem
 from .conv_weight_grad_kernel import launch_conv_weight_grad
+from .gemm_operands import launch_conv_gemm_normalize
 from .labeled import _host_readable
 from .launch import on_device
 from .ops import _PARAMS_AND_STATE, _check_all_states, _check_device_and_dtype, _check_gemm, _register
@@ -62,6 +66,7 @@ def _check_conv(x_pos, x_neg, target, weight, bias, stride, padding, dilation, g
         raise ValueError("ffkernels: the competitive loss needs target, one integer class label per image")
     geom = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), int(groups))
     check_conv_inputs(x_pos, x_neg, target, weight, bias, geom, cfg, num_classes, check_range=False)
+    _check_gemm(cfg, weight)
     _check_device_and_dtype(weight)
     contract.check_param(weight, weight, "weight", in_place=True)  # as the compiled ops: contiguous in both
     if bias is not None:
@@ -84,15 +89,20 @@ def _check_conv(x_pos, x_neg, target, weight, bias, stride, padding, dilation, g
 
 def _run(x_pos, x_neg, target, weight, bias, pr, bad, cfg: FFConfig, update, states):
     """Kernels C0-C3: (loss, h_pos, h_neg, g_pos, g_neg) and, without an update, (grad_w, grad_b)."""
+    gemm = settings.gemm_code(cfg.gemm_dtype)
+    norm, w_gemm = cfg.norm, weight
     with on_device(weight):  # Triton launches on the current device: make it the tensors' one
         den = launch_conv_norm(x_pos, x_neg, cfg.norm, cfg.norm_eps)
-        h_pos, h_neg, part, layout = launch_conv_forward(x_pos, x_neg, weight, bias, den, pr, cfg.norm,
-                                                         cfg.goodness_power)
+        if gemm:  # bf16 operands: x̂ by kernel C0b, W cast once (the fp32 weight stays the master)
+            x_pos, x_neg = launch_conv_gemm_normalize(x_pos, x_neg, den, cfg.norm, gemm)
+            norm, den, w_gemm = "none", None, weight.to(torch.bfloat16)
+        h_pos, h_neg, part, layout = launch_conv_forward(x_pos, x_neg, w_gemm, bias, den, pr, norm,
+                                                         cfg.goodness_power, gemm=gemm)
         loss, g_pos, g_neg, coef = launch_conv_loss(part, layout, pr, weight.dtype, cfg, target)
         if bad is not None:  # a label out of range (GPU): a NaN loss, so no update
             loss.masked_fill_(bad, float("nan"))
-        grads = launch_conv_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight, bias, pr, cfg.norm,
-                                        cfg.goodness_power, update=update, states=states)
+        grads = launch_conv_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight, bias, pr, norm,
+                                        cfg.goodness_power, update=update, states=states, gemm=gemm)
     # no negatives: empty h_neg and g_neg, as the compiled ops (two tensors: outputs may not alias)
     outs = (loss, h_pos, weight.new_empty(0) if h_neg is None else h_neg, g_pos,
             weight.new_empty(0) if g_neg is None else g_neg)

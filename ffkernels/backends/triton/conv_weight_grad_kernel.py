@@ -15,6 +15,10 @@ it is finite, apply Adam/SGD (``apply_optimizer``) to the tile in place from the
 dW is never materialized. With a split over the rows (``settings.row_splits``: few W tiles, many pixels) each split
 stores an fp32 partial and kernel 3b (``ff_split_reduce_kernel``) adds them in split order before the same epilogue.
 Fixed reduction orders everywhere, no atomics.
+
+Under torch.autocast (GEMM, a constexpr: with GEMM_PARAM none of this is compiled) x is kernel C0b's bf16 x̂ and NORM
+"none": dL/dz = k h (or k 1[h > 0]) in fp32 is rounded to bf16 as the dot's operand, db sums the fp32 dL/dz (fp64),
+and the fp32 accumulator (3b: the sum of the splits' partials) is rounded to bf16 and widened before the epilogue.
 """
 import torch
 import triton
@@ -23,7 +27,18 @@ import triton.language as tl
 from . import settings
 from .conv_im2col import h_offsets, im2col_tile, output_pixels
 from .conv_problem import OVER_CODES, ConvProblem
-from .ff_math import NORM_CODES, NORM_NONE, OPTIM_CODES, OPTIM_NONE, apply_optimizer, is_finite
+from .ff_math import (
+    GEMM_PARAM,
+    NORM_CODES,
+    NORM_NONE,
+    OPTIM_CODES,
+    OPTIM_NONE,
+    apply_optimizer,
+    dot_operand,
+    is_finite,
+    round_gemm,
+    to_gemm,
+)
 from .launch import launchable
 from .optim_args import NO_UPDATE, OptimArgs
 from .weight_grad_kernel import _split_reduce
@@ -36,7 +51,7 @@ OVER_LOCATION = tl.constexpr(OVER_CODES["location"])
 def _reduce_side(acc, bacc, x_ptr, h_ptr, coef_ptr, den_ptr, first_image, r_lo, r_hi, C_in, H, W, C_out, Wo, P, KH, KW,
                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, cg_in, kg, ng, per_class, g, cols, col_ok, ks,
                  owns_bias, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, POWER: tl.constexpr, OVER: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                 INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, GEMM: tl.constexpr):
     """acc += (dL/dz / d)^T im2col(x) and, where ``owns_bias``, bacc += colsum(dL/dz), over rows [r_lo, r_hi) of one
     side, whose images are rows ``first_image`` + ... of the coefficients and divisors."""
     for r0 in range(r_lo, r_hi, BLOCK_M):
@@ -62,7 +77,11 @@ def _reduce_side(acc, bacc, x_ptr, h_ptr, coef_ptr, den_ptr, first_image, r_lo, 
         else:
             dzs = tl.where(hf <= 0.0, 0.0, a)  # relu' = 0 where h <= 0; NaN passes, as in the CPU kernel
         x = im2col_tile(x_ptr, img, iy0, ix0, row_ok, ks, kg, g * cg_in, C_in, H, W, KH, KW, dil_h, dil_w)
-        acc = tl.dot(tl.trans(dzs.to(h.dtype)), x, acc, input_precision=INPUT_PRECISION)
+        if GEMM == GEMM_PARAM:
+            acc = tl.dot(tl.trans(dzs.to(h.dtype)), x, acc, input_precision=INPUT_PRECISION)
+        else:  # dL/dz rounded to bf16, x̂ already bf16
+            acc = tl.dot(tl.trans(dot_operand(to_gemm(dzs, GEMM), GEMM)), dot_operand(x, GEMM), acc,
+                         input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             if owns_bias:  # uniform over the program: only the programs that own a tile of b pay for it
                 if POWER == 2:
@@ -86,7 +105,7 @@ def ff_conv_weight_grad_kernel(
     step_size, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, momentum, weight_decay, first,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, POWER: tl.constexpr, OVER: tl.constexpr, OPTIM: tl.constexpr,
     MOMENTUM: tl.constexpr, SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GEMM: tl.constexpr,
 ):
     if OPTIM != OPTIM_NONE:
         if not is_finite(tl.load(loss_ptr).to(tl.float32)):
@@ -107,12 +126,12 @@ def ff_conv_weight_grad_kernel(
     bacc = tl.zeros((BLOCK_N,), dtype=tl.float64)  # as the CPU kernel: its pos and neg halves cancel
     acc, bacc = _reduce_side(acc, bacc, xp_ptr, hp_ptr, coef_ptr, den_ptr, 0, r_lo, r_hi, C_in, H, W, C_out, Wo, P,
                              KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, cg_in, kg, ng, per_class, g, cols,
-                             col_ok, ks, owns_bias, NORM, HAS_BIAS, POWER, OVER, INPUT_PRECISION, BLOCK_M)
+                             col_ok, ks, owns_bias, NORM, HAS_BIAS, POWER, OVER, INPUT_PRECISION, BLOCK_M, GEMM)
     if sides == 2:
         acc, bacc = _reduce_side(acc, bacc, xn_ptr, hn_ptr, coef_ptr, den_ptr, B, r_lo, r_hi, C_in, H,
                                  W, C_out, Wo, P, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, cg_in, kg,
                                  ng, per_class, g, cols, col_ok, ks, owns_bias, NORM, HAS_BIAS, POWER, OVER,
-                                 INPUT_PRECISION, BLOCK_M)
+                                 INPUT_PRECISION, BLOCK_M, GEMM)
 
     w_offs = cols.to(tl.int64)[:, None] * kg + ks[None, :]
     w_ok = col_ok[:, None] & (ks < kg)[None, :]
@@ -124,7 +143,10 @@ def ff_conv_weight_grad_kernel(
                 tl.store(gb_ptr + part * C_out + cols, bacc.to(tl.float32), mask=col_ok)
     else:
         # the gradient as a materialized grad_weight would hold it (parameter dtype), then fp32 for the update
-        gw = acc.to(w_ptr.dtype.element_ty)
+        if GEMM == GEMM_PARAM:
+            gw = acc.to(w_ptr.dtype.element_ty)
+        else:
+            gw = round_gemm(acc, GEMM)  # the bf16 convolution's weight gradient, widened
         if OPTIM == OPTIM_NONE:
             tl.store(gw_ptr + w_offs, gw, mask=w_ok)
         else:
@@ -142,14 +164,15 @@ def ff_conv_weight_grad_kernel(
 
 
 def launch_conv_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight, bias, pr: ConvProblem, norm: str,
-                            power: int, update: OptimArgs = NO_UPDATE, states=(None, None, None, None)):
+                            power: int, update: OptimArgs = NO_UPDATE, states=(None, None, None, None), gemm: int = 0):
     """Run kernel C3 (and 3b with a split over the rows).
 
     With ``update`` NO_UPDATE: returns (grad_weight, grad_bias or None). Otherwise updates weight, bias and ``states``
     = (s1 of weight, s2 of weight, s1 of bias, s2 of bias; None where unused) in place, unless ``loss`` is not finite,
-    and returns None."""
+    and returns None. ``gemm`` (settings.gemm_code, under autocast): x_pos, x_neg are kernel C0b's bf16 x̂, ``norm``
+    "none"; the tiles are bf16's."""
     rows = pr.B * pr.P
-    cfg = settings.conv_weight_grad_config(weight.dtype, pr.cg_out, pr.kg, rows)
+    cfg = settings.conv_weight_grad_config(torch.bfloat16 if gemm else weight.dtype, pr.cg_out, pr.kg, rows)
     bn, bk, bm = cfg["n"], cfg["k"], cfg["rows"]
     grid_nk = (triton.cdiv(pr.cg_out, bn), triton.cdiv(pr.kg, bk))
     splits, split_rows = settings.row_splits(grid_nk[0] * grid_nk[1] * pr.groups, rows, bm, weight.device)
@@ -169,10 +192,11 @@ def launch_conv_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight,
         bias, out_w, out_b, *states, pr.B, **pr.geometry_args(), cg_in=pr.cg_in, cg_out=pr.cg_out, kg=pr.kg, ng=pr.ng,
         per_class=pr.per_class, sides=pr.sides, splits=splits, split_rows=split_rows, **update.scalars,
         NORM=NORM_CODES[norm], HAS_BIAS=bias is not None, POWER=power, OVER=OVER_CODES[pr.over], OPTIM=update.optim,
-        MOMENTUM=update.momentum_buffer, SPLIT=splits > 1, INPUT_PRECISION=settings.dot_precision(weight.dtype),
-        BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, num_warps=cfg["warps"])
+        MOMENTUM=update.momentum_buffer, SPLIT=splits > 1,
+        INPUT_PRECISION=settings.dot_precision(torch.bfloat16 if gemm else weight.dtype), BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_M=bm, GEMM=gemm, num_warps=cfg["warps"])
     if splits > 1:
-        _split_reduce(out_w, splits, weight, grad_weight, states[:2], loss, update)
+        _split_reduce(out_w, splits, weight, grad_weight, states[:2], loss, update, gemm=gemm)
         if bias is not None:
             _split_reduce(out_b, splits, bias, grad_bias, states[2:], loss, update)
     return (grad_weight, grad_bias) if no_update else None

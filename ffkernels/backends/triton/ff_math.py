@@ -29,6 +29,13 @@ LOSS_SYMBA = tl.constexpr(LOSS_CODES["symba"])
 LOSS_SCFF = tl.constexpr(LOSS_CODES["scff"])
 OPTIM_NONE = tl.constexpr(OPTIM_CODES["none"])
 OPTIM_ADAM = tl.constexpr(OPTIM_CODES["adam"])
+# the GEMM operands (FFConfig.gemm_dtype; docs/design.md, "Mixed precision"), a kernel constexpr ``GEMM`` chosen on the
+# host (settings.gemm_code): the parameters' dtype (the kernels exactly as before autocast existed), bf16 operands fed
+# to tl.dot (GPUs), or bf16 values fed to an fp32 "ieee" tl.dot (the interpreter, whose bf16 dot is wrong and whose
+# fp32 -> bf16 cast truncates; products of bf16 values are exact in fp32, so the dot is the same up to its sum order)
+GEMM_PARAM = tl.constexpr(0)
+GEMM_BF16 = tl.constexpr(1)
+GEMM_BF16_EMULATED = tl.constexpr(2)
 
 
 # ---- numerically stable scalar helpers -------------------------------------------------------------
@@ -62,6 +69,45 @@ def sigmoid(x):
 @triton.jit
 def is_finite(x):
     return tl.abs(x) < float("inf")  # False for +-inf and NaN
+
+
+# ---- bf16 GEMM operands under torch.autocast ("Mixed precision") -----------------------------------------
+
+@triton.jit
+def _bf16_bits(x):
+    """The bits of fp32 ``x`` rounded to the nearest bf16, ties to even, in the high half of a uint32 (low half 0):
+    c10's round_to_nearest_even, torch's ``.to(torch.bfloat16)``; NaN becomes the quiet NaN 0x7FC0, infinities stay."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return tl.where(x != x, 0x7FC00000, bits).to(tl.uint32)
+
+
+@triton.jit
+def to_gemm(x, GEMM: tl.constexpr):
+    """fp32 ``x`` rounded to bf16 (to nearest, ties to even) as a bf16 tensor, to store or to feed ``dot_operand``. On
+    a GPU Triton's cast (cvt.rn.bf16.f32); under the interpreter, whose cast truncates, integer arithmetic."""
+    if GEMM == GEMM_BF16_EMULATED:
+        return (_bf16_bits(x) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def dot_operand(t, GEMM: tl.constexpr):
+    """A bf16 tensor as tl.dot takes it: itself on a GPU; its exact fp32 value under the interpreter."""
+    if GEMM == GEMM_BF16_EMULATED:
+        return (t.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return t
+
+
+@triton.jit
+def round_gemm(x, GEMM: tl.constexpr):
+    """fp32 ``x`` rounded to bf16 and widened back to fp32 (a GEMM's bf16 output as the fp32 epilogue reads it)."""
+    if GEMM == GEMM_BF16_EMULATED:
+        return _bf16_bits(x).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.bfloat16).to(tl.float32)
 
 
 # ---- input normalization: x_hat = x / d per row ------------------------------------------------------

@@ -5,7 +5,9 @@ registers the others (``triton_op`` on GPUs, an opaque ``custom_op`` with a fake
 launches, B-row GEMMs: kernel 1L (forward_labeled_kernel.py: x~ W^T once for both sides, the label columns gathered
 per row), kernel 2 unchanged (loss_kernel.py), kernel 3 with LABELED (weight_grad_kernel.py: the shared features'
 gradient from dL/dz+ + dL/dz-, the label columns from the explicit rows), with the optimizer in its epilogue for
-the step. Importing this module imports ops.py and registers both modules' ops.
+the step. Importing this module imports ops.py and registers both modules' ops. Under torch.autocast
+(gemm_dtype=bfloat16) kernel 0 (gemm_operands.py, LABELED) writes the bf16 x~ = x / d with the label features zeroed
+and lv_i = value / d_i rounded to bf16; kernels 1L and 3 run their GEMM variants on them and on the bf16 copy of W.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from torch import Tensor
 
 from ...config import FFConfig
 from .. import contract
+from . import settings
 from .forward_labeled_kernel import launch_forward_labeled
+from .gemm_operands import launch_gemm_normalize
 from .loss_kernel import launch_loss
 from .ops import _PARAMS_AND_STATE, _check_all_states, _check_gemm, _check_inputs, _check_peer_mean, _register
 from .optim_args import NO_UPDATE, optim_args
@@ -66,17 +70,25 @@ def _check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bi
 def _run(x, y_pos, y_neg, num_classes, label_value, weight, bias, cfg: FFConfig, peer_mean, update, states):
     """Kernels 1L, 2 and 3: (loss, h_pos, h_neg, g_pos, g_neg) and, without an update, (grad_w, grad_b)."""
     peer = peer_mean is not None
+    gemm = settings.gemm_code(cfg.gemm_dtype)
+    norm, lv = cfg.norm, None
+    if gemm:  # bf16 GEMM operands: x~ and lv by kernel 0, W cast once (the fp32 weight stays the master)
+        x, lv = launch_gemm_normalize(x, None, cfg.norm, cfg.norm_eps, gemm, labels=(num_classes, label_value))
+        norm = "none"
     h_pos, h_neg, ss_part, den, colsum_part = launch_forward_labeled(
-        x, y_pos, y_neg, num_classes, label_value, weight, bias, cfg.norm, cfg.norm_eps, peer=peer)
+        x, y_pos, y_neg, num_classes, label_value, weight.to(torch.bfloat16) if gemm else weight, bias, norm,
+        cfg.norm_eps, peer=peer, gemm=gemm, lv=lv)
+    if gemm:
+        den = lv  # kernel 3 reads the label feature lv_i where it would read d_i
     loss, g_pos, g_neg, coef, r_new, v = launch_loss(
         ss_part, x.shape[0], weight.shape[0], weight.dtype, cfg,
         peer=(colsum_part, peer_mean, cfg.peer_norm, cfg.peer_momentum) if peer else None)
     if x.is_cuda:  # labels out of range (not read on the host, see _check_labeled): a NaN loss, so no update
         out = torch.logical_or((y_pos < 0) | (y_pos >= num_classes), (y_neg < 0) | (y_neg >= num_classes)).any()
         loss.masked_fill_(out, float("nan"))
-    grads = launch_weight_grad(x, x, h_pos, h_neg, coef, den, loss, weight, bias, cfg.norm, update=update,
+    grads = launch_weight_grad(x, x, h_pos, h_neg, coef, den, loss, weight, bias, norm, update=update,
                                states=states, peer=(v, r_new, peer_mean) if peer else None,
-                               labels=(y_pos, y_neg, num_classes, label_value))
+                               labels=(y_pos, y_neg, num_classes, label_value), gemm=gemm)
     return (loss, h_pos, h_neg, g_pos, g_neg), grads
 
 
@@ -88,7 +100,7 @@ def ff_grad_labeled(x: Tensor, label_pos: Tensor, label_neg: Tensor, num_classes
     """loss, h_pos, h_neg, g_pos, g_neg, grad_weight, grad_bias (empty without bias) of the pair
     (x with label_pos, x with label_neg written in); nothing is updated (peer_mean is only read)."""
     cfg = FFConfig.from_op_options(options)
-    _check_gemm(cfg)
+    _check_gemm(cfg, weight)
     x, y_pos, y_neg = _check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias, in_place=False)
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -100,7 +112,7 @@ def ff_grad_labeled(x: Tensor, label_pos: Tensor, label_neg: Tensor, num_classes
 
 def _ff_grad_labeled_fake(x, label_pos, label_neg, num_classes, label_value, weight, bias, peer_mean, options):
     cfg = FFConfig.from_op_options(options)
-    _check_gemm(cfg)
+    _check_gemm(cfg, weight)
     _check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias, in_place=False)
     _check_peer_mean(peer_mean, weight, cfg, in_place=False)
     return contract.grad_outputs_like(x, weight, bias)
@@ -124,7 +136,7 @@ def ff_step_labeled(x: Tensor, label_pos: Tensor, label_neg: Tensor, num_classes
 
 def _step_args(x, label_pos, label_neg, num_classes, label_value, weight, bias, states, peer_mean, step, options):
     cfg = FFConfig.from_op_options(options)
-    _check_gemm(cfg)
+    _check_gemm(cfg, weight)
     contract.check_step(step)
     x, y_pos, y_neg = _check_labeled(x, label_pos, label_neg, num_classes, label_value, weight, bias, in_place=True)
     _check_all_states(weight, bias, states, cfg)

@@ -7,6 +7,11 @@ the options as one string (``FFConfig.op_options``), ``None`` for unused state. 
 plain Python functions that torch cannot trace, so the same functions are registered as opaque
 ``custom_op``s with fake kernels instead. Both declare what they mutate, so ``torch.library.opcheck``
 applies.
+
+Under torch.autocast the options say ``gemm_dtype=bfloat16`` (docs/design.md, "Mixed precision"): kernel 0
+(gemm_operands.py) writes the bf16 x̂, the weight is cast to bf16 once per call for kernel 1, and kernels 1 and 3 run
+their ``GEMM`` variants (bf16 GEMMs with fp32 accumulation, rounded outputs; everything else fp32, the fp32 weight
+the master). float16 GEMMs are refused (``_check_gemm``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from ...config import FFConfig
 from .. import contract
 from . import settings
 from .forward_kernel import ff_forward_kernel, launch_forward
+from .gemm_operands import launch_gemm_normalize
 from .launch import on_device
 from .loss_kernel import launch_loss
 from .optim_args import optim_args
@@ -74,23 +80,34 @@ def _check_peer_mean(peer_mean: Optional[Tensor], weight: Tensor, cfg: FFConfig,
 # ---- the kernels, in order -----------------------------------------------------------------------------
 
 def _forward(x_pos, x_neg, weight, bias, cfg: FFConfig, peer_mean: Optional[Tensor]):
-    """Kernels 1 and 2: loss, h_pos, h_neg, g_pos, g_neg, the row coefficients/divisors for kernel 3 and, with
-    peer normalization (``peer_mean`` = r given), (v, r', r) for kernel 3 (else None)."""
+    """Kernels (0,) 1 and 2: loss, h_pos, h_neg, g_pos, g_neg, the row coefficients/divisors for kernel 3 and, with
+    peer normalization (``peer_mean`` = r given), (v, r', r) for kernel 3 (else None); plus the x_pos, x_neg kernel 3
+    reads (under autocast kernel 0's bf16 x̂) and the norm it applies ("none" for x̂)."""
     peer = peer_mean is not None
-    h_pos, h_neg, ss_part, den, colsum_part = launch_forward(x_pos, x_neg, weight, bias, cfg.norm, cfg.norm_eps,
-                                                             peer=peer)
+    gemm = settings.gemm_code(cfg.gemm_dtype)
+    norm = cfg.norm
+    if gemm:  # bf16 GEMM operands: x̂ by kernel 0, W cast once (the fp32 weight stays the master)
+        x_pos, x_neg = launch_gemm_normalize(x_pos, x_neg, cfg.norm, cfg.norm_eps, gemm)
+        norm = "none"
+    h_pos, h_neg, ss_part, den, colsum_part = launch_forward(
+        x_pos, x_neg, weight.to(torch.bfloat16) if gemm else weight, bias, norm, cfg.norm_eps, peer=peer, gemm=gemm)
     loss, g_pos, g_neg, coef, r_new, v = launch_loss(
         ss_part, x_pos.shape[0], weight.shape[0], weight.dtype, cfg,
         peer=(colsum_part, peer_mean, cfg.peer_norm, cfg.peer_momentum) if peer else None)
-    return loss, h_pos, h_neg, g_pos, g_neg, coef, den, ((v, r_new, peer_mean) if peer else None)
+    return loss, h_pos, h_neg, g_pos, g_neg, coef, den, ((v, r_new, peer_mean) if peer else None), (x_pos, x_neg, norm)
 
 
-def _check_gemm(cfg: FFConfig) -> None:
-    """The Triton kernels have no lower-precision GEMMs for fp32 weights yet (torch.autocast): refuse, never fp32."""
-    if cfg.gemm_dtype != "param":
+def _check_gemm(cfg: FFConfig, weight: Optional[Tensor] = None) -> None:
+    """The GEMM dtypes the Triton kernels run (settings.GEMM_DTYPES): the parameters' own, and bfloat16 for float32
+    weights (torch.autocast, "Mixed precision"). float16 GEMMs are refused, never run in fp32 instead."""
+    if cfg.gemm_dtype not in settings.GEMM_DTYPES:
         raise NotImplementedError(f"ffkernels: the triton kernels have no {cfg.gemm_dtype} GEMMs for float32 weights "
-                                  f"(gemm_dtype={cfg.gemm_dtype}, i.e. torch.autocast); run outside autocast, or "
-                                  "use backend='reference' (or 'cpu' for bfloat16 on CPUs)")
+                                  f"(gemm_dtype={cfg.gemm_dtype}, i.e. torch.autocast with that dtype); they run "
+                                  "bfloat16 ones: use torch.autocast(dtype=torch.bfloat16), run outside autocast, or "
+                                  "use backend='reference'")
+    if cfg.gemm_dtype != "param" and isinstance(weight, Tensor) and weight.dtype != torch.float32:
+        raise TypeError(f"ffkernels: {cfg.gemm_dtype} GEMMs need float32 weights (fp32 master weights), got "
+                        f"{_name(weight.dtype)}")
 
 
 # ---- ffkernels_triton::ff_grad --------------------------------------------------------------------------
@@ -100,19 +117,20 @@ def ff_grad(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor]
     """loss, h_pos, h_neg, g_pos, g_neg, grad_weight, grad_bias (empty without bias). Nothing is updated (with
     peer normalization, ``peer_mean`` = r is only read: the loss and gradient include L_peer)."""
     cfg = FFConfig.from_op_options(options)
-    _check_gemm(cfg)
+    _check_gemm(cfg, weight)
     x_pos, x_neg, weight, bias = _check_inputs(x_pos, x_neg, weight, bias, in_place=False)
     peer_mean = _check_peer_mean(peer_mean, weight, cfg, in_place=False)
     with on_device(weight):  # Triton launches on the current device: make it the tensors' one
-        loss_t, h_pos, h_neg, g_pos, g_neg, coef, den, peer = _forward(x_pos, x_neg, weight, bias, cfg, peer_mean)
-        grad_w, grad_b = launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss_t, weight, bias, cfg.norm,
-                                            peer=peer)
+        loss_t, h_pos, h_neg, g_pos, g_neg, coef, den, peer, (xp, xn, norm) = _forward(x_pos, x_neg, weight, bias,
+                                                                                      cfg, peer_mean)
+        grad_w, grad_b = launch_weight_grad(xp, xn, h_pos, h_neg, coef, den, loss_t, weight, bias, norm, peer=peer,
+                                            gemm=settings.gemm_code(cfg.gemm_dtype))
     return loss_t, h_pos, h_neg, g_pos, g_neg, grad_w, grad_b if grad_b is not None else weight.new_empty(0)
 
 
 def _ff_grad_fake(x_pos, x_neg, weight, bias, peer_mean, options):
     cfg = FFConfig.from_op_options(options)
-    _check_gemm(cfg)
+    _check_gemm(cfg, weight)
     _check_inputs(x_pos, x_neg, weight, bias, in_place=False)
     _check_peer_mean(peer_mean, weight, cfg, in_place=False)
     return contract.grad_outputs_like(x_pos, weight, bias)
@@ -165,15 +183,16 @@ def ff_step(x_pos: Tensor, x_neg: Tensor, weight: Tensor, bias: Optional[Tensor]
     states = (state1_weight, state2_weight, state1_bias, state2_bias)
     x_pos, x_neg, cfg, update, peer_mean = _step_args(x_pos, x_neg, weight, bias, states, peer_mean, step, options)
     with on_device(weight):
-        loss_t, h_pos, h_neg, g_pos, g_neg, coef, den, peer = _forward(x_pos, x_neg, weight, bias, cfg, peer_mean)
-        launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss_t, weight, bias, cfg.norm, update=update,
-                           states=states, peer=peer)
+        loss_t, h_pos, h_neg, g_pos, g_neg, coef, den, peer, (xp, xn, norm) = _forward(x_pos, x_neg, weight, bias,
+                                                                                      cfg, peer_mean)
+        launch_weight_grad(xp, xn, h_pos, h_neg, coef, den, loss_t, weight, bias, norm, update=update,
+                           states=states, peer=peer, gemm=settings.gemm_code(cfg.gemm_dtype))
     return loss_t, h_pos, h_neg, g_pos, g_neg
 
 
 def _step_args(x_pos, x_neg, weight, bias, states, peer_mean, step, options):
     cfg = FFConfig.from_op_options(options)
-    _check_gemm(cfg)
+    _check_gemm(cfg, weight)
     contract.check_step(step)
     x_pos, x_neg, _, _ = _check_inputs(x_pos, x_neg, weight, bias, in_place=True)
     _check_all_states(weight, bias, states, cfg)

@@ -40,6 +40,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return _fp32_precision if dtype == torch.float32 else "ieee"
 
 
+# the FFConfig.gemm_dtype values the kernels run (docs/design.md, "Mixed precision")
+GEMM_DTYPES = ("param", "bfloat16")
+
+
+def gemm_code(gemm_dtype: str) -> int:
+    """The kernels' ``GEMM`` constexpr for ``FFConfig.gemm_dtype`` (ff_math.py's GEMM_* codes): 0 for "param" (the
+    kernels exactly as before autocast existed); for "bfloat16" 1 on GPUs (bf16 tl.dot operands), 2 under the
+    interpreter (bf16 values in an fp32 "ieee" dot: the interpreter's own bf16 dot and fp32 -> bf16 cast are wrong).
+    The ops refuse the other values before this is asked (float16: not implemented)."""
+    if gemm_dtype == "param":
+        return 0
+    if gemm_dtype != "bfloat16":
+        raise ValueError(f"ffkernels: the Triton kernels have no {gemm_dtype} GEMMs")
+    return 2 if interpreting() else 1
+
+
 def supported_dtypes() -> tuple:
     """fp32 under the interpreter (numpy has no bf16 and the tests are fp32); fp32/fp16/bf16 on GPUs."""
     if interpreting():
@@ -99,7 +115,7 @@ def forward_config(dtype: torch.dtype, N: int, K: int, B: int, aligned: bool = T
 # ---- kernel 3 (weight_grad_kernel.py) --------------------------------------------------------------------------
 
 def weight_grad_config(dtype: torch.dtype, N: int, K: int, B: int, aligned: bool = True,
-                       labeled: bool = False) -> dict:
+                       labeled: bool = False, autocast: bool = False) -> dict:
     """Kernel 3's W tile (``n`` x ``k``), the rows it reduces per step (``rows``) and its ``warps``:
       fp32              32 x 32 tile, 32 rows per step, 4 warps; 64 x 32 and 8 warps unaligned
       fp16/bf16         64 x 64 tile, 64 rows per step, 8 warps (the Adam epilogue holds the tile's p, m, v and
@@ -107,12 +123,14 @@ def weight_grad_config(dtype: torch.dtype, N: int, K: int, B: int, aligned: bool
     Every config compiles without spills for sm_90 with triton 3.8 and 3.6 (docs/triton.md, test_triton_ptxas.py).
       fp16/bf16, 1L     64 x 64 tile, 32 rows per step, 8 warps (``labeled``: each step forms both sides' dL/dz
                         and, in the tiles with label columns, both explicit rows)
+      autocast          (``dtype`` bf16, the operands of float32 weights) 64 x 64 tile, 32 rows per step, 8 warps: h is
+                        float32 there, and with 64 rows the unaligned variants spilled on sm_90 (up to 196 B)
     """
     if interpreting():
         return {"n": block(N, 128), "k": block(K, 128), "rows": block(B, 128), "warps": NUM_WARPS}
     if dtype == torch.float32:
         n, k, rows, warps = (32, 32, 32, 4) if aligned else (64, 32, 32, 8)
-    elif labeled:
+    elif labeled or autocast:
         n, k, rows, warps = 64, 64, 32, 8
     else:
         n, k, rows, warps = 64, 64, 64, 8

@@ -25,6 +25,12 @@ rows forms dL/dz = c h + v with kernel 2's per-unit v_j (for every positive row 
 h = 0), so dW gains v (x) sum_i x_hat+_i and db gains B v inside the same GEMM -- no extra pass over x.
 With an update, the programs with k = 0 (the reduce kernel without a split) also commit r <- r' for their units
 after the loss check, so a non-finite loss leaves r unchanged too.
+
+Under torch.autocast (GEMM, a constexpr: with GEMM_PARAM none of this is compiled) x is kernel 0's bf16 x̂ and NORM
+is "none": dL/dz = c h (+ v) in fp32 is rounded to bf16 as the dot's operand (no row scale: x̂ is already divided), db
+sums the fp32 dL/dz, and the fp32 accumulator is rounded to bf16 and widened before the epilogue (kernel 3b rounds
+the sum of the splits' partials): the bf16 GEMM's dW, which the fp32 optimizer reads or ff_grad returns. The labeled
+first layer's label columns take the explicit rows with kernel 0's lv_i (bf16 value / d_i, read from ``den_ptr``).
 """
 import torch
 import triton
@@ -35,9 +41,13 @@ from .ff_math import (
     NORM_CODES,
     NORM_NONE,
     OPTIM_CODES,
+    GEMM_PARAM,
     OPTIM_NONE,
     apply_optimizer,
+    dot_operand,
     is_finite,
+    round_gemm,
+    to_gemm,
 )
 from .launch import launchable
 from .optim_args import NO_UPDATE, OptimArgs
@@ -46,7 +56,7 @@ from .optim_args import NO_UPDATE, OptimArgs
 @triton.jit
 def _reduce_rows(acc, bacc, x_ptr, h_ptr, coef_ptr, den_ptr, v_ptr, r_lo, r_hi, N, K, cols, ks, owns_bias,
                  NORM: tl.constexpr, HAS_BIAS: tl.constexpr, PEER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                 BLOCK_B: tl.constexpr):
+                 BLOCK_B: tl.constexpr, GEMM: tl.constexpr):
     """acc += (dL/dz / d)^T x and, with HAS_BIAS where ``owns_bias``, bacc += colsum(dL/dz) over rows [r_lo, r_hi) of one side
     (pos or neg), with dL/dz = c h, plus v for every (row, unit) with PEER (the positive side of peer
     normalization)."""
@@ -74,7 +84,11 @@ def _reduce_rows(acc, bacc, x_ptr, h_ptr, coef_ptr, den_ptr, v_ptr, r_lo, r_hi, 
             else:
                 dzs = c[:, None] * hf
         x = tl.load(x_ptr + r64 * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(dzs.to(h.dtype)), x, acc, input_precision=INPUT_PRECISION)
+        if GEMM == GEMM_PARAM:
+            acc = tl.dot(tl.trans(dzs.to(h.dtype)), x, acc, input_precision=INPUT_PRECISION)
+        else:  # dL/dz rounded to bf16, x̂ already bf16
+            acc = tl.dot(tl.trans(dot_operand(to_gemm(dzs, GEMM), GEMM)), dot_operand(x, GEMM), acc,
+                         input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             if owns_bias:  # uniform over the program: only the programs that own a tile of b pay for it
                 if PEER:
@@ -88,7 +102,8 @@ def _reduce_rows(acc, bacc, x_ptr, h_ptr, coef_ptr, den_ptr, v_ptr, r_lo, r_hi, 
 @triton.jit
 def _reduce_rows_labeled(acc, bacc, x_ptr, hp_ptr, hn_ptr, yp_ptr, yn_ptr, coef_ptr, den_ptr, v_ptr, r_lo, r_hi, B, N,
                          K, C, label_value, cols, ks, owns_bias, label_tile, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         PEER: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+                         PEER: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                         GEMM: tl.constexpr):
     """The labeled first layer over rows [r_lo, r_hi) of x, both sides at once: row i's positive and negative are
     x~_i (x with features [0, C) zeroed) plus the one-hot value e_{y_i}, both divided by d_i. Outside the label
     columns they share x~, so one dot of ((dL/dz+ + dL/dz-) / d)^T x~ serves both; a tile with label columns
@@ -124,15 +139,29 @@ def _reduce_rows_labeled(acc, bacc, x_ptr, hp_ptr, hn_ptr, yp_ptr, yn_ptr, coef_
                 dzp = tl.where(row_ok[:, None], dzp + v[None, :], 0.0)
         dzn = an[:, None] * hn
         x = tl.load(x_ptr + r64 * K + ks[None, :], mask=row_ok[:, None] & (k_ok & (ks >= C))[None, :], other=0.0)
-        if label_tile:  # uniform over the program
-            yp = tl.load(yp_ptr + rows, mask=row_ok, other=0)
-            yn = tl.load(yn_ptr + rows, mask=row_ok, other=0)
-            xp = tl.where(ks[None, :] == yp[:, None], label_value, x.to(tl.float32)).to(dt)
-            xn = tl.where(ks[None, :] == yn[:, None], label_value, x.to(tl.float32)).to(dt)
-            acc = tl.dot(tl.trans(dzp.to(dt)), xp, acc, input_precision=INPUT_PRECISION)
-            acc = tl.dot(tl.trans(dzn.to(dt)), xn, acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(tl.trans((dzp + dzn).to(dt)), x, acc, input_precision=INPUT_PRECISION)
+        if GEMM == GEMM_PARAM:
+            if label_tile:  # uniform over the program
+                yp = tl.load(yp_ptr + rows, mask=row_ok, other=0)
+                yn = tl.load(yn_ptr + rows, mask=row_ok, other=0)
+                xp = tl.where(ks[None, :] == yp[:, None], label_value, x.to(tl.float32)).to(dt)
+                xn = tl.where(ks[None, :] == yn[:, None], label_value, x.to(tl.float32)).to(dt)
+                acc = tl.dot(tl.trans(dzp.to(dt)), xp, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(tl.trans(dzn.to(dt)), xn, acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(tl.trans((dzp + dzn).to(dt)), x, acc, input_precision=INPUT_PRECISION)
+        else:  # x is kernel 0's bf16 x~ (label columns zero); den_ptr holds lv_i, the bf16 label feature
+            if label_tile:
+                yp = tl.load(yp_ptr + rows, mask=row_ok, other=0)
+                yn = tl.load(yn_ptr + rows, mask=row_ok, other=0)
+                lv = tl.load(den_ptr + rows, mask=row_ok, other=0.0)[:, None]
+                xw = dot_operand(x, GEMM).to(tl.float32)  # exact: bf16 values
+                xp = dot_operand(to_gemm(tl.where(ks[None, :] == yp[:, None], lv, xw), GEMM), GEMM)
+                xn = dot_operand(to_gemm(tl.where(ks[None, :] == yn[:, None], lv, xw), GEMM), GEMM)
+                acc = tl.dot(tl.trans(dot_operand(to_gemm(dzp, GEMM), GEMM)), xp, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(tl.trans(dot_operand(to_gemm(dzn, GEMM), GEMM)), xn, acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(tl.trans(dot_operand(to_gemm(dzp + dzn, GEMM), GEMM)), dot_operand(x, GEMM), acc,
+                             input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             if owns_bias:
                 dz = cp[:, None] * hp
@@ -156,7 +185,7 @@ def ff_weight_grad_kernel(
     step_size, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, momentum, weight_decay, first,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, OPTIM: tl.constexpr, MOMENTUM: tl.constexpr, PEER: tl.constexpr,
     SPLIT: tl.constexpr, LABELED: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    BLOCK_B: tl.constexpr, GEMM: tl.constexpr,
 ):
     if OPTIM != OPTIM_NONE:
         if not is_finite(tl.load(loss_ptr).to(tl.float32)):
@@ -178,12 +207,12 @@ def ff_weight_grad_kernel(
     if LABELED:
         acc, bacc = _reduce_rows_labeled(acc, bacc, xp_ptr, hp_ptr, hn_ptr, yp_ptr, yn_ptr, coef_ptr, den_ptr, v_ptr,
                                          r_lo, r_hi, B, N, K, C, label_value, cols, ks, owns_bias,
-                                         pid_k * BLOCK_K < C, NORM, HAS_BIAS, PEER, INPUT_PRECISION, BLOCK_B)
+                                         pid_k * BLOCK_K < C, NORM, HAS_BIAS, PEER, INPUT_PRECISION, BLOCK_B, GEMM)
     else:
         acc, bacc = _reduce_rows(acc, bacc, xp_ptr, hp_ptr, coef_ptr, den_ptr, v_ptr, r_lo, r_hi, N, K, cols, ks,
-                                 owns_bias, NORM, HAS_BIAS, PEER, INPUT_PRECISION, BLOCK_B)
+                                 owns_bias, NORM, HAS_BIAS, PEER, INPUT_PRECISION, BLOCK_B, GEMM)
         acc, bacc = _reduce_rows(acc, bacc, xn_ptr, hn_ptr, coef_ptr + B, den_ptr + B, v_ptr, r_lo, r_hi, N, K,
-                                 cols, ks, owns_bias, NORM, HAS_BIAS, False, INPUT_PRECISION, BLOCK_B)
+                                 cols, ks, owns_bias, NORM, HAS_BIAS, False, INPUT_PRECISION, BLOCK_B, GEMM)
 
     col_ok = cols < N
     w_offs = cols.to(tl.int64)[:, None] * K + ks[None, :]
@@ -196,7 +225,10 @@ def ff_weight_grad_kernel(
                 tl.store(gb_ptr + part * N + cols, bacc, mask=col_ok)
     else:
         # the gradient as a materialized grad_weight would hold it (parameter dtype), then fp32 for the update
-        gw = acc.to(w_ptr.dtype.element_ty)
+        if GEMM == GEMM_PARAM:
+            gw = acc.to(w_ptr.dtype.element_ty)
+        else:
+            gw = round_gemm(acc, GEMM)  # the bf16 GEMM's output, widened
         if OPTIM == OPTIM_NONE:
             tl.store(gw_ptr + w_offs, gw, mask=w_ok)
         else:
@@ -223,10 +255,11 @@ def ff_split_reduce_kernel(
     p_ptr, g_ptr, s1_ptr, s2_ptr,  # the parameter; out with OPTIM_NONE: its gradient (else None); fp32 state
     loss_ptr, r_new_ptr, r_ptr, n_r,  # the loss; with PEER_COMMIT: r <- r' for the first n_r elements
     step_size, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, momentum, weight_decay, first,
-    OPTIM: tl.constexpr, MOMENTUM: tl.constexpr, PEER_COMMIT: tl.constexpr, BLOCK: tl.constexpr,
+    OPTIM: tl.constexpr, MOMENTUM: tl.constexpr, PEER_COMMIT: tl.constexpr, BLOCK: tl.constexpr, GEMM: tl.constexpr,
 ):
-    """Kernel 3b: the gradient = the splits' partials added in split order, rounded to the parameter dtype; stored
-    (OPTIM_NONE) or applied in place (after the loss check, as kernel 3 does)."""
+    """Kernel 3b: the gradient = the splits' partials added in split order, rounded to the parameter dtype (to bf16
+    and widened, GEMM: the weight's under autocast); stored (OPTIM_NONE) or applied in place (after the loss check,
+    as kernel 3 does)."""
     if OPTIM != OPTIM_NONE:
         if not is_finite(tl.load(loss_ptr).to(tl.float32)):
             return
@@ -237,7 +270,10 @@ def ff_split_reduce_kernel(
     for _ in range(splits):  # advancing the pointers (64-bit) by numel: no int32 product s * numel
         acc += tl.load(ptrs, mask=ok, other=0.0)
         ptrs += numel
-    g = acc.to(p_ptr.dtype.element_ty)  # the gradient as a materialized grad would hold it
+    if GEMM == GEMM_PARAM:
+        g = acc.to(p_ptr.dtype.element_ty)  # the gradient as a materialized grad would hold it
+    else:
+        g = round_gemm(acc, GEMM)
     if OPTIM == OPTIM_NONE:
         tl.store(g_ptr + offs, g, mask=ok)
     else:
@@ -251,19 +287,22 @@ def ff_split_reduce_kernel(
 REDUCE_BLOCK = 1024
 
 
-def _split_reduce(part, splits: int, param, grad, states, loss, update: OptimArgs, peer_commit=None) -> None:
-    """Kernel 3b over one parameter: ``grad`` out (OPTIM_NONE), else ``param`` and its ``states`` in place."""
+def _split_reduce(part, splits: int, param, grad, states, loss, update: OptimArgs, peer_commit=None,
+                  gemm: int = 0) -> None:
+    """Kernel 3b over one parameter: ``grad`` out (OPTIM_NONE), else ``param`` and its ``states`` in place; ``gemm``:
+    the gradient of a bf16 GEMM (the weight's under autocast), rounded to bf16."""
     numel = param.numel()
     r_new, r = peer_commit if peer_commit is not None else (None, None)
     launchable(ff_split_reduce_kernel)[(triton.cdiv(numel, REDUCE_BLOCK),)](
         part, splits, numel, param, grad, *states, loss, r_new, r,
         r.numel() if r is not None else 0, **update.scalars,
         OPTIM=update.optim, MOMENTUM=update.momentum_buffer, PEER_COMMIT=peer_commit is not None,
-        BLOCK=REDUCE_BLOCK)
+        BLOCK=REDUCE_BLOCK, GEMM=gemm)
 
 
 def launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight, bias, norm: str,
-                       update: OptimArgs = NO_UPDATE, states=(None, None, None, None), peer=None, labels=None):
+                       update: OptimArgs = NO_UPDATE, states=(None, None, None, None), peer=None, labels=None,
+                       gemm: int = 0):
     """Run kernel 3 (and 3b with a split over the rows).
 
     With ``update`` NO_UPDATE: returns (grad_weight, grad_bias or None). Otherwise updates weight, bias
@@ -271,13 +310,16 @@ def launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight, bias
     unless ``loss`` is not finite, and returns None. ``peer`` = (v, r', r) with peer normalization: v enters
     dL/dz of the positive rows; with an update, r <- r' unless the loss is not finite. ``labels`` = (label_pos,
     label_neg, num_classes, label_value) for the labeled first layer: x_pos is x, x_neg is ignored, den is (B,).
+    ``gemm`` (settings.gemm_code, under autocast): x_pos, x_neg are kernel 0's bf16 x̂, ``norm`` must be "none", den
+    is None (labeled: kernel 0's lv); the tiles are bf16's.
     """
     v, r_new, r = peer if peer is not None else (None, None, None)
     y_pos, y_neg, num_classes, label_value = labels if labels is not None else (None, None, 0, 0.0)
     B, K = x_pos.shape
     N = weight.shape[0]
     aligned = settings.is_aligned(x_pos, x_neg, h_pos, h_neg, weight, sizes=(N, K))
-    cfg = settings.weight_grad_config(weight.dtype, N, K, B, aligned, labeled=labels is not None)
+    cfg = settings.weight_grad_config(torch.bfloat16 if gemm else weight.dtype, N, K, B, aligned,
+                                      labeled=labels is not None, autocast=bool(gemm))
     bn, bk, bb = cfg["n"], cfg["k"], cfg["rows"]
     grid_nk = (triton.cdiv(N, bn), triton.cdiv(K, bk))
     splits, split_rows = settings.row_splits(grid_nk[0] * grid_nk[1], B, bb, weight.device)
@@ -291,16 +333,18 @@ def launch_weight_grad(x_pos, x_neg, h_pos, h_neg, coef, den, loss, weight, bias
         out_b = weight.new_empty((splits, N), dtype=torch.float32) if bias is not None else None
     else:
         out_w, out_b = grad_weight, grad_bias
+    if den is None:  # autocast, x̂ given: no divisors, and den_ptr + B is not read (norm "none"); coef stands in
+        den = coef
     launchable(ff_weight_grad_kernel)[(*grid_nk, splits)](
         x_pos, x_neg, h_pos, h_neg, coef, den, loss, v, r_new, r, weight, bias, out_w, out_b, *states, y_pos, y_neg,
         B, N, K, split_rows, num_classes, label_value, **update.scalars,
         NORM=NORM_CODES[norm], HAS_BIAS=bias is not None, OPTIM=update.optim, MOMENTUM=update.momentum_buffer,
         PEER=peer is not None, SPLIT=splits > 1, LABELED=labels is not None,
-        INPUT_PRECISION=settings.dot_precision(weight.dtype), BLOCK_N=bn, BLOCK_K=bk, BLOCK_B=bb,
-        num_warps=cfg["warps"])
+        INPUT_PRECISION=settings.dot_precision(torch.bfloat16 if gemm else weight.dtype), BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_B=bb, GEMM=gemm, num_warps=cfg["warps"])
     if splits > 1:
         commit = (r_new, r) if peer is not None and not no_update else None
-        _split_reduce(out_w, splits, weight, grad_weight, states[:2], loss, update, commit)
+        _split_reduce(out_w, splits, weight, grad_weight, states[:2], loss, update, commit, gemm)
         if bias is not None:
             _split_reduce(out_b, splits, bias, grad_bias, states[2:], loss, update)
     return (grad_weight, grad_bias) if no_update else None
