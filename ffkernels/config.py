@@ -168,23 +168,26 @@ class FFConfig:
 
     @staticmethod
     @lru_cache(maxsize=64)
-    def from_op_options(options: str) -> "FFConfig":
-        """The FFConfig an ``options`` string describes; ValueError naming a missing, unknown or bad key."""
+    def from_op_options(options: str, conv: bool = False) -> "FFConfig":
+        """The FFConfig an ``options`` string describes: the linear ops' keys (``op_options``) or, with ``conv``, the
+        conv ops' (``conv_op_options``), as the C++ binding parses them; ValueError naming a missing, unknown or bad
+        key (so a linear op never silently takes a conv string, whose math it does not compute)."""
+        source = "FFConfig.conv_op_options" if conv else "FFConfig.op_options"
         if not isinstance(options, str):
-            raise TypeError(f"ffkernels: options must be a str (FFConfig.op_options), got {type(options).__name__}")
+            raise TypeError(f"ffkernels: options must be a str ({source}), got {type(options).__name__}")
+        keys = CONV_OPTION_KEYS if conv else OP_OPTION_KEYS
         values = {}
         for item in options.split(";"):
             key, sep, value = item.partition("=")
-            if not sep or key not in CONV_OPTION_KEYS:
+            if not sep or key not in keys:
                 raise ValueError(f"ffkernels: unknown option {key!r} in options {options!r}; expected the keys "
-                                 f"{', '.join(OP_OPTION_KEYS)} (see FFConfig.op_options)")
+                                 f"{', '.join(keys)} (see {source})")
             if key in values:
                 raise ValueError(f"ffkernels: option {key!r} is given twice in options {options!r}")
             values[key] = value
-        keys = CONV_OPTION_KEYS if any(k not in OP_OPTION_KEYS for k in values) else OP_OPTION_KEYS
         missing = [k for k in keys if k not in values]
         if missing:
-            raise ValueError(f"ffkernels: options {options!r} lack {', '.join(missing)} (see FFConfig.op_options)")
+            raise ValueError(f"ffkernels: options {options!r} lack {', '.join(missing)} (see {source})")
         for key in values:
             if key not in _CHOICE_KEYS:
                 try:

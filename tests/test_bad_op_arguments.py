@@ -52,6 +52,10 @@ CASES = [
          (ValueError, r"beta2 must be a finite number >= 0 and < 1, got 1")),
     Case("unknown-goodness", "ff_grad", options(goodness="max"), (ValueError, "unknown goodness 'max'")),
     Case("unknown-key", "ff_step", options(bogus="1"), (ValueError, "bogus")),
+    # a conv options string (conv_op_options: goodness_over, goodness_power, temperature): the linear ops do not
+    # compute its math, so every backend refuses it rather than ignoring the extra keys
+    Case("conv-options", "ff_grad", {"options": lambda s: s.cfg.conv_op_options}, (ValueError, "goodness_over")),
+    Case("conv-options", "ff_step", {"options": lambda s: s.cfg.conv_op_options}, (ValueError, "goodness_over")),
     Case("missing-key", "ff_update", options(lr=None), (ValueError, "lr")),
     Case("missing-key", "ff_grad", options(norm_eps=None), (ValueError, "norm_eps")),
     Case("step-0", "ff_step", {"step": lambda s: 0}, (ValueError, "step must be >= 1")),

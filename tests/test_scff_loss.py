@@ -239,15 +239,15 @@ def test_bad_scff_options_are_one_line_value_errors(kw, msg, where):
 
 def test_the_options_strings_carry_both_keys_and_round_trip():
     cfg = FFConfig(loss="scff", threshold=2.0, threshold_neg=3.25, scff_lambda=0.1 + 0.2, goodness="mean")
-    for text, keys in ((cfg.op_options, OP_OPTION_KEYS), (cfg.conv_op_options, CONV_OPTION_KEYS)):
+    for text, keys, conv in ((cfg.op_options, OP_OPTION_KEYS, False), (cfg.conv_op_options, CONV_OPTION_KEYS, True)):
         assert [item.split("=")[0] for item in text.split(";")] == list(keys)
         assert "threshold=2.0;threshold_neg=3.25;loss=scff;" in text
         assert f"scff_lambda={0.1 + 0.2!r};" in text  # repr: the exact float crosses
-        assert FFConfig.from_op_options(text) == cfg
+        assert FFConfig.from_op_options(text, conv=conv) == cfg
     for other in (FFConfig(), FFConfig(loss="symba"), FFConfig(loss="competitive", goodness_over="group")):
-        assert FFConfig.from_op_options(other.conv_op_options) == other  # every loss carries the keys, unused
+        assert FFConfig.from_op_options(other.conv_op_options, conv=True) == other  # every loss carries the keys
     loc = cfg.replace(goodness_over="location", goodness_power=1)
-    assert FFConfig.from_op_options(loc.conv_op_options) == loc
+    assert FFConfig.from_op_options(loc.conv_op_options, conv=True) == loc
 
 
 @pytest.mark.parametrize("backend", backend_params((CPU,)))

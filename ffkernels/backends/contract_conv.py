@@ -107,7 +107,7 @@ def conv_outputs_like(x_pos: Tensor, x_neg, weight: Tensor, stride, padding, dil
     g_neg (0,) without negatives (the competitive loss)."""
     B, C = x_pos.shape[0], weight.shape[0]
     hw = [conv_out_size(x_pos.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)]
-    over = FFConfig.from_op_options(options).goodness_over
+    over = FFConfig.from_op_options(options, conv=True).goodness_over
     g_shape = {"sample": (B,), "location": (B, *hw), "group": (B, num_classes)}[over]
     h_pos, g_pos = x_pos.new_empty((B, C, *hw)), x_pos.new_empty(g_shape)
     h_neg, g_neg = (x_pos.new_empty(0), x_pos.new_empty(0)) if x_neg is None else (x_pos.new_empty((B, C, *hw)),

@@ -42,7 +42,7 @@ from .optim_args import NO_UPDATE, optim_args
 
 def _conv_config(options: str) -> FFConfig:
     """The options of a conv op (FFConfig.conv_op_options): every key of CONV_OPTION_KEYS, as the C++ parser asks."""
-    cfg = FFConfig.from_op_options(options)
+    cfg = FFConfig.from_op_options(options, conv=True)
     given = {item.partition("=")[0] for item in options.split(";")}
     missing = [k for k in CONV_OPTION_KEYS if k not in given]
     if missing:
