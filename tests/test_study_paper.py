@@ -398,9 +398,11 @@ def test_the_verdict_reads_what_results_json_says():
 
 
 def test_the_fashion_mnist_verdict_reads_what_results_json_says():
-    """Each statement of docs/study.md's Fashion-MNIST verdict (one seed, no numbers in the words) against the kept
-    run docs/study-fashion-mnist/results.json: differences in points at the best and the last layer, by both probes."""
+    """Each statement of docs/study.md's Fashion-MNIST verdict (seeds 0-1 for the rotation FF/BP pair, seed 0 for the
+    rest; no numbers in the words) against the kept run docs/study-fashion-mnist/results.json: differences in points
+    at the best and the last layer, by both probes, the mean over the seeds both sides have."""
     import os
+    from statistics import mean
 
     from ffkernels.study.claims import UNTRAINED, _pairs
     from ffkernels.study.tables import grouped
@@ -413,18 +415,30 @@ def test_the_fashion_mnist_verdict_reads_what_results_json_says():
     untrained = res["baselines"][ds]["untrained"]
     probes = ("paper", "lbfgs")
 
-    def diff(a, b, what):  # A - B in points, seed 0
+    def diffs(a, b, what):  # [A - B in points per seed both sides have]
         pairs = _pairs(g[(ds, *a)], untrained if b == UNTRAINED else g[(ds, *b)])
-        assert len(pairs) == 1, (a, b)
-        return 100 * (what(pairs[0][0]) - what(pairs[0][1]))
+        assert pairs, (a, b)
+        return [100 * (what(x) - what(y)) for x, y in pairs]
+
+    def diff(a, b, what):  # their mean
+        return mean(diffs(a, b, what))
+
+    # what ran: every run with seed 0, the rotation FF/BP pair with seeds 0 and 1
+    assert {k[1:]: sorted(r["seed"] for r in rs) for k, rs in g.items() if k[0] == ds} == {
+        (p, a): [0, 1] if (p, a) in (("rotation", "ff"), ("rotation", "bp")) else [0]
+        for p, a in [("supervised", "ff"), ("supervised", "bp"), ("rotation", "ff"), ("rotation", "bp"),
+                     ("rotation", "bp-goodness-last"), ("rotation", "bp-goodness-all"), ("hybrid", "ff"),
+                     ("scff", "ff")]}
 
     # pretext parity: FF's rotation accuracy close to the paper's FF (91.5), BP's above the paper's BP (93.5); FF
     # behind by several points on rotation and far behind on the supervised task
-    assert abs(100 * g[(ds, "rotation", "ff")][0]["pretext_accuracy"] - 91.5) <= 2
-    assert 100 * g[(ds, "rotation", "bp")][0]["pretext_accuracy"] > 93.5
+    assert all(abs(100 * r["pretext_accuracy"] - 91.5) <= 2 for r in g[(ds, "rotation", "ff")])
+    assert all(100 * r["pretext_accuracy"] > 93.5 for r in g[(ds, "rotation", "bp")])
     assert diff(("rotation", "ff"), ("rotation", "bp"), pretext) < -3
     assert diff(("supervised", "ff"), ("supervised", "bp"), pretext) < -10
-    # transfer gap after rotation: within a point at the best layer (opposite signs), level or ahead at the last
+    # transfer gap after rotation: within about a point at the best layer on each seed (the mean of opposite signs by
+    # the two probes), level or ahead at the last
+    assert all(abs(x) <= 2.0 for p in probes for x in diffs(("rotation", "ff"), ("rotation", "bp"), best(p)))
     gaps = [diff(("rotation", "ff"), ("rotation", "bp"), best(p)) for p in probes]
     assert all(abs(x) <= 1.5 for x in gaps) and min(gaps) < 0 < max(gaps), gaps
     assert all(diff(("rotation", "ff"), ("rotation", "bp"), last(p)) >= -0.5 for p in probes)
@@ -435,9 +449,11 @@ def test_the_fashion_mnist_verdict_reads_what_results_json_says():
         assert all(abs(diff(a, UNTRAINED, best(p))) <= 1.0 for p in probes), a
     fr = [diff(("rotation", "ff"), UNTRAINED, best(p)) for p in ("lbfgs", "paper")]
     assert fr[0] > 0 > fr[1], fr
-    # ablation: BP-G last ~ BP after rotation; BP-G all did not run
+    # ablation: BP-G last ~ BP after rotation; BP-G all ~ BP-G last too (within about a point, by both probes, at
+    # the best and the last layer), far from the paper's -12
     assert all(abs(diff(("rotation", "bp-goodness-last"), ("rotation", "bp"), best(p))) <= 1.0 for p in probes)
-    assert (ds, "rotation", "bp-goodness-all") not in g
+    for what in [best(p) for p in probes] + [last(p) for p in probes]:
+        assert abs(diff(("rotation", "bp-goodness-all"), ("rotation", "bp-goodness-last"), what)) <= 1.5
     # good negatives: SCFF's best layer level with FF rotation/supervised and BP rotation; its last layer far below
     for b in (("rotation", "ff"), ("supervised", "ff"), ("rotation", "bp")):
         assert all(abs(diff(("scff", "ff"), b, best(p))) <= 1.0 for p in probes), b
