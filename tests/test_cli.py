@@ -35,7 +35,11 @@ def _options(p: argparse.ArgumentParser) -> dict:
 @pytest.mark.parametrize("command", ["train", "study"])
 def test_ff_option_choices_and_defaults_come_from_config(command):
     opts, d = _options(_parser(command)), FFConfig()
-    for dest, choices in (("goodness", GOODNESS), ("loss", LOSSES), ("norm", NORMS), ("optimizer", OPTIMIZERS)):
+    from ffkernels.study.cli import STUDY_LOSSES
+
+    assert STUDY_LOSSES == tuple(x for x in LOSSES if x != "scff")  # the study's --loss: all but scff (its pretext)
+    losses = STUDY_LOSSES if command == "study" else LOSSES
+    for dest, choices in (("goodness", GOODNESS), ("loss", losses), ("norm", NORMS), ("optimizer", OPTIMIZERS)):
         if dest in opts:
             assert tuple(opts[dest].choices) == choices and opts[dest].default == getattr(d, dest), dest
     assert tuple(opts["backend"].choices) == ("auto", *BACKEND_NAMES) and opts["backend"].default == "auto"

@@ -34,6 +34,9 @@ from .store import REPORT, RESULTS, StudyFolderError, StudyStore
 
 DEFAULTS = StudyConfig()
 PRESETS = {"paper": PAPER_PRESET}
+# --loss: scff needs its per-layer thresholds and lambda, which only the scff pretext sets (StudyConfig.scff_*); as a
+# plain --loss it would be hinton under another name
+STUDY_LOSSES = tuple(x for x in LOSSES if x != "scff")
 PROBE_CHOICES = {**{p: (p,) for p in PROBES}, "both": ("lbfgs", "paper")}
 
 
@@ -91,10 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     p.add_argument("--lr", type=float, default=d.ff_lr, help="FF learning rate, Adam per layer")
     p.add_argument("--bp-lr", type=float, default=d.bp_lr, help="BP learning rate, Adam")
-    # scff needs its per-layer thresholds and lambda, which only the scff pretext sets (StudyConfig.scff_*): as a
-    # plain --loss it would be hinton under another name
-    add_ff_loss_options(p, norm_help="normalization before each layer, FF and BP",
-                        losses=tuple(x for x in LOSSES if x != "scff"),
+    add_ff_loss_options(p, norm_help="normalization before each layer, FF and BP", losses=STUDY_LOSSES,
                         loss_help="FF loss (SCFF's loss comes with --pretext scff)")
     p.add_argument("--probe", choices=list(PROBE_CHOICES), nargs="+", metavar="PROBE",
                    default=next(k for k, v in PROBE_CHOICES.items() if v == d.probes),
