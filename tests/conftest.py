@@ -8,7 +8,7 @@ import torch  # noqa: E402
 
 from backends import CUDA, INTERPRET, backend_params  # noqa: E402
 # the session guards (run_guards.py): an interpreter run of the Triton tests that ran none fails
-from run_guards import pytest_runtest_logreport, pytest_sessionfinish  # noqa: E402,F401
+from run_guards import pytest_collection_finish, pytest_runtest_logreport, pytest_sessionfinish  # noqa: E402,F401
 # the GPU smoke selection (--gpu-smoke, gpu_selection.py): scripts/gpu_check.sh's bounded test phases
 from gpu_selection import pytest_addoption, pytest_collection_modifyitems, pytest_configure  # noqa: E402,F401
 

@@ -46,3 +46,14 @@ def test_other_runs_keep_their_exit_status(tmp_path, args, interpret, no_triton)
     r = _run(tmp_path, *args, interpret=interpret, no_triton=no_triton)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no Triton test ran" not in r.stderr
+
+
+def test_conftest_registers_every_run_guards_hook():
+    """conftest.py imports the guards' hooks by name (that is how pytest registers them in the real suite, where
+    run_guards is no -p plugin): every pytest_* hook of run_guards.py must be among them, or its part never runs."""
+    import conftest
+    import run_guards
+
+    hooks = [n for n in vars(run_guards) if n.startswith("pytest_")]
+    assert "pytest_collection_finish" in hooks
+    assert [n for n in hooks if getattr(conftest, n, None) is not getattr(run_guards, n)] == []
