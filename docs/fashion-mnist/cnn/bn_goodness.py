@@ -8,7 +8,8 @@ Tuned on the validation split (50,000 / 10,000 of the training images, data.vali
 Each block trains on its own loss with its own Adam (the input detached), cross-entropy over the class groups' mean
 h^2 / temperature, the linear cooldown over the run; prediction sums the class-group goodness of --predict-layers.
 
-    python docs/fashion-mnist/cnn/bn_goodness.py --block bn --temperature 1 --json bn.json
+    python docs/fashion-mnist/cnn/bn_goodness.py --block bn --temperature 0.3 --json bn.json
+    python docs/fashion-mnist/cnn/bn_goodness.py --block bn --temperature 0.3 --epochs 15 --split test --seed 0
     python docs/fashion-mnist/cnn/bn_goodness.py --block recipe --temperature 0.3 --json recipe.json
 """
 from __future__ import annotations
