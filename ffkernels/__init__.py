@@ -14,13 +14,14 @@ from . import augment, schedules
 from .head import SoftmaxHead
 from .labels import embed_label, embed_neutral, ff_pair, hard_negatives, wrong_labels
 from .conv import FFConv2d
+from .conv_block import FFConvBlock2d
 from .linear import FFLinear
 from .net import FFNet, FFNetStepOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FFLinear", "FFConv2d", "FFNet", "FFNetStepOutput", "FFConfig", "FFStepOutput", "FFGradOutput", "NonFiniteLossError",
+    "FFLinear", "FFConv2d", "FFConvBlock2d", "FFNet", "FFNetStepOutput", "FFConfig", "FFStepOutput", "FFGradOutput", "NonFiniteLossError",
     "BackendUnavailableError", "available_backends", "resolve_backend", "ff_step", "ff_grad", "ff_update",
     "embed_label", "embed_neutral", "wrong_labels", "hard_negatives", "ff_pair", "SoftmaxHead", "schedules",
     "augment",

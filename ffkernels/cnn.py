@@ -1,6 +1,7 @@
 """FF CNNs for ``ffkernels train --model cnn`` (docs/design.md, "FF CNNs"): the conv stack built from the options as an
-FFNet of FFConv2d layers (competitive loss: one channel group per class) with max-pooling between them, and its
-backprop twin for ``--algo bp``."""
+FFNet of conv FF layers (competitive loss: one channel group per class): ``--conv-block bn`` FFConvBlock2d layers (conv,
+ReLU, max-pool, BatchNorm), ``plain`` FFConv2d layers with max-pooling between them; and its backprop twin for
+``--algo bp``."""
 from __future__ import annotations
 
 import argparse
@@ -11,13 +12,16 @@ from torch import nn
 from .backends.reference_conv import normalize_images
 from .cli_options import peek_option, positive_int
 from .conv import FFConv2d
+from .conv_block import FFConvBlock2d
 from .linear import FFLinear
 from .net import FFNet
 
 MODELS = ("mlp", "cnn")
+CONV_BLOCKS = ("bn", "plain")
 # ``--model cnn``'s defaults (over add_arguments'; a dataset's CNN_DATASET_DEFAULTS and explicit flags win)
 # (tuned on Fashion-MNIST's validation split, README "FF CNN on Fashion-MNIST"; runs in docs/fashion-mnist/cnn/)
-CNN_DEFAULTS = {"loss": "competitive", "goodness": "mean", "channels": [40, 80, 160, 320], "pool_after": [0, 1, 2],
+CNN_DEFAULTS = {"loss": "competitive", "conv_block": "bn", "norm": "none", "goodness": "mean",
+                "channels": [40, 80, 160, 320], "pool_after": [0, 1, 2],
                 "kernel_size": 3, "temperature": 0.3, "goodness_power": 2, "lr": 1e-3, "batch_size": 64,
                 "predict_layers": [-2, -1]}
 CNN_DATASET_DEFAULTS = {"fashion-mnist": {"jitter": 0, "epochs": 15}}
@@ -32,6 +36,10 @@ def add_cnn_options(p: argparse.ArgumentParser) -> None:
                         + "; ".join(f"{name}: {_flags(d)}" for name, d in CNN_DATASET_DEFAULTS.items()))
     g.add_argument("--channels", type=positive_int, nargs="+", default=list(CNN_DEFAULTS["channels"]),
                    help="--model cnn: out_channels of each conv layer (multiples of the number of classes)")
+    g.add_argument("--conv-block", default=CNN_DEFAULTS["conv_block"], choices=CONV_BLOCKS,
+                   help="--model cnn: bn: each layer is conv, ReLU, 2x2 max-pooling (--pool-after), BatchNorm, with "
+                        "the goodness and the next layer's input the BatchNorm output (FFConvBlock2d, CwComp's block); "
+                        "plain: conv and ReLU (FFConv2d), the goodness taken before the pooling")
     g.add_argument("--kernel-size", type=positive_int, default=CNN_DEFAULTS["kernel_size"],
                    help="--model cnn: the (odd) kernel size")
     g.add_argument("--pool-after", type=int, nargs="*", default=list(CNN_DEFAULTS["pool_after"]), metavar="L",
@@ -108,9 +116,14 @@ def build_competitive_net(args, ds) -> FFNet:
     if args.model == "cnn":
         chans = [ds.image_shape[0], *args.channels]
         for i in range(len(args.channels)):
+            pool = 2 if i in args.pool_after else 1
+            if args.conv_block == "bn":
+                modules.append(FFConvBlock2d(chans[i], chans[i + 1], args.kernel_size, padding=args.kernel_size // 2,
+                                             pool=pool, **opts))
+                continue
             modules.append(FFConv2d(chans[i], chans[i + 1], args.kernel_size, padding=args.kernel_size // 2, **opts))
-            if i in args.pool_after:
-                modules.append(nn.MaxPool2d(2))
+            if pool > 1:
+                modules.append(nn.MaxPool2d(pool))
     else:
         dims = [ds.in_features, *args.hidden]
         modules = [FFLinear(a, b, **opts) for a, b in zip(dims[:-1], dims[1:])]
@@ -118,15 +131,18 @@ def build_competitive_net(args, ds) -> FFNet:
 
 
 class BPCNN(nn.Module):
-    """The backprop twin of ``--model cnn``: the same stack (per-image normalization, conv, ReLU, the same pooling)
-    plus a linear head on the flattened last map, trained end to end with cross-entropy."""
+    """The backprop twin of ``--model cnn``: the same stack (per-image normalization, conv, ReLU, the same pooling,
+    and with ``conv_block="bn"`` a BatchNorm2d after each layer's pooling) plus a linear head on the flattened last
+    map, trained end to end with cross-entropy."""
 
     def __init__(self, image_shape, channels, kernel_size: int, pool_after, num_classes: int, norm: str = "rms",
-                 device=None):
+                 device=None, conv_block: str = "plain"):
         super().__init__()
         chans = [image_shape[0], *channels]
         self.convs = nn.ModuleList(nn.Conv2d(a, b, kernel_size, padding=kernel_size // 2, device=device)
                                    for a, b in zip(chans[:-1], chans[1:]))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c, device=device) if conv_block == "bn" else nn.Identity()
+                                 for c in channels)
         self.pool_after, self.norm = set(pool_after), norm
         h, w = image_shape[1:]
         for i in range(len(channels)):
@@ -135,16 +151,18 @@ class BPCNN(nn.Module):
         self.head = nn.Linear(channels[-1] * h * w, num_classes, device=device)
 
     def forward(self, x):
-        for i, conv in enumerate(self.convs):
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
             x = F.relu(conv(normalize_images(x, self.norm, 1e-8)))
             if i in self.pool_after:
                 x = F.max_pool2d(x, 2)
+            x = bn(x)
         return self.head(x.flatten(1))
 
 
 def net_summary(args, ds) -> str:
     """The header's description of the net."""
     if args.model == "cnn":
-        layers = "-".join(f"c{c}" + ("-pool" if i in args.pool_after else "") for i, c in enumerate(args.channels))
+        bn = "-bn" if args.conv_block == "bn" else ""
+        layers = "-".join(f"c{c}" + ("-pool" if i in args.pool_after else "") + bn for i, c in enumerate(args.channels))
         return f"cnn {'x'.join(map(str, ds.image_shape))}-{layers} (k{args.kernel_size})"
     return f"{ds.in_features}-{'-'.join(map(str, args.hidden))}"

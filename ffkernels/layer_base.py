@@ -60,6 +60,7 @@ class FFLayerBase(nn.Module):
 
     _peer_units = 0  # units of peer normalization's running mean (FFLinear: out_features); 0: none
     _kernels = "step"  # the backend function the layer's steps need ("conv_step": FFConv2d, FFLinear's conv options)
+    _kept_buffers = ("peer_mean",)  # buffers _make_state leaves alone (FFConvBlock2d adds BatchNorm's running stats)
 
     def _finish_init(self) -> None:
         self.step_count = 0
@@ -73,7 +74,7 @@ class FFLayerBase(nn.Module):
         return [f"{s}_{p}" for s in self.config.state_names for p, _ in self._params()]
 
     def _make_state(self) -> None:
-        keep = self._state_buffer_names() + ["peer_mean"]
+        keep = self._state_buffer_names() + list(self._kept_buffers)
         for name in [n for n in list(self._buffers) if n not in keep]:
             del self._buffers[name]
         for s in self.config.state_names:

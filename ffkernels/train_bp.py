@@ -21,7 +21,7 @@ def train_bp(args, ds, progress: bool) -> tuple:
     cnn = getattr(args, "model", "mlp") == "cnn"
     if cnn:
         model = BPCNN(ds.image_shape, args.channels, args.kernel_size, args.pool_after, ds.num_classes, norm=args.norm,
-                      device=args.device)
+                      device=args.device, conv_block=args.conv_block)
     else:
         model = BPMLP([ds.in_features, *args.hidden], ds.num_classes, norm=args.norm, device=args.device)
     shape = tuple(ds.image_shape) if cnn else (ds.in_features,)

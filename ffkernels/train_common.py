@@ -141,7 +141,7 @@ def run_epochs(args, train_epoch, evaluate, split: str = "test", verbose: bool =
 def model_dict(args) -> dict:
     """The net's options for --json: the MLP's widths, or the CNN's channels, kernel and pooling."""
     if getattr(args, "model", "mlp") == "cnn":
-        return {"model": "cnn", "channels": args.channels, "kernel_size": args.kernel_size,
+        return {"model": "cnn", "conv_block": args.conv_block, "norm": args.norm, "channels": args.channels, "kernel_size": args.kernel_size,
                 "pool_after": args.pool_after, "loss": args.loss, "temperature": args.temperature,
                 "goodness": args.goodness, "goodness_power": args.goodness_power}
     loss = getattr(args, "loss", "")

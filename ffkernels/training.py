@@ -151,12 +151,18 @@ class _LossDisplay:
 
 @torch.no_grad()
 def bp_accuracy(model: BPMLP, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, shape=None) -> float:
-    """Fraction of ``x`` whose arg-max logit of the BP model equals ``y`` (each row viewed as ``shape`` if given)."""
+    """Fraction of ``x`` whose arg-max logit of the BP model equals ``y`` (each row viewed as ``shape`` if given), in
+    eval mode (BatchNorm's running statistics)."""
     p = next(model.parameters())
     correct = torch.zeros((), dtype=torch.long, device=p.device)
-    for xb, yb in zip(x.split(batch_size), y.to(p.device).split(batch_size)):
-        xb = xb if shape is None else xb.reshape(-1, *shape)
-        correct += (model(xb.to(p.device, p.dtype)).argmax(-1) == yb).sum()
+    was_training = model.training
+    model.eval()
+    try:
+        for xb, yb in zip(x.split(batch_size), y.to(p.device).split(batch_size)):
+            xb = xb if shape is None else xb.reshape(-1, *shape)
+            correct += (model(xb.to(p.device, p.dtype)).argmax(-1) == yb).sum()
+    finally:
+        model.train(was_training)
     return int(correct) / max(1, len(y))  # one host read
 
 

@@ -1,5 +1,6 @@
 """``ffkernels train --model cnn`` and ``--loss competitive`` (docs/design.md, "FF CNNs"): a short real run of each,
 FF and BP, its JSON, resume, and the one-line errors of nets that cannot be built."""
+import argparse
 import json
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 from ffkernels import train_cli
 from ffkernels.backends import available_backends
+from ffkernels.cnn import BPCNN, build_competitive_net
+from ffkernels.data import load_dataset
 
 from test_cli_errors import assert_one_line_error
 
@@ -20,14 +23,36 @@ def test_a_short_cnn_run_learns_and_writes_its_json(tmp_path, capsys):
     res = train_cli.main(CNN + ["--epochs", "4", "--json", str(out), "--save", str(tmp_path / "net.pt")])
     del res
     text = capsys.readouterr().out
-    assert "cnn 1x8x8-c10-pool-c20 (k3)" in text
+    assert "cnn 1x8x8-c10-pool-bn-c20-bn (k3)" in text
     data = json.loads(out.read_text())
     assert data["model"] == "cnn" and data["channels"] == [10, 20] and data["loss"] == "competitive"
+    assert data["conv_block"] == "bn" and data["norm"] == "none"
     assert data["backend"] == ("cpu" if "cpu" in available_backends() else "reference")
     # digits, 1,437 training images, 4 epochs: far above chance (10%); measured 73%
     assert data["test_accuracy"] > 0.5, data["test_accuracy"]
     state = torch.load(tmp_path / "net.pt")
     assert state["layers.0.weight"].shape == (10, 1, 3, 3) and state["layers.1.weight"].shape == (20, 10, 3, 3)
+    assert state["layers.1.running_var"].shape == (20,) and int(state["layers.1.num_batches_tracked"]) > 0
+
+
+def test_conv_block_plain_is_ffconv2d_with_pooling_between():
+    ds = load_dataset("digits")
+    net = build_competitive_net(_parse(CNN + ["--conv-block", "plain", "--norm", "rms"]), ds)
+    assert [type(m).__name__ for m in net.layers] == ["FFConv2d", "FFConv2d"]
+    assert [type(m).__name__ for b in net.between for m in b] == ["MaxPool2d"]
+    assert net.layers[0].config.norm == "rms"
+    bn = build_competitive_net(_parse(CNN), ds)
+    assert [(type(m).__name__, m.pool) for m in bn.layers] == [("FFConvBlock2d", 2), ("FFConvBlock2d", 1)]
+    assert [len(b) for b in bn.between] == [0, 0] and bn.layers[0].config.norm == "none"
+    twin = BPCNN(ds.image_shape, [10, 20], 3, [0], 10, norm="none", conv_block="bn")
+    assert [type(m).__name__ for m in twin.bns] == ["BatchNorm2d", "BatchNorm2d"]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    train_cli.add_arguments(p)
+    p.set_defaults(**train_cli.preset_defaults(argv))
+    return p.parse_args(argv)
 
 
 def test_cnn_resume_continues_the_run(tmp_path, capsys):
@@ -79,5 +104,5 @@ def test_help_shows_the_cnn_options_and_defaults(capsys):
         train_cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for needle in ("--model {mlp,cnn}", "--channels", "(default: 40 80 160 320)", "--pool-after", "--temperature",
-                   "--model cnn's defaults: --loss competitive"):
+                   "--model cnn's defaults: --loss competitive, --conv-block bn, --norm none", "--conv-block {bn,plain}"):
         assert needle in text, needle

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ffkernels.augment import jitter
 from ffkernels.data import load_dataset, validation_split
 from ffkernels.schedules import linear_cooldown
 
@@ -61,6 +62,7 @@ def main(argv=None) -> dict:
     p.add_argument("--predict-layers", type=int, nargs="+", default=[-2, -1])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jitter", type=int, default=0, help="shift each training image by up to +-K pixels (0: off)")
     p.add_argument("--max-train", type=int, default=None, help="first N training images only (a smoke run)")
     p.add_argument("--split", choices=("validation", "test"), default="validation",
                    help="what to evaluate on (test: train on the whole training split)")
@@ -87,6 +89,8 @@ def main(argv=None) -> dict:
         t0, losses = time.time(), torch.zeros(len(blocks))
         for idx in torch.randperm(len(y), generator=gen).split(a.batch_size):
             h, target = x[idx], y[idx]
+            if a.jitter:
+                h = jitter(h.flatten(1), ds.image_shape, a.jitter, gen).view(shape)
             for i, (block, opt) in enumerate(zip(blocks, opts)):
                 for group in opt.param_groups:
                     group["lr"] = a.lr * sched(step)
