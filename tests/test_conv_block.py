@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffkernels import FFConvBlock2d, FFNet, NonFiniteLossError
+from ffkernels import FFConvBlock2d, FFNet
 from ffkernels.backends import available_backends
+from test_conv_layer import assert_the_non_finite_rule, changed_layers
 from test_host_syncs import count_syncs
+from trajectories import assert_resumes_bit_for_bit
 
 FP64 = torch.float64
 # the block's gradient is torch ops on every backend; the update is the backend's (torch.optim, or the fused op)
@@ -134,22 +136,9 @@ def test_the_step_returns_the_batchnorm_output_and_its_goodness():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_block_net_resumes_bit_for_bit(backend):
-    batches = _batches(6)
-    a = _net(backend, torch.float32)
-    for x, y in batches:
-        a.ff_step_competitive(x.float(), y)
-    b = _net(backend, torch.float32)
-    for x, y in batches[:3]:
-        b.ff_step_competitive(x.float(), y)
-    c = _net(backend, torch.float32, seed=9)
-    c.load_state_dict(b.state_dict())
-    for x, y in batches[3:]:
-        c.ff_step_competitive(x.float(), y)
-    sa, sc = a.state_dict(), c.state_dict()
-    assert "layers.0.running_var" in sa and "layers.0.exp_avg_sq_bn_weight" in sa
-    for k, v in sa.items():
-        if isinstance(v, torch.Tensor):
-            assert torch.equal(v, sc[k]), k
+    state = assert_resumes_bit_for_bit(lambda seed: _net(backend, torch.float32, seed=seed), _batches(6),
+                                       lambda net, b: net.ff_step_competitive(b[0].float(), b[1]))
+    assert "layers.0.running_var" in state and "layers.0.exp_avg_sq_bn_weight" in state
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="no cpu backend here")
@@ -162,33 +151,9 @@ def test_a_block_net_step_reads_the_host_once():
     assert len(calls) == 1, calls
 
 
-def _snapshot(net):
-    return {k: v.clone() for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
-
-
-def _changed(net, before):
-    return sorted({k.split(".")[1] for k, v in net.state_dict().items()
-                   if isinstance(v, torch.Tensor) and not torch.equal(v, before[k])})
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_steps_change_nothing_from_the_failing_layer_on(backend):
-    net = _net(backend)
-    x, y = _batches(1)[0]
-    before = _snapshot(net)
-    bad = x.clone()
-    bad[1, 0, 2, 3] = float("nan")
-    with pytest.raises(NonFiniteLossError, match="layer 0"):
-        net.ff_step_competitive(bad, y)
-    assert _changed(net, before) == []  # the running statistics too
-    assert [m.step_count for m in net.layers] == [0, 0, 0]
-    with torch.no_grad():
-        net.layers[1].weight[0, 0, 0, 0] = float("inf")
-    before = _snapshot(net)
-    with pytest.raises(NonFiniteLossError, match="layer 1"):
-        net.ff_step_competitive(x, y)
-    assert _changed(net, before) == ["0"]
-    assert [m.step_count for m in net.layers] == [1, 0, 0]
+    assert_the_non_finite_rule(_net(backend), *_batches(1)[0])  # the running statistics included
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,7 +161,7 @@ def test_bad_input_raises_and_changes_nothing(backend):
     net = _net(backend)
     layer = net.layers[0]
     x, y = _batches(1)[0]
-    before = _snapshot(net)
+    before = {k: v.clone() for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
     cases = [
         (lambda: net.ff_step_competitive(x, torch.tensor([0, 2, 1, 0, 0])), ValueError, r"\[0, 2\)"),
         (lambda: layer.ff_step_competitive(x, torch.tensor([0, -1, 1, 0, 0])), ValueError, r"\[0, 2\)"),
@@ -212,7 +177,7 @@ def test_bad_input_raises_and_changes_nothing(backend):
     for call, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             call()
-        assert _changed(net, before) == []
+        assert changed_layers(net, before) == []
     assert all(m.step_count == 0 for m in net.layers)
 
 

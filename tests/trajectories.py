@@ -85,3 +85,24 @@ def run_and_compare(backend, B, K, N, *, steps=3, bias=True, dtype=torch.float32
             check(f"step {step} {name}", a, t, states64[name], rule)
     assert layer.step_count == steps
     return layer, ref
+
+
+def assert_resumes_bit_for_bit(make_net, batches, step, split: int = 3) -> dict:
+    """A net trained on ``batches`` in one go equals one trained on the first ``split``, saved, loaded into a fresh
+    net (other seed) and trained on the rest: every tensor of the state_dict bit for bit. ``make_net(seed)`` builds
+    a net, ``step(net, batch)`` trains it on one batch. Returns the state_dict."""
+    a = make_net(0)
+    for batch in batches:
+        step(a, batch)
+    b = make_net(0)
+    for batch in batches[:split]:
+        step(b, batch)
+    c = make_net(9)
+    c.load_state_dict(b.state_dict())
+    for batch in batches[split:]:
+        step(c, batch)
+    sa, sc = a.state_dict(), c.state_dict()
+    for k, v in sa.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, sc[k]), k
+    return sa
