@@ -22,7 +22,7 @@ CONV_BLOCKS = ("bn", "plain")
 # (tuned on Fashion-MNIST's validation split, README "FF CNN on Fashion-MNIST"; runs in docs/fashion-mnist/cnn/)
 CNN_DEFAULTS = {"loss": "competitive", "conv_block": "bn", "norm": "none", "goodness": "mean",
                 "channels": [40, 80, 160, 320], "pool_after": [0, 1, 2],
-                "kernel_size": 3, "temperature": 0.3, "goodness_power": 2, "lr": 1e-3, "batch_size": 64,
+                "kernel_size": 3, "temperature": 0.15, "goodness_power": 2, "lr": 1e-3, "batch_size": 64,
                 "predict_layers": [-2, -1]}
 CNN_DATASET_DEFAULTS = {"fashion-mnist": {"jitter": 0, "epochs": 15}}
 
