@@ -616,7 +616,8 @@ def test_conv_markdown_plot_and_rerendering_from_json(conv_quick_run, tmp_path, 
     assert "| case | median ms | min-max ms | images/s | x floor | speed-up vs ref | FF/BP-dx per image |" in text
     assert "| floor | " in text and "| bp-dx | " in text and "| floor-bf16 | " in text
     assert "floor: " in text and "GFLOP/s, plus the optimizer's pass" in text
-    assert "conv network: 1x8x8 images, depth d = the first d layers of c10-pool-c20-pool" in text  # recipe pooling
+    assert "conv network: 1x8x8 images, depth d = the first d layers of c10-pool-bn-c20-pool-bn" in text  # recipe's
+    assert "ff: FFNet of FFConvBlock2d" in text
     assert "| depth | algo |" in text and "targets (issue 12" not in text  # the targets are the linear cases'
     js = tmp_path / "r.json"
     js.write_text(json.dumps(result))
@@ -665,12 +666,20 @@ def test_conv_settings_and_net_configs():
     with pytest.raises(ValueError, match="add --conv"):
         settings("--image", "1x8x8")
     cfg = ConvNetConfig("bp", 4, 64)
-    assert cfg.describe() == "c40-pool-c80-pool-c160-pool-c320 (k3)" and ConvNetConfig("ff", 3, 64).pools == (0, 1, 2)
+    assert cfg.describe() == "c40-pool-bn-c80-pool-bn-c160-pool-bn-c320-bn (k3)"  # the recipe's BatchNorm blocks
+    assert ConvNetConfig("ff", 3, 64).pools == (0, 1, 2)
+    plain = ConvNetConfig("ff", 2, 8, channels=(10, 20), image=(1, 8, 8), conv_block="plain")
+    assert plain.describe() == "c10-pool-c20-pool (k3)"
+    x, y = plain.make_batch()
+    step, _, _ = plain.build(x, y)
+    step()
+    bn_step, _, _ = dataclasses.replace(plain, conv_block="bn").build(x, y)
+    bn_step()
     assert config_from_json(json.dumps(dataclasses.asdict(cfg))) == cfg  # what the memory worker receives
     assert config_from_json(json.dumps(dataclasses.asdict(NetConfig("ff", 1, 8, 4)))) == NetConfig("ff", 1, 8, 4)
     for kw, message in (({"depth": 5}, "needs 5 conv layers"), ({"depth": 2, "channels": (40, 15)}, "multiples"),
                         ({"image": (1, 2, 2)}, "below 1x1"), ({"algo": "ff-labeled"}, "algo"),
-                        ({"kernel_size": 4}, "odd")):
+                        ({"kernel_size": 4}, "odd"), ({"conv_block": "resnet"}, "conv_block")):
         with pytest.raises(ValueError, match=message):
             ConvNetConfig(**{"algo": "ff", "depth": 4, "batch": 8, **kw})
 

@@ -2,13 +2,14 @@
 
 The net is the CNN recipe's (``ffkernels train --model cnn``): conv layers of ``channels`` (k x k, padding k//2) with
 2x2 max-pooling after the layers of ``pool_after`` (0-based), on images of ``image`` (C, H, W); depth d is its first
-d conv layers (the recipe's pooling among them).
+d conv layers (the recipe's pooling among them). ``conv_block`` as ``--conv-block`` (the recipe's: "bn").
 
-- ``ff``: ``FFNet(modules=[FFConv2d, ..., nn.MaxPool2d(2), ...])``, every layer with the competitive loss (one channel
-  group per class, ``num_classes`` groups) and FFConv2d's defaults, one ``FFNet.ff_step_competitive(x, y)`` per step
-  (every layer's fused conv step in one sweep, one host read). B images per step, no negatives.
-- ``bp``: ``cnn.BPCNN`` with the same conv layers and pooling plus a linear head, cross-entropy and Adam
-  (``bp.make_bp_optimizer``), one ``bp.bp_step`` on the same B images.
+- ``ff``: ``FFNet(modules=[FFConvBlock2d(..., pool=2 or 1), ...])`` ("bn") or ``FFNet(modules=[FFConv2d, ...,
+  nn.MaxPool2d(2), ...])`` ("plain"), every layer with the competitive loss (one channel group per class,
+  ``num_classes`` groups) and the layer's defaults, one ``FFNet.ff_step_competitive(x, y)`` per step (every layer's
+  step in one sweep, one host read). B images per step, no negatives.
+- ``bp``: ``cnn.BPCNN`` with the same conv layers, pooling (and BatchNorm for "bn") plus a linear head, cross-entropy
+  and Adam (``bp.make_bp_optimizer``), one ``bp.bp_step`` on the same B images.
 
 Measured as the MLP networks (network.py): the algorithms of a depth timed together with interleaved repeats, the
 memory of each configuration alone (on the CPU in a fresh ``network_worker`` process: its peak RSS; and at the
@@ -22,8 +23,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..cnn import CNN_DEFAULTS, BPCNN
+from ..cnn import BPCNN, CNN_DEFAULTS, CONV_BLOCKS
 from ..conv import FFConv2d
+from ..conv_block import FFConvBlock2d
 from ..net import FFNet
 from .network import DTYPES, _tensor_bytes, bench_depths, bp_step_case
 
@@ -58,10 +60,13 @@ class ConvNetConfig:
     backend: str = "auto"
     threads: Optional[int] = None
     model: str = "cnn"
+    conv_block: str = CNN_DEFAULTS["conv_block"]
 
     def __post_init__(self):
         if self.model != "cnn":
             raise ValueError(f"ffkernels bench: a ConvNetConfig's model is 'cnn', got {self.model!r}")
+        if self.conv_block not in CONV_BLOCKS:
+            raise ValueError(f"ffkernels bench: conv_block is one of {CONV_BLOCKS}, got {self.conv_block!r}")
         if self.algo not in CONV_ALGOS:
             raise ValueError(f"ffkernels bench: a conv net's algo is one of {CONV_ALGOS}, got {self.algo!r}")
         if self.dtype not in DTYPES:
@@ -99,7 +104,8 @@ class ConvNetConfig:
 
     def describe(self) -> str:
         """e.g. ``c40-c80-pool-c160-c320-pool (k3)``: the layers of this depth."""
-        return "-".join(f"c{c}" + ("-pool" if i in self.pools else "")
+        bn = "-bn" if self.conv_block == "bn" else ""
+        return "-".join(f"c{c}" + ("-pool" if i in self.pools else "") + bn
                         for i, c in enumerate(self.channels[:self.depth])) + f" (k{self.kernel_size})"
 
     def tiny(self) -> "ConvNetConfig":
@@ -120,10 +126,14 @@ class ConvNetConfig:
         k = self.kernel_size
         if self.algo == "ff":
             modules = []
+            opts = dict(loss="competitive", num_classes=self.num_classes, backend=self.backend, device=device,
+                        dtype=dtype)
             for i in range(self.depth):
-                modules.append(FFConv2d(chans[i], chans[i + 1], k, padding=k // 2, loss="competitive",
-                                        num_classes=self.num_classes, backend=self.backend, device=device,
-                                        dtype=dtype))
+                if self.conv_block == "bn":
+                    modules.append(FFConvBlock2d(chans[i], chans[i + 1], k, padding=k // 2,
+                                                 pool=2 if i in self.pools else 1, **opts))
+                    continue
+                modules.append(FFConv2d(chans[i], chans[i + 1], k, padding=k // 2, **opts))
                 if i in self.pools:
                     modules.append(nn.MaxPool2d(2))
             net = FFNet(modules=modules)
@@ -131,12 +141,12 @@ class ConvNetConfig:
             def step():
                 return net.ff_step_competitive(x, y).losses
 
-            def persistent():  # parameters + optimizer state (FFConv2d buffers)
+            def persistent():  # parameters + optimizer state (and BatchNorm statistics: the layers' buffers)
                 return _tensor_bytes(list(net.parameters()) + list(net.buffers()))
             return step, persistent, net.backend
 
         model = BPCNN(self.image, list(self.channels[:self.depth]), k, list(self.pools), self.num_classes,
-                      device=device).to(dtype)
+                      device=device, conv_block=self.conv_block).to(dtype)
         return bp_step_case(model, x, y)
 
 

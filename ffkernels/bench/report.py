@@ -155,8 +155,11 @@ def network_table(net: dict, markdown: bool = False, default_dtype: str = "float
             title = (f"conv network: {'x'.join(map(str, r0['image']))} images, depth d = the first d layers of "
                      f"{conv_net_layers(r0)} (k{r0['kernel_size']} p{r0['kernel_size'] // 2}), batch {r0['batch']} "
                      "images" + (f", {dt}" if len(dtypes) > 1 else "")
-                     + f"\n(ff: FFNet of FFConv2d, competitive loss over {r0['num_classes']} channel groups, "
-                     "ff_step_competitive; bp: BPCNN, the same convs and pooling + linear head, cross-entropy)")
+                     + (f"\n(ff: FFNet of FFConvBlock2d (conv, ReLU, pool, BatchNorm), competitive loss over "
+                        f"{r0['num_classes']} channel groups, ff_step_competitive; bp: BPCNN, the same convs, pooling "
+                        "and BatchNorms + linear head, cross-entropy)" if r0.get("conv_block") == "bn" else
+                        f"\n(ff: FFNet of FFConv2d, competitive loss over {r0['num_classes']} channel groups, "
+                        "ff_step_competitive; bp: BPCNN, the same convs and pooling + linear head, cross-entropy)"))
         else:
             title = (f"whole network: {r0['in_features']} inputs, depth x {r0['width']}-wide layers, batch "
                      f"{r0['batch']} real samples" + (f", {dt}" if len(dtypes) > 1 else "")
@@ -188,9 +191,11 @@ def network_table(net: dict, markdown: bool = False, default_dtype: str = "float
 
 
 def conv_net_layers(row: dict) -> str:
-    """A conv net row's layers, e.g. ``c40-c80-pool-c160-c320-pool`` (all of them, not only this depth's)."""
+    """A conv net row's layers, e.g. ``c40-c80-pool-c160-c320-pool`` (all of them, not only this depth's; ``-bn`` after
+    each BatchNorm block's; rows from before the BatchNorm block have no conv_block: plain)."""
     pools = set(row.get("pool_after") or ())
-    return "-".join(f"c{c}" + ("-pool" if i in pools else "") for i, c in enumerate(row["channels"]))
+    bn = "-bn" if row.get("conv_block") == "bn" else ""
+    return "-".join(f"c{c}" + ("-pool" if i in pools else "") + bn for i, c in enumerate(row["channels"]))
 
 
 def targets_block(result: dict, markdown: bool = False) -> str:
