@@ -5,8 +5,8 @@
 
 Columns: the group, FF or BP, the split the accuracy was measured on (test, or validation with --validation),
 epochs, accuracy at the last epoch per seed and their mean ± std, the whole run's wall time (training and
-evaluation), seconds per training epoch and training samples/s (mean over the epochs), and the options that
-set the run apart (lr, jitter, head layers, ...).
+evaluation), seconds per training epoch and training samples/s (mean over the epochs), the threads (each seed's
+where they differ), and the options that set the run apart (lr, jitter, head layers, ...).
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def _options(run: dict) -> str:
     if run.get("model") == "cnn":
         parts = [f"cnn channels {'-'.join(map(str, run['channels']))}, pool after "
                  f"{' '.join(map(str, run['pool_after']))}"]
+        if run.get("conv_block"):  # runs from before the BatchNorm block have none (plain, rms)
+            parts.append(f"{run['conv_block']} block, norm {run.get('norm')}")
     else:
         parts = [f"hidden {'-'.join(map(str, run['hidden']))}"]
     if run.get("loss") == "competitive" and run.get("algo") != "bp":
@@ -49,7 +51,15 @@ def _options(run: dict) -> str:
             parts.append(f"negatives {recipe.get('negatives')}")
             parts.append(f"peer norm {recipe.get('peer_norm')}")
     parts += [f"jitter {recipe.get('jitter')}", f"{recipe.get('lr_schedule')} schedule"]
+    if run.get("precision", "fp32") != "fp32":
+        parts.append(run["precision"])
     return ", ".join(parts)
+
+
+def _threads(runs) -> str:
+    """The runs' thread count, or each seed's where they differ."""
+    counts = [r.get("threads") for r in runs]
+    return str(counts[0]) if len(set(counts)) == 1 else " / ".join(map(str, counts))
 
 
 def table(paths) -> str:
@@ -67,7 +77,7 @@ def table(paths) -> str:
             f"{' / '.join(f'{a:.2f}' for a in accs)} | {_mean_std(accs)} | "
             f"{_mean_std([r['wall_seconds'] for r in runs], '{:.0f}')} | "
             f"{statistics.mean(e['seconds'] for e in epochs):.1f} | "
-            f"{statistics.mean(e['samples_per_s'] for e in epochs):.0f} | {runs[0].get('threads')} | "
+            f"{statistics.mean(e['samples_per_s'] for e in epochs):.0f} | {_threads(runs)} | "
             f"{_options(runs[0])} |")
     return "\n".join(lines)
 
