@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backends import CUDA_BACKEND
 from ffkernels import FFConvBlock2d, FFNet
 from ffkernels.backends import available_backends
 from test_conv_layer import assert_the_non_finite_rule, changed_layers
-from test_host_syncs import count_syncs
+from test_host_syncs import count_syncs, syncs_of
 from trajectories import assert_resumes_bit_for_bit
 
 FP64 = torch.float64
@@ -21,10 +22,10 @@ OPTIMIZERS = {"adam": {"optimizer": "adam", "lr": 1e-2},
 TAU = 0.5
 
 
-def _net(backend, dtype=FP64, seed=0, optim="adam", bias=True):
+def _net(backend, dtype=FP64, seed=0, optim="adam", bias=True, device="cpu"):
     torch.manual_seed(seed)
     opts = dict(loss="competitive", num_classes=2, temperature=TAU, backend=backend, dtype=dtype, bias=bias,
-                **OPTIMIZERS[optim])
+                device=device, **OPTIMIZERS[optim])
     return FFNet(modules=[FFConvBlock2d(1, 4, 3, padding=1, pool=2, **opts),
                           FFConvBlock2d(4, 6, 3, padding=1, groups=2, pool=1, bn_momentum=0.3, **opts),
                           FFConvBlock2d(6, 4, 2, stride=2, pool=1, norm="rms", **opts)])
@@ -120,6 +121,23 @@ def test_a_block_net_trains_as_a_plain_autograd_loop(backend, optim):
         want = want + _group_goodness(h)
     torch.testing.assert_close(net.goodness_scores(x, 2, layers=[0, 1, 2]), want.detach(), rtol=0, atol=atol)
     assert torch.equal(net.predict(x, 2, layers=[0, 1, 2]), want.argmax(-1))
+
+
+@pytest.mark.parametrize("optim", list(OPTIMIZERS))
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=CUDA_BACKEND.marks)])
+def test_on_cuda_tensors_a_block_net_trains_as_the_plain_loop(backend, optim):
+    """The block's torch ops on the GPU and the cuda backend's fused update, against the plain loop on the CPU
+    (fp64), and still one host read per net step."""
+    net = _net(backend, optim=optim, bias=optim == "adam", device="cuda")
+    batches = _batches()
+    blocks = _plain_loop(net, batches, optim)
+    for x, y in batches[:-1]:
+        net.ff_step_competitive(x.cuda(), y.cuda())
+    x, y = (t.cuda() for t in batches[-1])
+    n, calls = syncs_of(lambda: net.ff_step_competitive(x, y))
+    assert n == 1, calls
+    for layer, block in zip(net.cpu().layers, blocks):
+        _assert_same(layer, block, 1e-9)
 
 
 def test_the_step_returns_the_batchnorm_output_and_its_goodness():
