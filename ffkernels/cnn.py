@@ -112,22 +112,36 @@ def build_competitive_net(args, ds) -> FFNet:
     opts = dict(loss="competitive", num_classes=c, goodness=args.goodness, goodness_power=args.goodness_power,
                 temperature=args.temperature, norm=args.norm, optimizer=args.optimizer, lr=args.lr,
                 momentum=args.momentum, weight_decay=args.weight_decay, backend=args.backend, device=args.device)
-    modules = []
     if args.model == "cnn":
-        chans = [ds.image_shape[0], *args.channels]
-        for i in range(len(args.channels)):
-            pool = 2 if i in args.pool_after else 1
-            if args.conv_block == "bn":
-                modules.append(FFConvBlock2d(chans[i], chans[i + 1], args.kernel_size, padding=args.kernel_size // 2,
-                                             pool=pool, **opts))
-                continue
-            modules.append(FFConv2d(chans[i], chans[i + 1], args.kernel_size, padding=args.kernel_size // 2, **opts))
-            if pool > 1:
-                modules.append(nn.MaxPool2d(pool))
+        modules = conv_stack(ds.image_shape[0], args.channels, args.kernel_size, args.pool_after, args.conv_block,
+                             **opts)
     else:
         dims = [ds.in_features, *args.hidden]
         modules = [FFLinear(a, b, **opts) for a, b in zip(dims[:-1], dims[1:])]
     return FFNet(modules=modules, predict_layers=args.predict_layers)
+
+
+def conv_stack(in_channels: int, channels, kernel_size: int, pool_after, conv_block: str, **layer_opts) -> list:
+    """The modules of a conv FF net (k x k, padding k//2): "bn": FFConvBlock2d layers with pool=2 after the layers of
+    ``pool_after`` (else 1); "plain": FFConv2d layers with nn.MaxPool2d(2) after those. ``layer_opts`` go to every
+    layer."""
+    chans, modules = [in_channels, *channels], []
+    for i in range(len(channels)):
+        pool = 2 if i in pool_after else 1
+        if conv_block == "bn":
+            modules.append(FFConvBlock2d(chans[i], chans[i + 1], kernel_size, padding=kernel_size // 2, pool=pool,
+                                         **layer_opts))
+            continue
+        modules.append(FFConv2d(chans[i], chans[i + 1], kernel_size, padding=kernel_size // 2, **layer_opts))
+        if pool > 1:
+            modules.append(nn.MaxPool2d(pool))
+    return modules
+
+
+def describe_layers(channels, pool_after, conv_block: str) -> str:
+    """e.g. ``c40-pool-bn-c80-bn``: each conv layer, ``-pool`` after the pooled ones, ``-bn`` for BatchNorm blocks."""
+    bn = "-bn" if conv_block == "bn" else ""
+    return "-".join(f"c{c}" + ("-pool" if i in pool_after else "") + bn for i, c in enumerate(channels))
 
 
 class BPCNN(nn.Module):
@@ -162,7 +176,6 @@ class BPCNN(nn.Module):
 def net_summary(args, ds) -> str:
     """The header's description of the net."""
     if args.model == "cnn":
-        bn = "-bn" if args.conv_block == "bn" else ""
-        layers = "-".join(f"c{c}" + ("-pool" if i in args.pool_after else "") + bn for i, c in enumerate(args.channels))
+        layers = describe_layers(args.channels, args.pool_after, args.conv_block)
         return f"cnn {'x'.join(map(str, ds.image_shape))}-{layers} (k{args.kernel_size})"
     return f"{ds.in_features}-{'-'.join(map(str, args.hidden))}"

@@ -18,12 +18,9 @@ from torch import nn
 from ._types import FFStepOutput
 from .backends import get_backend
 from .backends.contract import autocast_gemm_dtype
-from .backends.contract_conv import check_conv_inputs
 from .backends.reference_conv import conv, conv_goodness, normalize_images
 from .conv import FFConv2d, _input
-from .conv_step import check_step
-from .labels import labels_out_of_range
-from .layer_base import nan_first_row_if
+from .conv_step import checked_inputs
 
 _NO_SPLIT = ("ffkernels: FFConvBlock2d has no split ff_grad -> ff_update path (FFGradOutput does not carry its "
              "BatchNorm parameters' gradients and running statistics); train it with ff_step_competitive")
@@ -77,7 +74,8 @@ class FFConvBlock2d(FFConv2d):
     The BatchNorm's affine parameters (``bn_weight``, ``bn_bias``) are trained by the same optimizer and options as
     the convolution's; its running mean and variance advance with every finite step, as nn.BatchNorm2d's in training
     mode. ``forward`` (and prediction) use the batch's statistics in training mode, the running ones in eval mode
-    (``net.eval()``); only the FF steps update the running ones.
+    (``net.eval()``); only the FF steps update the running ones. ``ff_step_competitive(x, target)`` returns the
+    BatchNorm output as h.
     """
 
     _kept_buffers = ("peer_mean", "running_mean", "running_var", "num_batches_tracked")
@@ -133,17 +131,15 @@ class FFConvBlock2d(FFConv2d):
 
     # ---- FF training -------------------------------------------------------------------------------
 
-    def _step(self, x_pos, x_neg):
-        raise ValueError("ffkernels: FFConvBlock2d trains with ff_step_competitive(x, target) (loss='competitive')")
+    # ff_step_competitive (FFConv2d's: this step, then the one host read) and ff_step's refusal (FFConv2d's _step: the
+    # loss is competitive) are inherited
 
     def _step_competitive(self, x, target):
         """(the step's FFStepOutput, labels_bad) without a host read: see ``conv_step.conv_backend_call``."""
-        x = _input(x, "x")
         backend = get_backend(self.backend)
         cfg = self._step_config(backend)
         w, b = self._param_views()
-        target = torch.as_tensor(target, device=w.device)
-        check_conv_inputs(x, None, target, w, b, self.geometry, cfg, self.num_classes, check_range=False)
+        x, target, bad = checked_inputs(_input(x, "x"), None, target, w, b, self.geometry, cfg, self.num_classes)
         c, ho, wo = self.output_shape(x.shape[2:])
         if min(ho, wo) < 1:
             raise ValueError(f"ffkernels: pool={self.pool} shrinks the {tuple(x.shape[2:])} input's "
@@ -151,9 +147,6 @@ class FFConvBlock2d(FFConv2d):
         if x.shape[0] * ho * wo < 2:
             raise ValueError("ffkernels: BatchNorm needs more than one value per channel: a batch of one image with "
                              "a 1x1 output map")
-        bad = labels_out_of_range(target, self.num_classes)
-        target = target.clamp(0, self.num_classes - 1)
-        x = nan_first_row_if(bad, x.clone())
         r = block_grad(x, target, w, b, self.bn_weight.detach(), self.bn_bias.detach(), self.geometry, self.pool,
                        cfg, self.num_classes, self.bn_eps)
         self._apply_update(r)
@@ -179,15 +172,6 @@ class FFConvBlock2d(FFConv2d):
         self.running_var.copy_(torch.where(ok, torch.lerp(self.running_var, r.batch_var.to(self.running_var), m),
                                            self.running_var))
         self.num_batches_tracked.add_(ok.long())
-
-    def ff_step_competitive(self, x: torch.Tensor, target: torch.Tensor) -> FFStepOutput:
-        """One step: cross-entropy of the class groups' goodness of the BatchNorm output / temperature with
-        ``target`` (B,). Returns FFStepOutput(loss, y, None, g (B, num_classes), None) with the parameters before the
-        update; NonFiniteLossError (nothing changed) when the loss is not finite, ValueError for bad labels."""
-        out, labels_bad = self._step_competitive(x, target)
-        check_step(self, out, labels_bad, target)
-        self.step_count += 1
-        return out
 
     def ff_grad(self, *args, **kwargs):
         raise NotImplementedError(_NO_SPLIT)

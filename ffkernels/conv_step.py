@@ -30,14 +30,7 @@ def conv_backend_call(layer, x_pos, x_neg, target, geom, shape=None, update: boo
     w, b = layer._param_views()
     w4 = w if shape is None else w.view(shape)
     num_classes = layer.num_classes or 0
-    bad = None
-    if target is not None:
-        target = torch.as_tensor(target, device=w.device)
-    check_conv_inputs(x_pos, x_neg, target, w4, b, geom, cfg, num_classes, check_range=False)
-    if target is not None:
-        bad = labels_out_of_range(target, num_classes)
-        target = target.clamp(0, num_classes - 1)
-        x_pos = nan_first_row_if(bad, x_pos.clone())
+    x_pos, target, bad = checked_inputs(x_pos, x_neg, target, w4, b, geom, cfg, num_classes)
     with torch.no_grad():
         if update:
             st_w = tuple(t.view(w4.shape) for t in layer._states("weight"))
@@ -45,6 +38,19 @@ def conv_backend_call(layer, x_pos, x_neg, target, geom, shape=None, update: boo
             return fn(x_pos, x_neg, target, w4, b, st_w, st_b, layer.step_count + 1, geom, num_classes, cfg), bad
         out = fn(x_pos, x_neg, target, w4, b, geom, num_classes, cfg)
     return out._replace(grad_weight=out.grad_weight.reshape(w.shape)), bad
+
+
+def checked_inputs(x_pos, x_neg, target, weight, bias, geom, cfg, num_classes: int) -> tuple:
+    """(x_pos, target, labels_bad) after ``check_conv_inputs``, the labels unread on the host: for the competitive
+    loss, out-of-range labels clamped and, where one was, the first image made NaN (a copy of x_pos), labels_bad the
+    0-d flag ``check_step`` reads with the loss; without target, (x_pos, None, None)."""
+    if target is not None:
+        target = torch.as_tensor(target, device=weight.device)
+    check_conv_inputs(x_pos, x_neg, target, weight, bias, geom, cfg, num_classes, check_range=False)
+    if target is None:
+        return x_pos, None, None
+    bad = labels_out_of_range(target, num_classes)
+    return nan_first_row_if(bad, x_pos.clone()), target.clamp(0, num_classes - 1), bad
 
 
 def check_step(layer, out, labels_bad, target) -> None:

@@ -21,11 +21,8 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-from torch import nn
 
-from ..cnn import BPCNN, CNN_DEFAULTS, CONV_BLOCKS
-from ..conv import FFConv2d
-from ..conv_block import FFConvBlock2d
+from ..cnn import BPCNN, CNN_DEFAULTS, CONV_BLOCKS, conv_stack, describe_layers
 from ..net import FFNet
 from .network import DTYPES, _tensor_bytes, bench_depths, bp_step_case
 
@@ -104,9 +101,7 @@ class ConvNetConfig:
 
     def describe(self) -> str:
         """e.g. ``c40-c80-pool-c160-c320-pool (k3)``: the layers of this depth."""
-        bn = "-bn" if self.conv_block == "bn" else ""
-        return "-".join(f"c{c}" + ("-pool" if i in self.pools else "") + bn
-                        for i, c in enumerate(self.channels[:self.depth])) + f" (k{self.kernel_size})"
+        return describe_layers(self.channels[:self.depth], self.pools, self.conv_block) + f" (k{self.kernel_size})"
 
     def tiny(self) -> "ConvNetConfig":
         """A tiny model of the same kind (network._warm_runtime)."""
@@ -122,21 +117,11 @@ class ConvNetConfig:
     def build(self, x: torch.Tensor, y: torch.Tensor):
         """(step, persistent_bytes, backend), as network._build."""
         device, dtype = torch.device(self.device), DTYPES[self.dtype]
-        chans = (self.image[0],) + self.channels[:self.depth]
         k = self.kernel_size
         if self.algo == "ff":
-            modules = []
-            opts = dict(loss="competitive", num_classes=self.num_classes, backend=self.backend, device=device,
-                        dtype=dtype)
-            for i in range(self.depth):
-                if self.conv_block == "bn":
-                    modules.append(FFConvBlock2d(chans[i], chans[i + 1], k, padding=k // 2,
-                                                 pool=2 if i in self.pools else 1, **opts))
-                    continue
-                modules.append(FFConv2d(chans[i], chans[i + 1], k, padding=k // 2, **opts))
-                if i in self.pools:
-                    modules.append(nn.MaxPool2d(2))
-            net = FFNet(modules=modules)
+            net = FFNet(modules=conv_stack(self.image[0], self.channels[:self.depth], k, self.pools, self.conv_block,
+                                           loss="competitive", num_classes=self.num_classes, backend=self.backend,
+                                           device=device, dtype=dtype))
 
             def step():
                 return net.ff_step_competitive(x, y).losses

@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 
+from ..cnn import describe_layers
 from . import targets
 from .conv_cases import ConvShape, conv_flops
 from .machine import describe
@@ -152,14 +153,13 @@ def network_table(net: dict, markdown: bool = False, default_dtype: str = "float
         sub = {"per_depth": [p for p in summary["per_depth"] if p.get("dtype", dt) == dt]}
         r0 = rs[0]
         if r0.get("model") == "cnn":
+            bn = r0.get("conv_block") == "bn"  # rows from before the BatchNorm block have no conv_block: plain
             title = (f"conv network: {'x'.join(map(str, r0['image']))} images, depth d = the first d layers of "
                      f"{conv_net_layers(r0)} (k{r0['kernel_size']} p{r0['kernel_size'] // 2}), batch {r0['batch']} "
                      "images" + (f", {dt}" if len(dtypes) > 1 else "")
-                     + (f"\n(ff: FFNet of FFConvBlock2d (conv, ReLU, pool, BatchNorm), competitive loss over "
-                        f"{r0['num_classes']} channel groups, ff_step_competitive; bp: BPCNN, the same convs, pooling "
-                        "and BatchNorms + linear head, cross-entropy)" if r0.get("conv_block") == "bn" else
-                        f"\n(ff: FFNet of FFConv2d, competitive loss over {r0['num_classes']} channel groups, "
-                        "ff_step_competitive; bp: BPCNN, the same convs and pooling + linear head, cross-entropy)"))
+                     + f"\n(ff: FFNet of {'FFConvBlock2d (conv, ReLU, pool, BatchNorm)' if bn else 'FFConv2d'}, "
+                     f"competitive loss over {r0['num_classes']} channel groups, ff_step_competitive; bp: BPCNN, the "
+                     f"same convs{', pooling and BatchNorms' if bn else ' and pooling'} + linear head, cross-entropy)")
         else:
             title = (f"whole network: {r0['in_features']} inputs, depth x {r0['width']}-wide layers, batch "
                      f"{r0['batch']} real samples" + (f", {dt}" if len(dtypes) > 1 else "")
@@ -191,11 +191,9 @@ def network_table(net: dict, markdown: bool = False, default_dtype: str = "float
 
 
 def conv_net_layers(row: dict) -> str:
-    """A conv net row's layers, e.g. ``c40-c80-pool-c160-c320-pool`` (all of them, not only this depth's; ``-bn`` after
-    each BatchNorm block's; rows from before the BatchNorm block have no conv_block: plain)."""
-    pools = set(row.get("pool_after") or ())
-    bn = "-bn" if row.get("conv_block") == "bn" else ""
-    return "-".join(f"c{c}" + ("-pool" if i in pools else "") + bn for i, c in enumerate(row["channels"]))
+    """A conv net row's layers, e.g. ``c40-c80-pool-c160-c320-pool`` (all of them, not only this depth's; rows from
+    before the BatchNorm block have no conv_block: plain)."""
+    return describe_layers(row["channels"], set(row.get("pool_after") or ()), row.get("conv_block", "plain"))
 
 
 def targets_block(result: dict, markdown: bool = False) -> str:
